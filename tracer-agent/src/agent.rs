@@ -1,0 +1,317 @@
+//! `tracer agent`: attach, poll, classify, serve — until SIGINT or SIGTERM.
+use std::{collections::BTreeSet, path::Path, time::Duration};
+
+use anyhow::{Context as _, anyhow};
+use log::{info, warn};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::oneshot,
+};
+
+use crate::{
+    aggregate::{Aggregator, NatTable},
+    cidr::Cidr,
+    classify::NodeContext,
+    cli::{AgentArgs, AttachModeArg},
+    conntrack::Conntrack,
+    datapath::{AttachMode, Datapath},
+    discovery::{self, InterfaceKind, InterfacePatterns, Scan},
+    export::{self, Metrics, Readiness},
+    imds::ImdsClient,
+};
+
+/// Why the agent stopped: the exit code tells usage/configuration (2) from runtime (1).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0:#}")]
+    Config(anyhow::Error),
+    #[error("{0:#}")]
+    Runtime(anyhow::Error),
+}
+
+impl AgentError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AgentError::Config(_) => 2,
+            AgentError::Runtime(_) => 1,
+        }
+    }
+}
+
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+const IMDS_TIMEOUT: Duration = Duration::from_secs(1);
+const IMDS_RETRY: Duration = Duration::from_secs(5);
+
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    if !Path::new(BTF_PATH).exists() {
+        return Err(AgentError::Runtime(anyhow!(
+            "this kernel has no BTF ({BTF_PATH} is missing): run on a kernel built with CONFIG_DEBUG_INFO_BTF=y (EKS AMIs have it)"
+        )));
+    }
+    let patterns = InterfacePatterns {
+        pod: args.pod_ifaces.clone(),
+        node: args.node_ifaces.clone(),
+    };
+    let scan = discovery::scan(&patterns)
+        .context("listing interfaces over netlink")
+        .map_err(AgentError::Runtime)?;
+    if scan.interfaces.is_empty() {
+        return Err(AgentError::Config(anyhow!(
+            "no interface matches --pod-iface {:?} or --node-iface {:?}: list them with `ip link` and set the patterns",
+            args.pod_ifaces,
+            args.node_ifaces
+        )));
+    }
+    let listener = TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {}", args.metrics_addr))
+        .map_err(AgentError::Config)?;
+    let mode = match args.attach_mode {
+        AttachModeArg::Auto => AttachMode::for_running_kernel(),
+        AttachModeArg::Tcx => AttachMode::Tcx,
+        AttachModeArg::Clsact => AttachMode::Clsact,
+    };
+    let datapath = Datapath::load(args.flow_table_size, mode)
+        .context("loading the datapath")
+        .map_err(AgentError::Runtime)?;
+    info!(
+        "datapath loaded ({} entries, {} attach) on node {}",
+        args.flow_table_size,
+        mode.as_str(),
+        args.node_name.as_deref().unwrap_or("(NODE_NAME unset)")
+    );
+
+    let metrics = Metrics::new();
+    let readiness = Readiness::default();
+    readiness.set(vec!["starting".to_owned()]);
+    let app = export::router(metrics.clone(), readiness.clone());
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            warn!("metrics server stopped: {error}");
+        }
+    });
+    info!(
+        "serving /metrics, /healthz, /readyz on {}",
+        args.metrics_addr
+    );
+
+    let mut agent = Agent::new(args, patterns, datapath, metrics, readiness);
+    agent.apply_scan(scan);
+    agent.run_until_signal().await.map_err(AgentError::Runtime)
+}
+
+struct Agent {
+    args: AgentArgs,
+    patterns: InterfacePatterns,
+    datapath: Datapath,
+    metrics: Metrics,
+    readiness: Readiness,
+    context: NodeContext,
+    aggregator: Aggregator,
+    conntrack: Option<Conntrack>,
+    /// IMDS answer still to come, when the VPC CIDRs were not given on the command line.
+    vpc_from_imds: Option<oneshot::Receiver<Vec<Cidr>>>,
+    problems: BTreeSet<String>,
+}
+
+impl Agent {
+    fn new(
+        args: AgentArgs,
+        patterns: InterfacePatterns,
+        datapath: Datapath,
+        metrics: Metrics,
+        readiness: Readiness,
+    ) -> Agent {
+        let context = NodeContext {
+            vpc_cidrs: args.vpc_cidrs.clone(),
+            apiserver_ips: args.apiserver_ips.iter().copied().collect(),
+            controlplane_ips: args.controlplane_ips.iter().copied().collect(),
+            cluster_dns: args.cluster_dns,
+            ..NodeContext::default()
+        };
+        let vpc_from_imds = args
+            .vpc_cidrs
+            .is_empty()
+            .then(|| spawn_imds_lookup(ImdsClient::new(args.imds_addr, IMDS_TIMEOUT)));
+        Agent {
+            args,
+            patterns,
+            datapath,
+            metrics,
+            readiness,
+            context,
+            aggregator: Aggregator::default(),
+            conntrack: None,
+            vpc_from_imds,
+            problems: BTreeSet::new(),
+        }
+    }
+
+    async fn run_until_signal(&mut self) -> anyhow::Result<()> {
+        let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut ticker = tokio::time::interval(self.args.poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.poll(),
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        info!(
+            "signal received: detaching from {} interfaces",
+            self.datapath.attached().count()
+        );
+        self.datapath.detach_all();
+        Ok(())
+    }
+
+    /// One round: rescan interfaces, read the flow table, classify, publish.
+    fn poll(&mut self) {
+        self.problems.clear();
+        match discovery::scan(&self.patterns) {
+            Ok(scan) => self.apply_scan(scan),
+            Err(error) => self.problem(format!("netlink scan failed: {error}")),
+        }
+        self.receive_imds();
+        if self.context.vpc_cidrs.is_empty() {
+            self.problem(format!(
+                "VPC CIDR unknown: IMDS ({}) has not answered yet and --vpc-cidr is not set; remote and external traffic is labelled unknown",
+                self.args.imds_addr
+            ));
+        }
+        let flows = match self.datapath.flows() {
+            Ok(flows) => flows,
+            Err(error) => {
+                self.problem(format!("reading the flow table: {error}"));
+                return self.publish_readiness();
+            }
+        };
+        let nat = if self.aggregator.needs_nat_table(&flows) {
+            self.nat_table()
+        } else {
+            NatTable::default()
+        };
+        let result = self.aggregator.poll(&flows, &self.context, &nat);
+        self.metrics.record_paths(&result.deltas);
+        self.metrics.set_flow_table(flows.len(), result.evicted);
+        if let Err(error) = self.datapath.forget(&result.idle) {
+            self.problem(format!("removing idle connections: {error}"));
+        }
+        match self.datapath.counters() {
+            Ok(counters) => self.metrics.record_datapath(&counters),
+            Err(error) => self.problem(format!("reading datapath counters: {error}")),
+        }
+        self.publish_readiness();
+    }
+
+    /// Attaches to new interfaces, forgets vanished ones, refreshes node addresses and pods.
+    fn apply_scan(&mut self, scan: Scan) {
+        let Scan {
+            interfaces,
+            node_ips,
+            local_pods,
+        } = scan;
+        let present: BTreeSet<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+        let vanished: Vec<String> = self
+            .datapath
+            .attached()
+            .filter(|name| !present.contains(name))
+            .map(str::to_owned)
+            .collect();
+        for name in vanished {
+            info!("interface {name} is gone");
+            self.datapath.detach(&name);
+        }
+        let mut counts = [(InterfaceKind::Pod, 0), (InterfaceKind::Node, 0)];
+        for interface in &interfaces {
+            match self.datapath.attach(&interface.name) {
+                Ok(()) => {
+                    if let Some(count) = counts.iter_mut().find(|(kind, _)| *kind == interface.kind)
+                    {
+                        count.1 += 1;
+                    }
+                }
+                Err(error) => self.problem(format!("{error}")),
+            }
+        }
+        for (kind, count) in counts {
+            self.metrics.set_attached(kind, count);
+        }
+        if counts.iter().all(|(_, count)| *count == 0) {
+            self.problem("attached to no interface".to_owned());
+        }
+        self.context.node_ips = node_ips;
+        self.context.local_pods = local_pods;
+    }
+
+    fn receive_imds(&mut self) {
+        let Some(receiver) = self.vpc_from_imds.as_mut() else {
+            return;
+        };
+        if let Ok(cidrs) = receiver.try_recv() {
+            info!("VPC CIDR blocks from IMDS: {cidrs:?}");
+            self.context.vpc_cidrs = cidrs;
+            self.vpc_from_imds = None;
+        }
+    }
+
+    fn nat_table(&mut self) -> NatTable {
+        if self.conntrack.is_none() {
+            match Conntrack::open() {
+                Ok(conntrack) => self.conntrack = Some(conntrack),
+                Err(error) => {
+                    self.problem(format!("conntrack unavailable, NAT not observed: {error}"));
+                    return NatTable::default();
+                }
+            }
+        }
+        let Some(conntrack) = self.conntrack.as_mut() else {
+            return NatTable::default();
+        };
+        match conntrack.dump() {
+            Ok(entries) => NatTable::new(entries),
+            Err(error) => {
+                self.conntrack = None;
+                self.problem(format!("conntrack dump failed, NAT not observed: {error}"));
+                NatTable::default()
+            }
+        }
+    }
+
+    fn problem(&mut self, problem: String) {
+        if self.problems.insert(problem.clone()) {
+            warn!("{problem}");
+        }
+    }
+
+    fn publish_readiness(&self) {
+        self.readiness.set(self.problems.iter().cloned().collect());
+    }
+}
+
+/// Asks IMDS for the VPC's CIDR blocks in the background, retrying until it answers.
+fn spawn_imds_lookup(client: ImdsClient) -> oneshot::Receiver<Vec<Cidr>> {
+    let (sender, receiver) = oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        loop {
+            match client.fetch() {
+                Ok(metadata) => {
+                    let cidrs = metadata.vpc_cidrs;
+                    let _ = sender.send(cidrs);
+                    return;
+                }
+                Err(error) => {
+                    warn!("IMDS: {error}; retrying in {}s", IMDS_RETRY.as_secs());
+                    std::thread::sleep(IMDS_RETRY);
+                }
+            }
+            if sender.is_closed() {
+                return;
+            }
+        }
+    });
+    receiver
+}

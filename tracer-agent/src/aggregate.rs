@@ -1,0 +1,299 @@
+//! From the kernel's per-connection counters to per-path totals.
+//!
+//! Every poll reads the flow table; each connection is classified once, the first time it is
+//! seen, and from then on only the growth of its counters is added to its path. NATed
+//! connections appear twice in the flow table — before translation at the pod veth, after it at
+//! the ENI — and conntrack says which entry is which: the translated one is an alias and is not
+//! counted again.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use tracer_common::{FAMILY_IPV4, FlowKey, FlowStats, TCP_ACK, TCP_SYN};
+
+use crate::{
+    classify::{Classification, Connection, Nat, NodeContext, classify},
+    conntrack,
+};
+
+/// A classified connection's counters, by direction relative to its initiator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub forward_packets: u64,
+    pub forward_bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub flows: u64,
+}
+
+impl Totals {
+    fn add(&mut self, other: &Totals) {
+        self.forward_packets += other.forward_packets;
+        self.forward_bytes += other.forward_bytes;
+        self.reply_packets += other.reply_packets;
+        self.reply_bytes += other.reply_bytes;
+        self.flows += other.flows;
+    }
+}
+
+/// What the aggregator remembers of a connection between polls.
+struct Tracked {
+    last: FlowStats,
+    view: View,
+    idle_polls: u32,
+}
+
+enum View {
+    /// Not classified yet: waiting (one poll at most) for its conntrack entry.
+    Pending { polls: u32 },
+    Counted {
+        classification: Classification,
+        /// Index of the initiator → responder direction in the kernel's counters.
+        forward_dir: usize,
+    },
+    /// The post-NAT view of a connection already counted under its pre-NAT key.
+    Alias,
+}
+
+/// The NAT facts conntrack holds, keyed like the kernel's flow table.
+#[derive(Default)]
+pub struct NatTable {
+    /// Connections by their original (pre-NAT) tuple.
+    original: HashMap<FlowKey, conntrack::Entry>,
+    /// Keys of the translated (post-NAT) views of NATed connections.
+    translated: HashSet<FlowKey>,
+}
+
+impl NatTable {
+    pub fn new(entries: Vec<conntrack::Entry>) -> NatTable {
+        let mut table = NatTable::default();
+        for entry in entries {
+            if let Some(translated) = entry.translated() {
+                table.translated.insert(key_of(&translated));
+            }
+            table.original.insert(key_of(&entry.original), entry);
+        }
+        table
+    }
+}
+
+fn key_of(tuple: &conntrack::Tuple) -> FlowKey {
+    let (family, src) = addr_bytes(tuple.src);
+    let (_, dst) = addr_bytes(tuple.dst);
+    FlowKey::canonical(
+        family,
+        tuple.proto,
+        (src, tuple.src_port),
+        (dst, tuple.dst_port),
+    )
+    .0
+}
+
+fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
+    let mut bytes = [0u8; 16];
+    match addr {
+        IpAddr::V4(v4) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            (FAMILY_IPV4, bytes)
+        }
+        IpAddr::V6(v6) => (tracer_common::FAMILY_IPV6, v6.octets()),
+    }
+}
+
+/// The two ends of a flow key, in key order (lo, hi).
+fn ends(key: &FlowKey) -> [SocketAddr; 2] {
+    let addr = |bytes: &[u8; 16]| -> IpAddr {
+        if key.family == FAMILY_IPV4 {
+            Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
+        } else {
+            Ipv6Addr::from(*bytes).into()
+        }
+    };
+    [
+        SocketAddr::new(addr(&key.lo_addr), key.lo_port),
+        SocketAddr::new(addr(&key.hi_addr), key.hi_port),
+    ]
+}
+
+/// Which direction of the key goes from initiator to responder, from what the datapath saw
+/// first: a SYN comes from the initiator, a SYN-ACK from the responder; for a connection
+/// already under way (or without handshake), the first sender is taken as initiator unless it
+/// used the lower port, the mark of a server.
+fn forward_dir(key: &FlowKey, stats: &FlowStats) -> usize {
+    let first = usize::from(stats.first_dir & 1);
+    let flags = stats.first_tcp_flags & (TCP_SYN | TCP_ACK);
+    if flags == TCP_SYN {
+        return first;
+    }
+    if flags == TCP_SYN | TCP_ACK {
+        return 1 - first;
+    }
+    let ports = [key.lo_port, key.hi_port];
+    let (sender_port, receiver_port) = (ports[first], ports[1 - first]);
+    if stats.first_tcp_flags != 0 && sender_port < receiver_port {
+        1 - first
+    } else {
+        first
+    }
+}
+
+/// How long a connection may stay idle before its entry is removed from the kernel table.
+pub const IDLE_POLLS_BEFORE_FORGET: u32 = 120;
+
+/// Per-path totals, keyed by classification.
+pub type PathTable = BTreeMap<Classification, Totals>;
+
+#[derive(Default)]
+pub struct Aggregator {
+    tracked: HashMap<FlowKey, Tracked>,
+}
+
+/// What one poll produced.
+#[derive(Default)]
+pub struct PollResult {
+    /// Growth of every path since the previous poll.
+    pub deltas: PathTable,
+    /// Idle connections whose kernel entries can be removed.
+    pub idle: Vec<FlowKey>,
+    /// Connections that left the kernel table without being read out: LRU evictions.
+    pub evicted: u64,
+}
+
+impl Aggregator {
+    /// True when a connection seen in `flows` still lacks a classification: the caller then
+    /// reads conntrack before calling `poll`.
+    pub fn needs_nat_table(&self, flows: &[(FlowKey, FlowStats)]) -> bool {
+        flows.iter().any(|(key, _)| {
+            !matches!(
+                self.tracked.get(key).map(|tracked| &tracked.view),
+                Some(View::Counted { .. } | View::Alias)
+            )
+        })
+    }
+
+    pub fn poll(
+        &mut self,
+        flows: &[(FlowKey, FlowStats)],
+        context: &NodeContext,
+        nat: &NatTable,
+    ) -> PollResult {
+        let mut result = PollResult::default();
+        let mut seen = HashSet::with_capacity(flows.len());
+        for (key, stats) in flows {
+            seen.insert(*key);
+            let tracked = self.tracked.entry(*key).or_insert_with(|| Tracked {
+                last: FlowStats::default(),
+                view: View::Pending { polls: 0 },
+                idle_polls: 0,
+            });
+            // Counters that went down mean the entry was evicted and re-created in between.
+            let restarted = stats.packets[0] < tracked.last.packets[0]
+                || stats.packets[1] < tracked.last.packets[1];
+            let base = if restarted {
+                FlowStats::default()
+            } else {
+                tracked.last
+            };
+            if let View::Pending { polls } = tracked.view {
+                tracked.view = resolve(key, stats, context, nat, polls);
+            }
+            let grew = stats.packets != base.packets;
+            tracked.idle_polls = if grew { 0 } else { tracked.idle_polls + 1 };
+            if tracked.idle_polls >= IDLE_POLLS_BEFORE_FORGET {
+                result.idle.push(*key);
+            }
+            if let View::Counted {
+                classification,
+                forward_dir,
+                ..
+            } = &tracked.view
+            {
+                let (fwd, rev) = (*forward_dir, 1 - *forward_dir);
+                let delta = Totals {
+                    forward_packets: stats.packets[fwd] - base.packets[fwd],
+                    forward_bytes: stats.bytes[fwd].saturating_sub(base.bytes[fwd]),
+                    reply_packets: stats.packets[rev] - base.packets[rev],
+                    reply_bytes: stats.bytes[rev].saturating_sub(base.bytes[rev]),
+                    flows: u64::from(base.packets == [0, 0]),
+                };
+                result
+                    .deltas
+                    .entry(*classification)
+                    .or_default()
+                    .add(&delta);
+            }
+            // Pending connections keep `last` at its base so nothing is lost while they wait.
+            if !matches!(tracked.view, View::Pending { .. }) {
+                tracked.last = *stats;
+            }
+        }
+        let before = self.tracked.len();
+        self.tracked.retain(|key, _| seen.contains(key));
+        result.evicted = (before - self.tracked.len()) as u64;
+        for key in &result.idle {
+            self.tracked.remove(key);
+        }
+        result
+    }
+}
+
+/// Classifies a connection seen for the first time, or decides it is a NAT alias.
+fn resolve(
+    key: &FlowKey,
+    stats: &FlowStats,
+    context: &NodeContext,
+    nat: &NatTable,
+    polls: u32,
+) -> View {
+    if let Some(entry) = nat.original.get(key) {
+        let (connection, forward_dir) = connection_from_conntrack(key, entry);
+        return View::Counted {
+            classification: classify(&connection, context),
+            forward_dir,
+        };
+    }
+    if nat.translated.contains(key) {
+        return View::Alias;
+    }
+    // Conntrack may lag the datapath by a few microseconds, or not track this traffic at all:
+    // give it one poll, then classify from what the datapath saw.
+    if polls == 0 {
+        return View::Pending { polls: 1 };
+    }
+    let forward_dir = forward_dir(key, stats);
+    let ends = ends(key);
+    let connection = Connection {
+        initiator: ends[forward_dir],
+        responder: ends[1 - forward_dir],
+        nat: Nat::None,
+        requested: None,
+    };
+    View::Counted {
+        classification: classify(&connection, context),
+        forward_dir,
+    }
+}
+
+/// Conntrack knows the initiator for sure (its original direction) and what NAT did.
+fn connection_from_conntrack(key: &FlowKey, entry: &conntrack::Entry) -> (Connection, usize) {
+    let original = &entry.original;
+    let initiator = SocketAddr::new(original.src, original.src_port);
+    let requested = SocketAddr::new(original.dst, original.dst_port);
+    let forward_dir = usize::from(ends(key)[0] != initiator);
+    let (nat, responder) = match entry.translated() {
+        Some(translated) if entry.is_dnat() => (
+            Nat::Dnat,
+            SocketAddr::new(translated.dst, translated.dst_port),
+        ),
+        Some(_) => (Nat::Snat, requested),
+        None => (Nat::None, requested),
+    };
+    let connection = Connection {
+        initiator,
+        responder,
+        nat,
+        requested: (nat == Nat::Dnat).then_some(requested),
+    };
+    (connection, forward_dir)
+}

@@ -1,0 +1,139 @@
+//! IP prefixes (`10.0.0.0/16`, `fd00::/8`): parsed strictly, compared cheaply.
+use std::{fmt, net::IpAddr, str::FromStr};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix_len: u8,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{0:?} is not a CIDR block like 10.0.0.0/16")]
+    Syntax(String),
+    #[error("{0:?}: prefix length larger than the address")]
+    PrefixTooLong(String),
+    #[error("{0:?} has host bits set (did you mean {1}?)")]
+    HostBits(String, Cidr),
+}
+
+impl Cidr {
+    pub fn new(addr: IpAddr, prefix_len: u8) -> Option<Cidr> {
+        (prefix_len <= max_prefix(addr)).then_some(Cidr { addr, prefix_len })
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && masked(ip, self.prefix_len) == self.addr
+    }
+
+    /// True when the two blocks share at least one address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+}
+
+/// `addr` with every bit past `prefix_len` cleared.
+fn masked(addr: IpAddr, prefix_len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len))
+                .unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & mask).into())
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix_len))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+    }
+}
+
+fn max_prefix(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(text: &str) -> Result<Cidr, CidrError> {
+        let syntax = || CidrError::Syntax(text.to_owned());
+        let (addr, prefix_len) = text.split_once('/').ok_or_else(syntax)?;
+        let addr: IpAddr = addr.parse().map_err(|_| syntax())?;
+        let prefix_len: u8 = prefix_len.parse().map_err(|_| syntax())?;
+        if prefix_len > max_prefix(addr) {
+            return Err(CidrError::PrefixTooLong(text.to_owned()));
+        }
+        let network = masked(addr, prefix_len);
+        let cidr = Cidr {
+            addr: network,
+            prefix_len,
+        };
+        if network != addr {
+            return Err(CidrError::HostBits(text.to_owned(), cidr));
+        }
+        Ok(cidr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_contains() {
+        let vpc: Cidr = "10.0.0.0/16".parse().unwrap();
+        assert!(vpc.contains("10.0.255.1".parse().unwrap()));
+        assert!(!vpc.contains("10.1.0.1".parse().unwrap()));
+        assert!(!vpc.contains("::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.9".parse().unwrap()));
+        let v6: Cidr = "2600:1f14::/56".parse().unwrap();
+        assert!(v6.contains("2600:1f14:0:ff::1".parse().unwrap()));
+        assert!(!v6.contains("2600:1f14:0:100::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn rejects_malformed_blocks() {
+        assert!(matches!(
+            "10.0.0.0".parse::<Cidr>(),
+            Err(CidrError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.0.0.0/x".parse::<Cidr>(),
+            Err(CidrError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Cidr>(),
+            Err(CidrError::PrefixTooLong(_))
+        ));
+        assert!(matches!(
+            "10.0.1.5/16".parse::<Cidr>(),
+            Err(CidrError::HostBits(..))
+        ));
+    }
+
+    #[test]
+    fn overlaps() {
+        let a: Cidr = "10.0.0.0/16".parse().unwrap();
+        let b: Cidr = "10.0.8.0/24".parse().unwrap();
+        let c: Cidr = "100.64.0.0/16".parse().unwrap();
+        assert!(a.overlaps(&b) && b.overlaps(&a));
+        assert!(!a.overlaps(&c));
+    }
+}

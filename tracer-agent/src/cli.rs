@@ -1,0 +1,136 @@
+//! The command line (DESIGN §5): `tracer agent`, with every flag documented in `--help`.
+use std::{net::IpAddr, net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cidr::Cidr;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tracer",
+    version,
+    about = "Packet-path tracer for Kubernetes nodes (Amazon EKS, AWS VPC CNI)",
+    long_about = "Tags every connection on pod veths and node ENIs with the path it takes \
+                  (pod to pod, to the API server through the public or private endpoint, \
+                  SNATed egress, DNS, IMDS, …) and exports per-path metrics."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach to the node's interfaces, classify every connection, serve /metrics.
+    Agent(AgentArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Listen address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "TRACER_METRICS_ADDR", default_value = "0.0.0.0:9477")]
+    pub metrics_addr: SocketAddr,
+
+    /// A CIDR block of the VPC (repeatable). Default: asked from IMDS.
+    #[arg(long = "vpc-cidr", value_name = "CIDR")]
+    pub vpc_cidrs: Vec<Cidr>,
+
+    /// Name pattern of pod interfaces (repeatable; `*` is a wildcard). VPC CNI: eni*, vlan*.
+    #[arg(long = "pod-iface", value_name = "PATTERN", default_values = ["eni*", "vlan*"])]
+    pub pod_ifaces: Vec<String>,
+
+    /// Name pattern of the node's ENIs (repeatable). AL2: eth*; AL2023: ens*.
+    #[arg(long = "node-iface", value_name = "PATTERN", default_values = ["eth*", "ens*"])]
+    pub node_ifaces: Vec<String>,
+
+    /// An API server address (repeatable), in addition to the resolved cluster endpoint.
+    #[arg(long = "apiserver-ip", value_name = "IP")]
+    pub apiserver_ips: Vec<IpAddr>,
+
+    /// An EKS-owned control-plane ENI address (repeatable).
+    #[arg(long = "controlplane-ip", value_name = "IP")]
+    pub controlplane_ips: Vec<IpAddr>,
+
+    /// The kube-dns ClusterIP (e.g. 10.100.0.10).
+    #[arg(long, value_name = "IP")]
+    pub cluster_dns: Option<IpAddr>,
+
+    /// Where the instance metadata service answers.
+    #[arg(long, value_name = "ADDR", default_value = "169.254.169.254:80")]
+    pub imds_addr: SocketAddr,
+
+    /// Capacity of the kernel flow table, in connections (about 150 bytes each).
+    #[arg(long, value_name = "ENTRIES", default_value_t = tracer_common::DEFAULT_FLOW_TABLE_SIZE,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub flow_table_size: u32,
+
+    /// How often the flow table is read, e.g. 1s or 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// How the programs are attached: tcx links (kernel ≥ 6.6), the clsact qdisc, or the best
+    /// the kernel offers.
+    #[arg(long, value_enum, default_value_t = AttachModeArg::Auto)]
+    pub attach_mode: AttachModeArg,
+
+    /// This node's name, for logs (Kubernetes sets it through the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttachModeArg {
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+/// `1s`, `250ms`, `2m`: the forms an operator types.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit: write e.g. 1s or 500ms"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        _ => return Err(format!("{text:?}: unit must be ms, s or m")),
+    };
+    if duration < Duration::from_millis(100) || duration > Duration::from_secs(60) {
+        return Err(format!("{text:?}: must lie between 100ms and 60s"));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("1").is_err());
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("10ms").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        for argv in [
+            &["tracer", "agent", "--metrics-addr", "nonsense"][..],
+            &["tracer", "agent", "--vpc-cidr", "10.0.0.1/16"],
+            &["tracer", "agent", "--flow-table-size", "10"],
+            &["tracer", "agent", "--poll-interval", "forever"],
+            &["tracer", "agent", "--no-such-flag"],
+        ] {
+            let error = Cli::try_parse_from(argv).expect_err(&argv.join(" "));
+            assert_eq!(error.exit_code(), 2, "{}", argv.join(" "));
+        }
+    }
+}

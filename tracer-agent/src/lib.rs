@@ -1,0 +1,15 @@
+//! The tracer agent. Data flows one way: the kernel's flow table (`datapath`) is read every
+//! poll, joined with conntrack's NAT facts and the node's context (`discovery`, `imds`),
+//! classified (`classify`), summed per path (`aggregate`) and served (`export`).
+pub mod agent;
+pub mod aggregate;
+pub mod cidr;
+pub mod classify;
+pub mod cli;
+pub mod conntrack;
+pub mod craft;
+pub mod datapath;
+pub mod discovery;
+pub mod export;
+pub mod imds;
+pub mod netlink;

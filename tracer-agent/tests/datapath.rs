@@ -1,0 +1,792 @@
+//! The real kernel classifiers under `BPF_PROG_TEST_RUN`: crafted packets in, the exact flow
+//! table and datapath counters out.
+//!
+//! Every test body runs in a thread of its own inside a fresh, anonymous network namespace
+//! (gone with the thread, so nothing needs cleaning up, even after a failure), with veth
+//! interfaces standing in for pod veths and node ENIs, and loads its own datapath: tests run in
+//! parallel without seeing each other's maps, and never touch the root namespace. They need
+//! root; without it they fail, they never skip.
+use std::{ffi::CString, net::SocketAddr, process::Command};
+
+use aya::programs::{TestRun, TestRunOptions};
+use tracer_agent::{
+    craft::{ETH_P_8021AD, ETH_P_8021Q, ExtHeader, Fragment, Frame, Icmp, arp_request},
+    datapath::{AttachMode, Datapath},
+};
+use tracer_common::{
+    DEFAULT_FLOW_TABLE_SIZE, DIR_HI_TO_LO, DIR_LO_TO_HI,
+    DatapathCounter::{self, *},
+    FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowStats, Hook, PROGRAM_EGRESS, PROGRAM_INGRESS,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TC_NEXT, TCP_ACK, TCP_SYN,
+};
+
+const NEED_ROOT: &str = "kernel-program tests need root (CAP_BPF, CAP_NET_ADMIN)";
+/// The shortest frames BPF_PROG_TEST_RUN takes (EINVAL otherwise): an Ethernet header, and for
+/// an untagged IPv4 or IPv6 frame, an Ethernet and a fixed IP header. Cuts inside the fixed IP
+/// header are therefore made on VLAN-tagged frames.
+const ETH_HLEN: usize = 14;
+const UNTAGGED_IPV4_MIN: usize = ETH_HLEN + 20;
+const UNTAGGED_IPV6_MIN: usize = ETH_HLEN + 40;
+/// What `Node::flows` puts in place of a handshake timestamp that was set.
+const SEEN: u64 = 1;
+
+/// The fields of the `struct __sk_buff` context (uapi linux/bpf.h, 192 bytes) that a test sets.
+/// BPF_PROG_TEST_RUN copies them into the skb it builds, and rejects any other non-zero field.
+#[derive(Clone, Copy)]
+struct Skb {
+    /// Interface the packet is seen at, looked up in the caller's network namespace.
+    ifindex: u32,
+    /// GSO: how many wire segments the buffer stands for, and their payload size.
+    gso_segs: u32,
+    gso_size: u32,
+}
+
+impl Skb {
+    const SIZE: usize = 192;
+    const IFINDEX_OFFSET: usize = 40;
+    const GSO_SEGS_OFFSET: usize = 164;
+    const GSO_SIZE_OFFSET: usize = 176;
+
+    fn at(ifindex: u32) -> Skb {
+        Skb {
+            ifindex,
+            gso_segs: 0,
+            gso_size: 0,
+        }
+    }
+
+    fn bytes(self) -> [u8; Skb::SIZE] {
+        let mut ctx = [0; Skb::SIZE];
+        for (offset, value) in [
+            (Skb::IFINDEX_OFFSET, self.ifindex),
+            (Skb::GSO_SEGS_OFFSET, self.gso_segs),
+            (Skb::GSO_SIZE_OFFSET, self.gso_size),
+        ] {
+            ctx[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
+        }
+        ctx
+    }
+}
+
+/// One test's node: interfaces in a namespace of its own, and a datapath of its own.
+struct Node {
+    datapath: Datapath,
+    /// ifindex of the interfaces `d0`, `d1`, …
+    ifindex: Vec<u32>,
+    /// The counters as of the last `counter_deltas`.
+    counters: [u64; DatapathCounter::COUNT as usize],
+}
+
+/// Runs `body` on a fresh node with `interfaces` interfaces, in a thread of its own that lives
+/// in a new network namespace; a failure in `body` fails the calling test.
+fn on_fresh_node(interfaces: usize, body: impl FnOnce(&mut Node) + Send + 'static) {
+    let outcome = std::thread::spawn(move || {
+        // SAFETY: unshare takes no pointers; it moves only this thread to a new namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let error = std::io::Error::last_os_error();
+            panic!("{NEED_ROOT}: cannot create a network namespace: {error}");
+        }
+        ip(&["link", "set", "lo", "up"]);
+        // veth, like a pod's: this kernel has no dummy interfaces. Only `dN` is used.
+        let ifindex = (0..interfaces)
+            .map(|n| {
+                let (name, peer) = (format!("d{n}"), format!("p{n}"));
+                ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
+                let c_name = CString::new(name).expect("no NUL in an interface name");
+                // SAFETY: a valid NUL-terminated string; this thread's namespace is searched.
+                unsafe { libc::if_nametoindex(c_name.as_ptr()) }
+            })
+            .collect();
+        let datapath = Datapath::load(DEFAULT_FLOW_TABLE_SIZE, AttachMode::Tcx)
+            .unwrap_or_else(|error| panic!("{NEED_ROOT}: {error}"));
+        body(&mut Node {
+            datapath,
+            ifindex,
+            counters: [0; DatapathCounter::COUNT as usize],
+        });
+    })
+    .join();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Runs `ip` from the calling thread, so that it works in that thread's namespace.
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status();
+    assert!(
+        status.as_ref().is_ok_and(|status| status.success()),
+        "ip {}: {status:?}",
+        args.join(" ")
+    );
+}
+
+impl Node {
+    /// Runs the program of `hook` on `frame`; checks that it hands the packet on, unchanged.
+    fn run(&mut self, hook: Hook, skb: Skb, frame: &[u8]) {
+        let name = match hook {
+            Hook::Ingress => PROGRAM_INGRESS,
+            Hook::Egress => PROGRAM_EGRESS,
+        };
+        let ctx = skb.bytes();
+        let mut data_out = vec![0; frame.len()];
+        let program = self
+            .datapath
+            .program(name)
+            .unwrap_or_else(|error| panic!("{error}"));
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut data_out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|error| {
+                panic!(
+                    "BPF_PROG_TEST_RUN of {name} on {} bytes: {error:?}",
+                    frame.len()
+                )
+            });
+        assert_eq!(
+            result.return_value, TC_NEXT as u32,
+            "{name} must hand every packet on"
+        );
+        assert_eq!(
+            &data_out[..result.data_size_out as usize],
+            frame,
+            "{name} must not alter the packet"
+        );
+    }
+
+    /// The flow table, sorted, with each handshake timestamp that is set replaced by `SEEN`,
+    /// so that whole entries compare exactly.
+    fn flows(&self) -> Vec<(FlowKey, FlowStats)> {
+        let mut flows = self.datapath.flows().expect("reading the flow table");
+        for (_, stats) in &mut flows {
+            stats.syn_ns = stats.syn_ns.min(SEEN);
+            stats.synack_ns = stats.synack_ns.min(SEEN);
+        }
+        flows.sort_by_key(|&(key, _)| key);
+        flows
+    }
+
+    fn assert_flows(&self, mut expected: Vec<(FlowKey, FlowStats)>) {
+        expected.sort_by_key(|&(key, _)| key);
+        assert_eq!(self.flows(), expected);
+    }
+
+    /// The counters that changed since the last call, by name, in `DatapathCounter` order.
+    fn counter_deltas(&mut self) -> Vec<(&'static str, u64)> {
+        let now = self.datapath.counters().expect("reading the counters");
+        let deltas = DatapathCounter::ALL
+            .iter()
+            .map(|&counter| {
+                (
+                    counter.name(),
+                    now[counter as usize] - self.counters[counter as usize],
+                )
+            })
+            .filter(|&(_, delta)| delta != 0)
+            .collect();
+        self.counters = now;
+        deltas
+    }
+}
+
+/// Expected counter deltas in the shape `Node::counter_deltas` returns them.
+fn counts(expected: &[(DatapathCounter, u64)]) -> Vec<(&'static str, u64)> {
+    DatapathCounter::ALL
+        .iter()
+        .filter_map(|&counter| {
+            let (_, delta) = expected.iter().find(|&&(c, _)| c == counter)?;
+            Some((counter.name(), *delta))
+        })
+        .collect()
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("a valid socket address")
+}
+
+/// The key of a connection whose canonical low and high endpoints are `lo` and `hi`: spelt out
+/// by each test rather than computed by the code under test.
+fn key(proto: u8, lo: SocketAddr, hi: SocketAddr) -> FlowKey {
+    let octets = |endpoint: SocketAddr| {
+        let mut bytes = [0; 16];
+        match endpoint {
+            SocketAddr::V4(v4) => bytes[..4].copy_from_slice(&v4.ip().octets()),
+            SocketAddr::V6(v6) => bytes = v6.ip().octets(),
+        }
+        bytes
+    };
+    FlowKey {
+        lo_addr: octets(lo),
+        hi_addr: octets(hi),
+        lo_port: lo.port(),
+        hi_port: hi.port(),
+        proto,
+        family: if lo.is_ipv4() {
+            FAMILY_IPV4
+        } else {
+            FAMILY_IPV6
+        },
+        _pad: [0; 2],
+    }
+}
+
+/// `FlowStats::tcp_flags` from the flags seen in each direction.
+fn flags(lo_to_hi: u8, hi_to_lo: u8) -> u32 {
+    u32::from(lo_to_hi) | u32::from(hi_to_lo) << 8
+}
+
+/// SYN and ACK from the client at a pod veth's ingress, SYN-ACK from the server at its egress:
+/// one flow, both directions, both handshake timestamps. `client` must sort below `server`.
+fn tcp_handshake(client: &str, server: &str) {
+    let (client, server) = (addr(client), addr(server));
+    on_fresh_node(1, move |node| {
+        let pod = node.ifindex[0];
+        let syn = Frame::tcp(client, server, TCP_SYN).build();
+        let syn_ack = Frame::tcp(server, client, TCP_SYN | TCP_ACK).build();
+        let ack = Frame::tcp(client, server, TCP_ACK).payload(100).build();
+        node.run(Hook::Ingress, Skb::at(pod), &syn.bytes);
+        node.run(Hook::Egress, Skb::at(pod), &syn_ack.bytes);
+        node.run(Hook::Ingress, Skb::at(pod), &ack.bytes);
+
+        let stats = FlowStats {
+            packets: [2, 1],
+            bytes: [(syn.l3_len + ack.l3_len) as u64, syn_ack.l3_len as u64],
+            syn_ns: SEEN,
+            synack_ns: SEEN,
+            owner_ifindex: pod,
+            tcp_flags: flags(TCP_SYN | TCP_ACK, TCP_SYN | TCP_ACK),
+            first_hook: Hook::Ingress as u8,
+            first_dir: DIR_LO_TO_HI as u8,
+            first_tcp_flags: TCP_SYN,
+            ..FlowStats::default()
+        };
+        node.assert_flows(vec![(key(PROTO_TCP, client, server), stats)]);
+        let raw = node.datapath.flows().expect("reading the flow table")[0].1;
+        assert!(raw.syn_ns <= raw.synack_ns, "SYN after SYN-ACK: {raw:?}");
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 3), (Counted, 3), (FlowsCreated, 1)])
+        );
+    });
+}
+
+/// Two requests leaving at an interface's egress and a reply arriving at its ingress: the reply
+/// counts in the reverse direction. `server` must sort below `client`, so the first packet
+/// goes from the high endpoint to the low one.
+fn udp_exchange(client: &str, server: &str) {
+    let (client, server) = (addr(client), addr(server));
+    on_fresh_node(1, move |node| {
+        let eni = node.ifindex[0];
+        let request = Frame::udp(client, server).payload(30).build();
+        let reply = Frame::udp(server, client).payload(200).build();
+        node.run(Hook::Egress, Skb::at(eni), &request.bytes);
+        node.run(Hook::Egress, Skb::at(eni), &request.bytes);
+        node.run(Hook::Ingress, Skb::at(eni), &reply.bytes);
+
+        let stats = FlowStats {
+            packets: [1, 2],
+            bytes: [reply.l3_len as u64, 2 * request.l3_len as u64],
+            owner_ifindex: eni,
+            first_hook: Hook::Egress as u8,
+            first_dir: DIR_HI_TO_LO as u8,
+            ..FlowStats::default()
+        };
+        node.assert_flows(vec![(key(PROTO_UDP, server, client), stats)]);
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 3), (Counted, 3), (FlowsCreated, 1)])
+        );
+    });
+}
+
+/// First, middle and last fragment of one UDP datagram add up in one flow; the last fragment
+/// ends the datagram, so one more fragment with its id is no longer attributed.
+fn fragments_add_up(client: &str, server: &str, id: u32) {
+    let (client, server) = (addr(client), addr(server));
+    on_fresh_node(1, move |node| {
+        let eni = node.ifindex[0];
+        let part = |offset, more, payload| {
+            let fragment = Fragment { id, offset, more };
+            Frame::udp(client, server)
+                .fragment(fragment)
+                .payload(payload)
+                .build()
+        };
+        // 8 bytes of UDP header and 16 of data: the next fragment starts at 3 × 8 bytes.
+        let fragments = [part(0, true, 16), part(3, true, 24), part(6, false, 10)];
+        for fragment in &fragments {
+            node.run(Hook::Ingress, Skb::at(eni), &fragment.bytes);
+        }
+        let l3_bytes = fragments.iter().map(|f| f.l3_len as u64).sum();
+        let expected = vec![(
+            key(PROTO_UDP, client, server),
+            FlowStats {
+                packets: [3, 0],
+                bytes: [l3_bytes, 0],
+                owner_ifindex: eni,
+                first_hook: Hook::Ingress as u8,
+                first_dir: DIR_LO_TO_HI as u8,
+                ..FlowStats::default()
+            },
+        )];
+        node.assert_flows(expected.clone());
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 3), (Counted, 3), (FlowsCreated, 1)])
+        );
+
+        node.run(Hook::Ingress, Skb::at(eni), &fragments[2].bytes);
+        node.assert_flows(expected);
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 1), (FragmentUnmatched, 1)])
+        );
+    });
+}
+
+#[test]
+fn ipv4_tcp_handshake_is_one_flow_with_both_directions() {
+    tcp_handshake("10.0.0.1:40000", "10.0.0.2:80");
+}
+
+#[test]
+fn ipv6_tcp_handshake_is_one_flow_with_both_directions() {
+    tcp_handshake("[fd00::1]:40000", "[fd00::2]:443");
+}
+
+#[test]
+fn ipv4_udp_reply_at_the_other_hook_counts_in_reverse() {
+    // Same address: the port decides the order.
+    udp_exchange("10.0.0.2:5353", "10.0.0.2:53");
+}
+
+#[test]
+fn ipv6_udp_reply_at_the_other_hook_counts_in_reverse() {
+    // fd00::1:0 sorts above fd00::2: the low 64 bits decide the order.
+    udp_exchange("[fd00::1:0]:5353", "[fd00::2]:53");
+}
+
+#[test]
+fn ipv4_fragments_add_up_in_one_flow() {
+    fragments_add_up("10.0.0.1:4000", "10.0.0.2:4789", 0xbeef);
+}
+
+#[test]
+fn ipv6_fragments_add_up_in_one_flow() {
+    fragments_add_up("[fd00::1]:4000", "[fd00::2]:4789", 0x1234_5678);
+}
+
+#[test]
+fn later_fragment_without_its_first_is_not_attributed() {
+    on_fresh_node(1, |node| {
+        let eni = node.ifindex[0];
+        let mut expected = Vec::new();
+        for (client, server) in [
+            ("10.0.0.1:4000", "10.0.0.2:53"),
+            ("[fd00::1]:4000", "[fd00::2]:53"),
+        ] {
+            let (client, server) = (addr(client), addr(server));
+            // A flow of the same endpoints exists: the fragment still must not guess it.
+            let datagram = Frame::udp(client, server).build();
+            node.run(Hook::Ingress, Skb::at(eni), &datagram.bytes);
+            let later = Frame::udp(client, server)
+                .fragment(Fragment {
+                    id: 9,
+                    offset: 3,
+                    more: true,
+                })
+                .payload(24)
+                .build();
+            node.run(Hook::Ingress, Skb::at(eni), &later.bytes);
+            let stats = FlowStats {
+                packets: [1, 0],
+                bytes: [datagram.l3_len as u64, 0],
+                owner_ifindex: eni,
+                first_hook: Hook::Ingress as u8,
+                first_dir: DIR_LO_TO_HI as u8,
+                ..FlowStats::default()
+            };
+            expected.push((key(PROTO_UDP, client, server), stats));
+        }
+        node.assert_flows(expected);
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[
+                (Seen, 4),
+                (Counted, 2),
+                (FragmentUnmatched, 2),
+                (FlowsCreated, 2)
+            ])
+        );
+    });
+}
+
+#[test]
+fn vlan_tagged_ipv4_single_and_qinq() {
+    on_fresh_node(1, |node| {
+        let branch_eni = node.ifindex[0];
+        let server = addr("10.0.0.2:443");
+        let mut expected = Vec::new();
+        for (port, tags) in [
+            (1001, &[(ETH_P_8021Q, 7)][..]),
+            (1002, &[(ETH_P_8021AD, 100), (ETH_P_8021Q, 7)]),
+        ] {
+            let client = addr(&format!("10.0.0.1:{port}"));
+            let frame = tags
+                .iter()
+                .fold(Frame::udp(client, server), |frame, &(tpid, vid)| {
+                    frame.vlan(tpid, vid)
+                })
+                .payload(10)
+                .build();
+            node.run(Hook::Ingress, Skb::at(branch_eni), &frame.bytes);
+            let stats = FlowStats {
+                packets: [1, 0],
+                bytes: [frame.l3_len as u64, 0],
+                owner_ifindex: branch_eni,
+                first_hook: Hook::Ingress as u8,
+                first_dir: DIR_LO_TO_HI as u8,
+                ..FlowStats::default()
+            };
+            expected.push((key(PROTO_UDP, client, server), stats));
+        }
+        node.assert_flows(expected);
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 2), (Counted, 2), (FlowsCreated, 2)])
+        );
+    });
+}
+
+#[test]
+fn ipv4_options_do_not_shift_the_ports() {
+    on_fresh_node(1, |node| {
+        let pod = node.ifindex[0];
+        let server = addr("10.0.0.2:8080");
+        let mut expected = Vec::new();
+        // No-operation options (0x01): ports read at offset 20 would come out as 0x0101.
+        for (port, options) in [(2001, vec![1; 4]), (2002, vec![1; 40])] {
+            let client = addr(&format!("10.0.0.1:{port}"));
+            let frame = Frame::tcp(client, server, TCP_ACK)
+                .ipv4_options(&options)
+                .payload(5)
+                .build();
+            node.run(Hook::Ingress, Skb::at(pod), &frame.bytes);
+            let stats = FlowStats {
+                packets: [1, 0],
+                bytes: [frame.l3_len as u64, 0],
+                owner_ifindex: pod,
+                tcp_flags: flags(TCP_ACK, 0),
+                first_hook: Hook::Ingress as u8,
+                first_dir: DIR_LO_TO_HI as u8,
+                first_tcp_flags: TCP_ACK,
+                ..FlowStats::default()
+            };
+            expected.push((key(PROTO_TCP, client, server), stats));
+        }
+        node.assert_flows(expected);
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 2), (Counted, 2), (FlowsCreated, 2)])
+        );
+    });
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_the_transport_header() {
+    on_fresh_node(1, |node| {
+        let pod = node.ifindex[0];
+        let (client, server) = (addr("[fd00::1]:40000"), addr("[fd00::2]:443"));
+        let syn = Frame::tcp(client, server, TCP_SYN)
+            .ext_header(ExtHeader::HopByHop(0))
+            .ext_header(ExtHeader::DestinationOptions(1))
+            .ext_header(ExtHeader::Routing(2))
+            .build();
+        node.run(Hook::Ingress, Skb::at(pod), &syn.bytes);
+        let stats = FlowStats {
+            packets: [1, 0],
+            bytes: [syn.l3_len as u64, 0],
+            syn_ns: SEEN,
+            owner_ifindex: pod,
+            tcp_flags: flags(TCP_SYN, 0),
+            first_hook: Hook::Ingress as u8,
+            first_dir: DIR_LO_TO_HI as u8,
+            first_tcp_flags: TCP_SYN,
+            ..FlowStats::default()
+        };
+        node.assert_flows(vec![(key(PROTO_TCP, client, server), stats)]);
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 1), (Counted, 1), (FlowsCreated, 1)])
+        );
+    });
+}
+
+#[test]
+fn truncated_at_every_header_boundary_is_never_attributed() {
+    on_fresh_node(1, |node| {
+        let eni = node.ifindex[0];
+        let (client4, server4) = (addr("10.0.0.1:40000"), addr("10.0.0.2:80"));
+        let (client6, server6) = (addr("[fd00::1]:40000"), addr("[fd00::2]:80"));
+        let echo = Icmp::EchoRequest { id: 5, seq: 1 };
+        // Each frame with the shortest cut the kernel lets us run.
+        let frames = [
+            (
+                "IPv4 TCP, 802.1Q tag, IP and TCP options",
+                Frame::tcp(client4, server4, TCP_ACK)
+                    .vlan(ETH_P_8021Q, 5)
+                    .ipv4_options(&[1; 8])
+                    .tcp_options(&[1; 12]),
+                ETH_HLEN,
+            ),
+            (
+                "IPv4 UDP, Q-in-Q",
+                Frame::udp(client4, server4)
+                    .vlan(ETH_P_8021AD, 1)
+                    .vlan(ETH_P_8021Q, 2),
+                ETH_HLEN,
+            ),
+            (
+                "IPv4 ICMP echo",
+                Frame::icmp(client4.ip(), server4.ip(), echo),
+                UNTAGGED_IPV4_MIN,
+            ),
+            (
+                "IPv6 UDP first fragment, 802.1Q tag",
+                Frame::udp(client6, server6)
+                    .vlan(ETH_P_8021Q, 5)
+                    .fragment(Fragment {
+                        id: 1,
+                        offset: 0,
+                        more: true,
+                    }),
+                ETH_HLEN,
+            ),
+            (
+                "IPv6 TCP, hop-by-hop, destination options, routing",
+                Frame::tcp(client6, server6, TCP_SYN)
+                    .ext_header(ExtHeader::HopByHop(0))
+                    .ext_header(ExtHeader::DestinationOptions(1))
+                    .ext_header(ExtHeader::Routing(0)),
+                UNTAGGED_IPV6_MIN,
+            ),
+            (
+                "IPv6 ICMPv6 echo",
+                Frame::icmp(client6.ip(), server6.ip(), echo),
+                UNTAGGED_IPV6_MIN,
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (name, frame, shortest) in frames {
+            let frame = frame.payload(20).build();
+            let (_, headers_end) = *frame.boundaries.last().expect("a frame has headers");
+            for len in shortest..headers_end {
+                node.run(Hook::Ingress, Skb::at(eni), &frame.bytes[..len]);
+                let deltas = node.counter_deltas();
+                let flows = node.flows();
+                if deltas != counts(&[(Seen, 1), (Truncated, 1)]) || !flows.is_empty() {
+                    let (header, _) = frame
+                        .boundaries
+                        .iter()
+                        .find(|&&(_, end)| len < end)
+                        .expect("the cut is inside the headers");
+                    failures.push(format!(
+                        "{name}: cut to {len} of {} bytes, inside the {header} header: \
+                         counters {deltas:?}, {} flows",
+                        frame.bytes.len(),
+                        flows.len()
+                    ));
+                    let keys: Vec<FlowKey> = flows.iter().map(|&(key, _)| key).collect();
+                    node.datapath
+                        .forget(&keys)
+                        .expect("emptying the flow table");
+                }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "truncated packets were attributed or miscounted:\n{}",
+            failures.join("\n")
+        );
+    });
+}
+
+#[test]
+fn non_ip_frames_are_counted_as_not_ip() {
+    on_fresh_node(1, |node| {
+        let eni = node.ifindex[0];
+        let arp = arp_request("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        // More than two tags is not something a node sees; the datapath does not look inside.
+        let triple_tagged = Frame::udp(addr("10.0.0.1:1"), addr("10.0.0.2:2"))
+            .vlan(ETH_P_8021AD, 1)
+            .vlan(ETH_P_8021Q, 2)
+            .vlan(ETH_P_8021Q, 3)
+            .build();
+        node.run(Hook::Ingress, Skb::at(eni), &arp);
+        node.run(Hook::Ingress, Skb::at(eni), &triple_tagged.bytes);
+        node.assert_flows(Vec::new());
+        assert_eq!(node.counter_deltas(), counts(&[(Seen, 2), (NotIp, 2)]));
+    });
+}
+
+#[test]
+fn icmp_echo_request_and_reply_are_one_flow() {
+    on_fresh_node(1, |node| {
+        let pod = node.ifindex[0];
+        let mut expected = Vec::new();
+        for (proto, client, server) in [
+            (PROTO_ICMP, "10.0.0.1:77", "10.0.0.2:77"),
+            (PROTO_ICMPV6, "[fd00::1]:77", "[fd00::2]:77"),
+        ] {
+            // The echo identifier stands in for both ports.
+            let (client, server) = (addr(client), addr(server));
+            let request = Icmp::EchoRequest { id: 77, seq: 1 };
+            let reply = Icmp::EchoReply { id: 77, seq: 1 };
+            let request = Frame::icmp(client.ip(), server.ip(), request)
+                .payload(56)
+                .build();
+            let reply = Frame::icmp(server.ip(), client.ip(), reply)
+                .payload(56)
+                .build();
+            node.run(Hook::Ingress, Skb::at(pod), &request.bytes);
+            node.run(Hook::Egress, Skb::at(pod), &reply.bytes);
+            let stats = FlowStats {
+                packets: [1, 1],
+                bytes: [request.l3_len as u64, reply.l3_len as u64],
+                owner_ifindex: pod,
+                first_hook: Hook::Ingress as u8,
+                first_dir: DIR_LO_TO_HI as u8,
+                ..FlowStats::default()
+            };
+            expected.push((key(proto, client, server), stats));
+        }
+        // Other ICMP messages have no identifier: ports 0.
+        let (client, server) = (addr("10.0.0.1:0"), addr("10.0.0.2:0"));
+        let unreachable = Icmp::Other {
+            icmp_type: 3,
+            code: 3,
+        };
+        let unreachable = Frame::icmp(server.ip(), client.ip(), unreachable)
+            .payload(28)
+            .build();
+        node.run(Hook::Egress, Skb::at(pod), &unreachable.bytes);
+        let stats = FlowStats {
+            packets: [0, 1],
+            bytes: [0, unreachable.l3_len as u64],
+            owner_ifindex: pod,
+            first_hook: Hook::Egress as u8,
+            first_dir: DIR_HI_TO_LO as u8,
+            ..FlowStats::default()
+        };
+        expected.push((key(PROTO_ICMP, client, server), stats));
+        node.assert_flows(expected);
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 5), (Counted, 5), (FlowsCreated, 3)])
+        );
+    });
+}
+
+#[test]
+fn a_packet_crossing_two_interfaces_is_counted_once() {
+    on_fresh_node(2, |node| {
+        let (pod, eni) = (node.ifindex[0], node.ifindex[1]);
+        let (client, server) = (addr("10.0.0.1:40000"), addr("10.0.0.2:443"));
+        let syn = Frame::tcp(client, server, TCP_SYN).build();
+        let syn_ack = Frame::tcp(server, client, TCP_SYN | TCP_ACK).build();
+        // Out of the pod: its veth's ingress, then the ENI's egress; the reply the other way.
+        node.run(Hook::Ingress, Skb::at(pod), &syn.bytes);
+        node.run(Hook::Egress, Skb::at(eni), &syn.bytes);
+        node.run(Hook::Ingress, Skb::at(eni), &syn_ack.bytes);
+        node.run(Hook::Egress, Skb::at(pod), &syn_ack.bytes);
+        let stats = FlowStats {
+            packets: [1, 1],
+            bytes: [syn.l3_len as u64, syn_ack.l3_len as u64],
+            syn_ns: SEEN,
+            synack_ns: SEEN,
+            owner_ifindex: pod,
+            tcp_flags: flags(TCP_SYN, TCP_SYN | TCP_ACK),
+            first_hook: Hook::Ingress as u8,
+            first_dir: DIR_LO_TO_HI as u8,
+            first_tcp_flags: TCP_SYN,
+            ..FlowStats::default()
+        };
+        node.assert_flows(vec![(key(PROTO_TCP, client, server), stats)]);
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 4), (Counted, 2), (Duplicate, 2), (FlowsCreated, 1)])
+        );
+    });
+}
+
+#[test]
+fn gso_packet_counts_every_segment_with_its_headers() {
+    on_fresh_node(1, |node| {
+        let pod = node.ifindex[0];
+        let mut expected = Vec::new();
+        for (client, server) in [
+            ("10.0.0.1:40000", "10.0.0.2:80"),
+            ("[fd00::1]:40000", "[fd00::2]:80"),
+        ] {
+            let (client, server) = (addr(client), addr(server));
+            // With the timestamps option: 32-byte TCP headers, known only from the data offset.
+            let timestamps = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+            let frame = Frame::tcp(client, server, TCP_ACK)
+                .tcp_options(&timestamps)
+                .payload(4 * 500)
+                .build();
+            let gso = Skb {
+                ifindex: pod,
+                gso_segs: 4,
+                gso_size: 500,
+            };
+            node.run(Hook::Ingress, gso, &frame.bytes);
+            let skb_l3_len = frame.bytes.len() - frame.l3_offset;
+            let stats = FlowStats {
+                packets: [4, 0],
+                bytes: [(skb_l3_len + 3 * frame.header_len()) as u64, 0],
+                owner_ifindex: pod,
+                tcp_flags: flags(TCP_ACK, 0),
+                first_hook: Hook::Ingress as u8,
+                first_dir: DIR_LO_TO_HI as u8,
+                first_tcp_flags: TCP_ACK,
+                ..FlowStats::default()
+            };
+            expected.push((key(PROTO_TCP, client, server), stats));
+        }
+        node.assert_flows(expected);
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 2), (Counted, 2), (FlowsCreated, 2)])
+        );
+    });
+}
+
+#[test]
+fn ethernet_padding_is_not_counted_as_l3_bytes() {
+    on_fresh_node(1, |node| {
+        let eni = node.ifindex[0];
+        let (client, server) = (addr("10.0.0.1:40000"), addr("10.0.0.2:53"));
+        // 42 bytes of headers, padded to the 60-byte Ethernet minimum.
+        let frame = Frame::udp(client, server).pad_to(60).build();
+        assert_eq!((frame.bytes.len(), frame.l3_len), (60, 28));
+        node.run(Hook::Ingress, Skb::at(eni), &frame.bytes);
+        let stats = FlowStats {
+            packets: [1, 0],
+            bytes: [28, 0],
+            owner_ifindex: eni,
+            first_hook: Hook::Ingress as u8,
+            first_dir: DIR_LO_TO_HI as u8,
+            ..FlowStats::default()
+        };
+        node.assert_flows(vec![(key(PROTO_UDP, client, server), stats)]);
+        assert_eq!(
+            node.counter_deltas(),
+            counts(&[(Seen, 1), (Counted, 1), (FlowsCreated, 1)])
+        );
+    });
+}

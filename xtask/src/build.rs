@@ -1,0 +1,30 @@
+//! Building the `tracer` binary the lab runs.
+use std::{path::PathBuf, process::Command};
+
+use crate::run::require_success;
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map_or(manifest_dir.clone(), PathBuf::from)
+}
+
+/// Where cargo puts the debug `tracer` binary.
+pub fn tracer_path() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    target.join("debug").join("tracer")
+}
+
+/// Builds the agent (kernel programs included) and returns the binary's path.
+pub fn agent() -> anyhow::Result<PathBuf> {
+    eprintln!("build: cargo build -p tracer-agent (kernel programs via aya-build)");
+    require_success(
+        Command::new(env!("CARGO"))
+            .args(["build", "-p", "tracer-agent"])
+            .current_dir(workspace_root()),
+    )?;
+    Ok(tracer_path())
+}

@@ -1,0 +1,128 @@
+//! Running `ip`, `sysctl` and `iptables-restore` inside lab namespaces, with errors that name
+//! the command and what it said.
+use std::{
+    io::Write as _,
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Programs the lab runs, and what provides them.
+const TOOLS: [(&str, &str); 3] = [
+    ("ip", "run `cargo xtask setup` (installs iproute2)"),
+    ("iptables-restore", "run `cargo xtask setup` (installs iptables)"),
+    ("sysctl", "install procps (`apt-get install procps`)"),
+];
+
+/// Fails early, with the fix, when the lab cannot be built here.
+pub fn preflight() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the lab needs root to create network namespaces: run it as root (e.g. `sudo -E cargo xtask lab up`)"
+        );
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for (tool, fix) in TOOLS {
+        if !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()) {
+            bail!("{tool} not found in PATH: {fix}");
+        }
+    }
+    Ok(())
+}
+
+/// `ip netns exec <ns> program`.
+pub fn in_ns(ns: &str, program: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", ns, program]);
+    command
+}
+
+/// Runs `ip -n <ns> <args>`; `args` is written as on a shell line ("route add default via …").
+pub fn ip(ns: &str, args: &str) -> anyhow::Result<String> {
+    let mut command = Command::new("ip");
+    command.args(["-n", ns]).args(args.split_whitespace());
+    output(&mut command)
+}
+
+/// Sets `settings` ("net.ipv4.ip_forward=1 …") in `ns`.
+pub fn sysctl(ns: &str, settings: &str) -> anyhow::Result<()> {
+    let mut command = in_ns(ns, "sysctl");
+    command.args(["-q", "-w"]).args(settings.split_whitespace());
+    output(&mut command).map(drop)
+}
+
+/// Replaces the tables named in `rules` (iptables-restore format) in `ns`.
+pub fn iptables_restore(ns: &str, rules: &str) -> anyhow::Result<()> {
+    let mut command = in_ns(ns, "iptables-restore");
+    command
+        .args(["-w", "5"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot run {}", describe(&command)))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(rules.as_bytes())
+        .with_context(|| format!("writing rules to {}", describe(&command)))?;
+    let result = child.wait_with_output()?;
+    if !result.status.success() {
+        bail!(
+            "{} failed ({}): {}\n--- rules ---\n{rules}",
+            describe(&command),
+            result.status,
+            String::from_utf8_lossy(&result.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `command` to completion and returns its standard output; fails naming the command and
+/// quoting its standard error.
+pub fn output(command: &mut Command) -> anyhow::Result<String> {
+    let result = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", describe(command)))?;
+    if !result.status.success() {
+        bail!(
+            "{} failed ({}): {}",
+            describe(command),
+            result.status,
+            String::from_utf8_lossy(&result.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&result.stdout).into_owned())
+}
+
+/// Starts the child in a session of its own, so that it survives the terminal and the Ctrl-C
+/// of the command that started it.
+pub fn new_session(command: &mut Command) {
+    // SAFETY: setsid is async-signal-safe, as pre_exec requires; it only fails when the child
+    // already leads a process group, which a freshly forked child never does.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
+/// Whether a namespace of that name exists.
+pub fn ns_exists(ns: &str) -> bool {
+    Path::new("/run/netns").join(ns).exists()
+}
+
+fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| part.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

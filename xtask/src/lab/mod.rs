@@ -1,0 +1,277 @@
+//! The lab: a faithful Amazon EKS worker node (AWS VPC CNI) built from network namespaces,
+//! veths, bridges and iptables on this machine, with the VPC, the EKS control plane, a second
+//! node and the internet around it, so that every path of the taxonomy (DESIGN.md §3) is
+//! reproduced for real.
+//!
+//! Everything lives in namespaces named `trc-<id>-<role>` and in `/run/tracer-lab/<id>/`;
+//! nothing is attached to or changed in the root namespace, and no route leads out of the lab.
+//! Servers and traffic clients are this binary's hidden `lab serve` / `lab client` subcommands,
+//! run inside the namespaces.
+
+mod cli;
+mod dns;
+mod exec;
+mod facts;
+mod http;
+mod imds;
+mod iptables;
+mod servers;
+mod sink;
+mod state;
+mod topology;
+mod traffic;
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    str::FromStr,
+    sync::Mutex,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+pub use cli::{LabCommand, run};
+pub use facts::{CLUSTER_ENDPOINT, Eni, Ipv4Net, LabFacts};
+pub use traffic::{ClientKind, Outcome, Scenario, Sent, Target, scenarios};
+
+/// The API server endpoint access mode of the lab cluster (DESIGN.md §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointMode {
+    /// The endpoint name resolves to the public NLB everywhere.
+    Public,
+    /// Inside the VPC the name resolves to the EKS-owned ENIs, outside to the NLB.
+    PublicPrivate,
+    /// The name resolves to the ENIs everywhere and the NLB does not serve.
+    Private,
+}
+
+impl EndpointMode {
+    pub const ALL: [EndpointMode; 3] = [Self::Public, Self::PublicPrivate, Self::Private];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::PublicPrivate => "public-private",
+            Self::Private => "private",
+        }
+    }
+}
+
+impl fmt::Display for EndpointMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EndpointMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == text)
+            .ok_or_else(|| {
+                format!("unknown endpoint mode {text:?}: expected public, public-private or private")
+            })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub mode: EndpointMode,
+    /// The VPC CNI's `AWS_VPC_K8S_CNI_EXTERNALSNAT=true`: the node leaves pod egress alone
+    /// (a NAT gateway would translate it), so `AWS-SNAT-CHAIN-0` has no SNAT rule.
+    pub external_snat: bool,
+    /// The binary whose `lab serve` / `lab client` subcommands run inside the namespaces
+    /// (`std::env::current_exe()` from xtask, `env!("CARGO_BIN_EXE_xtask")` from tests).
+    pub helper_exe: PathBuf,
+}
+
+/// A running lab. Dropping a lab that this handle brought up tears it down (so that failing
+/// tests clean up) unless [`Lab::keep`] was called; a lab found with [`Lab::open`] is left alone.
+pub struct Lab {
+    id: String,
+    dir: PathBuf,
+    saved: state::Saved,
+    /// Processes this handle started, reaped on teardown so that no zombie outlives the lab.
+    children: Mutex<Vec<Child>>,
+    keep: bool,
+}
+
+impl Lab {
+    /// Builds a lab and waits until every server in it listens; on any error, tears down what
+    /// was built.
+    pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
+        exec::preflight()?;
+        let started = Instant::now();
+        let id = state::new_id()?;
+        eprintln!("lab: bringing up lab {id} ({} endpoint)", opts.mode);
+        let lab = Lab {
+            dir: state::dir(&id),
+            saved: state::Saved {
+                facts: LabFacts::new(&id),
+                id: id.clone(),
+                external_snat: opts.external_snat,
+                helper_exe: opts.helper_exe.clone(),
+            },
+            id,
+            children: Mutex::new(Vec::new()),
+            keep: false,
+        };
+        // From here on an error drops `lab`, which tears down whatever was built.
+        state::create(&lab.dir, &lab.saved, opts.mode)?;
+        topology::build(&lab.id, &lab.saved.facts)?;
+        iptables::apply(&lab, opts.mode)?;
+        servers::start(&lab)?;
+        eprintln!("lab: lab {} is up ({:.1} s)", lab.id, started.elapsed().as_secs_f64());
+        Ok(lab)
+    }
+
+    /// An existing lab: the only one when `id` is `None`. It is not torn down on drop.
+    pub fn open(id: Option<&str>) -> anyhow::Result<Lab> {
+        let id = match id {
+            Some(id) => id.to_owned(),
+            None => match state::list_ids()?.as_slice() {
+                [] => bail!("no lab is running: start one with `cargo xtask lab up`"),
+                [only] => only.clone(),
+                several => bail!(
+                    "several labs are running ({}): pass --id",
+                    several.join(", ")
+                ),
+            },
+        };
+        let dir = state::dir(&id);
+        let saved = state::load(&dir).with_context(|| {
+            format!(
+                "lab {id} has no readable state (did `up` crash?): remove it with `cargo xtask lab down --id {id}`"
+            )
+        })?;
+        Ok(Lab {
+            id,
+            dir,
+            saved,
+            children: Mutex::new(Vec::new()),
+            keep: true,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The name of the lab namespace playing `role` (e.g. "node", "pod-a", "vpc").
+    pub fn ns(&self, role: &str) -> String {
+        state::ns_name(&self.id, role)
+    }
+
+    pub fn facts(&self) -> &LabFacts {
+        &self.saved.facts
+    }
+
+    pub fn external_snat(&self) -> bool {
+        self.saved.external_snat
+    }
+
+    /// The state directory (`/run/tracer-lab/<id>/`): pid files, logs, mode, state.json.
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn mode(&self) -> anyhow::Result<EndpointMode> {
+        state::read_mode(&self.dir)
+    }
+
+    /// Switches the endpoint mode at once: the DNS servers read it on every query, and the
+    /// NLB's listeners are opened or closed in the internet namespace.
+    pub fn set_mode(&self, mode: EndpointMode) -> anyhow::Result<()> {
+        eprintln!("lab: switching lab {} to the {mode} endpoint", self.id);
+        state::write_mode(&self.dir, mode)?;
+        iptables::apply_nlb(self, mode)
+    }
+
+    /// `ip netns exec <ns> program`, to add arguments to and run.
+    pub fn command_in(&self, role: &str, program: &str) -> Command {
+        exec::in_ns(&self.ns(role), program)
+    }
+
+    /// Starts `argv` in the background in `role`'s namespace, in its own session (it outlives
+    /// the caller), logging to `<state dir>/<name>.log`; `down` kills it.
+    pub fn spawn_in(&self, role: &str, name: &str, argv: &[&str]) -> anyhow::Result<u32> {
+        let Some((program, args)) = argv.split_first() else {
+            bail!("spawn_in({role}, {name}): empty command line");
+        };
+        let log_path = self.dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut command = self.command_in(role, program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        exec::new_session(&mut command);
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {name} in {}", self.ns(role)))?;
+        let pid = child.id();
+        state::record_pid(&self.dir, name, pid)?;
+        self.children
+            .lock()
+            .expect("no thread panics holding the lock")
+            .push(child);
+        Ok(pid)
+    }
+
+    /// Runs each scenario in turn and reports what its initiator actually did.
+    pub fn run_traffic(&self, scenarios: &[Scenario]) -> anyhow::Result<Vec<Sent>> {
+        traffic::run(self, scenarios)
+    }
+
+    /// Leaves the lab running when this handle is dropped.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    pub fn down(mut self) -> anyhow::Result<()> {
+        self.keep = true;
+        self.teardown()
+    }
+
+    /// Tears down every lab found (namespaces `trc-????-*` and state directories), also those
+    /// left by a crash. Returns how many there were.
+    pub fn down_all() -> anyhow::Result<usize> {
+        let ids = state::list_ids()?;
+        for id in &ids {
+            state::teardown(id)?;
+        }
+        Ok(ids.len())
+    }
+
+    /// Labs, their namespaces, processes and mode, for people.
+    pub fn status() -> anyhow::Result<String> {
+        state::status()
+    }
+
+    fn teardown(&mut self) -> anyhow::Result<()> {
+        let result = state::teardown(&self.id);
+        let children = self.children.get_mut().expect("no thread panics holding the lock");
+        for child in children.iter_mut() {
+            // Already killed by the teardown; kill() covers a teardown that failed early.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        result
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.keep
+            && let Err(error) = self.teardown()
+        {
+            eprintln!("lab: tearing down lab {}: {error:#}", self.id);
+        }
+    }
+}
