@@ -5,8 +5,10 @@
 //! 64-byte-class packet with BPF_PROG_TEST_RUN, `REPEAT` runs per measurement, in `ROUNDS`
 //! interleaved rounds, and reports the medians and their difference: the ns the tracer adds
 //! to a packet, against the goals of PERFORMANCE.md. The packet's flow is already in the table
-//! (the steady state: lookup and in-place adds), with the table holding one flow per case, 64k
-//! flows, or 64k flows in a table 75 % full (which is also where LRU eviction is near).
+//! (the steady state: lookup and in-place adds), with the table holding one flow per case
+//! ("hot"), 64k flows (half of a 131,072-entry table), or 64k flows in a table 75 % full.
+//! A repeated run keeps its one flow in the CPU cache, so the fuller states measure the hash
+//! table's load, not the cache misses of a real mix of flows.
 //!
 //! `--check` makes a missed goal an error (exit status 1); `--json PATH` writes the results.
 use std::net::{Ipv4Addr, SocketAddr};
@@ -128,12 +130,11 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_options(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
+fn parse_options(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
     let mut options = Options {
         check: false,
         json: None,
     };
-    let mut args = args;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--check" => options.check = true,
@@ -179,7 +180,7 @@ fn measure_state(state: &State, packets: &[(&'static str, Vec<u8>)]) -> anyhow::
     Ok(packets
         .iter()
         .zip(samples)
-        .map(|(&(packet, ref frame), (baseline, tracer))| {
+        .map(|((packet, frame), (baseline, tracer))| {
             let (baseline_ns, tracer_ns) = (median(baseline), median(tracer));
             let added_ns = tracer_ns - baseline_ns;
             Row {

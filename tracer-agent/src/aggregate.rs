@@ -61,18 +61,19 @@ enum View {
 pub struct NatTable {
     /// Connections by their original (pre-NAT) tuple.
     original: HashMap<FlowKey, conntrack::Entry>,
-    /// Keys of the translated (post-NAT) views of NATed connections.
-    translated: HashSet<FlowKey>,
+    /// Translated (post-NAT) views of NATed connections → their original key.
+    translated: HashMap<FlowKey, FlowKey>,
 }
 
 impl NatTable {
     pub fn new(entries: Vec<conntrack::Entry>) -> NatTable {
         let mut table = NatTable::default();
         for entry in entries {
+            let original = key_of(&entry.original);
             if let Some(translated) = entry.translated() {
-                table.translated.insert(key_of(&translated));
+                table.translated.insert(key_of(&translated), original);
             }
-            table.original.insert(key_of(&entry.original), entry);
+            table.original.insert(original, entry);
         }
         table
     }
@@ -179,9 +180,8 @@ impl Aggregator {
         nat: &NatTable,
     ) -> PollResult {
         let mut result = PollResult::default();
-        let mut seen = HashSet::with_capacity(flows.len());
+        let present: HashSet<FlowKey> = flows.iter().map(|(key, _)| *key).collect();
         for (key, stats) in flows {
-            seen.insert(*key);
             let tracked = self.tracked.entry(*key).or_insert_with(|| Tracked {
                 last: FlowStats::default(),
                 view: View::Pending { polls: 0 },
@@ -196,7 +196,7 @@ impl Aggregator {
                 tracked.last
             };
             if let View::Pending { polls } = tracked.view {
-                tracked.view = resolve(key, stats, context, nat, polls);
+                tracked.view = resolve(key, stats, context, nat, &present, polls);
             }
             let grew = stats.packets != base.packets;
             tracked.idle_polls = if grew { 0 } else { tracked.idle_polls + 1 };
@@ -229,7 +229,7 @@ impl Aggregator {
             }
         }
         let before = self.tracked.len();
-        self.tracked.retain(|key, _| seen.contains(key));
+        self.tracked.retain(|key, _| present.contains(key));
         result.evicted = (before - self.tracked.len()) as u64;
         for key in &result.idle {
             self.tracked.remove(key);
@@ -244,17 +244,26 @@ fn resolve(
     stats: &FlowStats,
     context: &NodeContext,
     nat: &NatTable,
+    present: &HashSet<FlowKey>,
     polls: u32,
 ) -> View {
     if let Some(entry) = nat.original.get(key) {
-        let (connection, forward_dir) = connection_from_conntrack(key, entry);
-        return View::Counted {
-            classification: classify(&connection, context),
-            forward_dir,
-        };
+        return counted_from_conntrack(key, entry, &entry.original, context);
     }
-    if nat.translated.contains(key) {
-        return View::Alias;
+    if let Some(original) = nat.translated.get(key) {
+        // Counted under the pre-NAT key when the datapath saw that one too (pod traffic, seen
+        // at its veth). Traffic the node itself sends is NATed before any hook sees it: then
+        // the translated view is the only one, and it is counted.
+        if present.contains(original) {
+            return View::Alias;
+        }
+        if let Some((entry, translated)) = nat
+            .original
+            .get(original)
+            .and_then(|entry| Some((entry, entry.translated()?)))
+        {
+            return counted_from_conntrack(key, entry, &translated, context);
+        }
     }
     // Conntrack may lag the datapath by a few microseconds, or not track this traffic at all:
     // give it one poll, then classify from what the datapath saw.
@@ -276,24 +285,36 @@ fn resolve(
 }
 
 /// Conntrack knows the initiator for sure (its original direction) and what NAT did.
-fn connection_from_conntrack(key: &FlowKey, entry: &conntrack::Entry) -> (Connection, usize) {
+/// `seen_as` is the connection's tuple as the flow key holds it (original or translated),
+/// in the original direction.
+fn counted_from_conntrack(
+    key: &FlowKey,
+    entry: &conntrack::Entry,
+    seen_as: &conntrack::Tuple,
+    context: &NodeContext,
+) -> View {
     let original = &entry.original;
-    let initiator = SocketAddr::new(original.src, original.src_port);
     let requested = SocketAddr::new(original.dst, original.dst_port);
-    let forward_dir = usize::from(ends(key)[0] != initiator);
-    let (nat, responder) = match entry.translated() {
-        Some(translated) if entry.is_dnat() => (
-            Nat::Dnat,
-            SocketAddr::new(translated.dst, translated.dst_port),
-        ),
-        Some(_) => (Nat::Snat, requested),
-        None => (Nat::None, requested),
+    let forward_dir = usize::from(ends(key)[0] != SocketAddr::new(seen_as.src, seen_as.src_port));
+    let translated = entry.translated().unwrap_or(*original);
+    let responder = SocketAddr::new(translated.dst, translated.dst_port);
+    // A new source port alone (SNAT --random-fully of the node's own traffic) is not SNAT in
+    // the taxonomy's sense: the address the world sees is unchanged.
+    let nat = if responder != requested {
+        Nat::Dnat
+    } else if translated.src != original.src {
+        Nat::Snat
+    } else {
+        Nat::None
     };
     let connection = Connection {
-        initiator,
+        initiator: SocketAddr::new(original.src, original.src_port),
         responder,
         nat,
         requested: (nat == Nat::Dnat).then_some(requested),
     };
-    (connection, forward_dir)
+    View::Counted {
+        classification: classify(&connection, context),
+        forward_dir,
+    }
 }

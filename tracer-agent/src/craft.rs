@@ -318,11 +318,8 @@ impl Frame {
                 }
             }
         };
-        (
-            proto,
-            name,
-            if later_fragment { Vec::new() } else { header },
-        )
+        let header = if later_fragment { Vec::new() } else { header };
+        (proto, name, header)
     }
 
     /// The IP header and, for IPv6, the extension headers, carrying `upper_len` bytes of `proto`.
@@ -350,12 +347,8 @@ impl Frame {
                     .collect();
                 if let Some(Fragment { id, offset, more }) = self.fragment {
                     let field = offset << 3 | u16::from(more);
-                    let header = [[0, 0], field.to_be_bytes()].concat();
-                    chain.push((
-                        "fragment",
-                        IPV6_FRAGMENT,
-                        [header, id.to_be_bytes().to_vec()].concat(),
-                    ));
+                    let header = [&[0, 0][..], &field.to_be_bytes(), &id.to_be_bytes()].concat();
+                    chain.push(("fragment", IPV6_FRAGMENT, header));
                 }
                 // Each header's first byte names the one after it.
                 let next_headers: Vec<u8> = chain

@@ -252,6 +252,11 @@ impl Datapath {
                 .iter()
                 .sum();
         }
+        totals[DatapathCounter::Seen as usize] = DatapathCounter::ALL
+            .iter()
+            .filter(|counter| counter.is_outcome())
+            .map(|counter| totals[*counter as usize])
+            .sum();
         Ok(totals)
     }
 

@@ -234,6 +234,16 @@ fn key(proto: u8, lo: SocketAddr, hi: SocketAddr) -> FlowKey {
     }
 }
 
+/// An entry's fields fixed by the first packet: the interface and hook that saw it, its direction.
+fn first_seen(owner_ifindex: u32, hook: Hook, dir: usize) -> FlowStats {
+    FlowStats {
+        owner_ifindex,
+        first_hook: hook as u8,
+        first_dir: dir as u8,
+        ..FlowStats::default()
+    }
+}
+
 /// `FlowStats::tcp_flags` from the flags seen in each direction.
 fn flags(lo_to_hi: u8, hi_to_lo: u8) -> u32 {
     u32::from(lo_to_hi) | u32::from(hi_to_lo) << 8
@@ -257,12 +267,9 @@ fn tcp_handshake(client: &str, server: &str) {
             bytes: [(syn.l3_len + ack.l3_len) as u64, syn_ack.l3_len as u64],
             syn_ns: SEEN,
             synack_ns: SEEN,
-            owner_ifindex: pod,
             tcp_flags: flags(TCP_SYN | TCP_ACK, TCP_SYN | TCP_ACK),
-            first_hook: Hook::Ingress as u8,
-            first_dir: DIR_LO_TO_HI as u8,
             first_tcp_flags: TCP_SYN,
-            ..FlowStats::default()
+            ..first_seen(pod, Hook::Ingress, DIR_LO_TO_HI)
         };
         node.assert_flows(vec![(key(PROTO_TCP, client, server), stats)]);
         let raw = node.datapath.flows().expect("reading the flow table")[0].1;
@@ -290,10 +297,7 @@ fn udp_exchange(client: &str, server: &str) {
         let stats = FlowStats {
             packets: [1, 2],
             bytes: [reply.l3_len as u64, 2 * request.l3_len as u64],
-            owner_ifindex: eni,
-            first_hook: Hook::Egress as u8,
-            first_dir: DIR_HI_TO_LO as u8,
-            ..FlowStats::default()
+            ..first_seen(eni, Hook::Egress, DIR_HI_TO_LO)
         };
         node.assert_flows(vec![(key(PROTO_UDP, server, client), stats)]);
         assert_eq!(
@@ -327,10 +331,7 @@ fn fragments_add_up(client: &str, server: &str, id: u32) {
             FlowStats {
                 packets: [3, 0],
                 bytes: [l3_bytes, 0],
-                owner_ifindex: eni,
-                first_hook: Hook::Ingress as u8,
-                first_dir: DIR_LO_TO_HI as u8,
-                ..FlowStats::default()
+                ..first_seen(eni, Hook::Ingress, DIR_LO_TO_HI)
             },
         )];
         node.assert_flows(expected.clone());
@@ -405,10 +406,7 @@ fn later_fragment_without_its_first_is_not_attributed() {
             let stats = FlowStats {
                 packets: [1, 0],
                 bytes: [datagram.l3_len as u64, 0],
-                owner_ifindex: eni,
-                first_hook: Hook::Ingress as u8,
-                first_dir: DIR_LO_TO_HI as u8,
-                ..FlowStats::default()
+                ..first_seen(eni, Hook::Ingress, DIR_LO_TO_HI)
             };
             expected.push((key(PROTO_UDP, client, server), stats));
         }
@@ -447,10 +445,7 @@ fn vlan_tagged_ipv4_single_and_qinq() {
             let stats = FlowStats {
                 packets: [1, 0],
                 bytes: [frame.l3_len as u64, 0],
-                owner_ifindex: branch_eni,
-                first_hook: Hook::Ingress as u8,
-                first_dir: DIR_LO_TO_HI as u8,
-                ..FlowStats::default()
+                ..first_seen(branch_eni, Hook::Ingress, DIR_LO_TO_HI)
             };
             expected.push((key(PROTO_UDP, client, server), stats));
         }
@@ -479,12 +474,9 @@ fn ipv4_options_do_not_shift_the_ports() {
             let stats = FlowStats {
                 packets: [1, 0],
                 bytes: [frame.l3_len as u64, 0],
-                owner_ifindex: pod,
                 tcp_flags: flags(TCP_ACK, 0),
-                first_hook: Hook::Ingress as u8,
-                first_dir: DIR_LO_TO_HI as u8,
                 first_tcp_flags: TCP_ACK,
-                ..FlowStats::default()
+                ..first_seen(pod, Hook::Ingress, DIR_LO_TO_HI)
             };
             expected.push((key(PROTO_TCP, client, server), stats));
         }
@@ -511,18 +503,31 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() {
             packets: [1, 0],
             bytes: [syn.l3_len as u64, 0],
             syn_ns: SEEN,
-            owner_ifindex: pod,
             tcp_flags: flags(TCP_SYN, 0),
-            first_hook: Hook::Ingress as u8,
-            first_dir: DIR_LO_TO_HI as u8,
             first_tcp_flags: TCP_SYN,
-            ..FlowStats::default()
+            ..first_seen(pod, Hook::Ingress, DIR_LO_TO_HI)
         };
         node.assert_flows(vec![(key(PROTO_TCP, client, server), stats)]);
         assert_eq!(
             node.counter_deltas(),
             counts(&[(Seen, 1), (Counted, 1), (FlowsCreated, 1)])
         );
+    });
+}
+
+#[test]
+fn an_extension_chain_longer_than_walked_is_not_guessed() {
+    on_fresh_node(1, |node| {
+        let pod = node.ifindex[0];
+        let (client, server) = (addr("[fd00::1]:40000"), addr("[fd00::2]:443"));
+        let frame = (0..7)
+            .fold(Frame::tcp(client, server, TCP_SYN), |frame, _| {
+                frame.ext_header(ExtHeader::DestinationOptions(0))
+            })
+            .build();
+        node.run(Hook::Ingress, Skb::at(pod), &frame.bytes);
+        node.assert_flows(vec![]);
+        assert_eq!(node.counter_deltas(), counts(&[(Seen, 1), (Truncated, 1)]));
     });
 }
 
@@ -657,10 +662,7 @@ fn icmp_echo_request_and_reply_are_one_flow() {
             let stats = FlowStats {
                 packets: [1, 1],
                 bytes: [request.l3_len as u64, reply.l3_len as u64],
-                owner_ifindex: pod,
-                first_hook: Hook::Ingress as u8,
-                first_dir: DIR_LO_TO_HI as u8,
-                ..FlowStats::default()
+                ..first_seen(pod, Hook::Ingress, DIR_LO_TO_HI)
             };
             expected.push((key(proto, client, server), stats));
         }
@@ -677,10 +679,7 @@ fn icmp_echo_request_and_reply_are_one_flow() {
         let stats = FlowStats {
             packets: [0, 1],
             bytes: [0, unreachable.l3_len as u64],
-            owner_ifindex: pod,
-            first_hook: Hook::Egress as u8,
-            first_dir: DIR_HI_TO_LO as u8,
-            ..FlowStats::default()
+            ..first_seen(pod, Hook::Egress, DIR_HI_TO_LO)
         };
         expected.push((key(PROTO_ICMP, client, server), stats));
         node.assert_flows(expected);
@@ -708,12 +707,9 @@ fn a_packet_crossing_two_interfaces_is_counted_once() {
             bytes: [syn.l3_len as u64, syn_ack.l3_len as u64],
             syn_ns: SEEN,
             synack_ns: SEEN,
-            owner_ifindex: pod,
             tcp_flags: flags(TCP_SYN, TCP_SYN | TCP_ACK),
-            first_hook: Hook::Ingress as u8,
-            first_dir: DIR_LO_TO_HI as u8,
             first_tcp_flags: TCP_SYN,
-            ..FlowStats::default()
+            ..first_seen(pod, Hook::Ingress, DIR_LO_TO_HI)
         };
         node.assert_flows(vec![(key(PROTO_TCP, client, server), stats)]);
         assert_eq!(
@@ -749,12 +745,9 @@ fn gso_packet_counts_every_segment_with_its_headers() {
             let stats = FlowStats {
                 packets: [4, 0],
                 bytes: [(skb_l3_len + 3 * frame.header_len()) as u64, 0],
-                owner_ifindex: pod,
                 tcp_flags: flags(TCP_ACK, 0),
-                first_hook: Hook::Ingress as u8,
-                first_dir: DIR_LO_TO_HI as u8,
                 first_tcp_flags: TCP_ACK,
-                ..FlowStats::default()
+                ..first_seen(pod, Hook::Ingress, DIR_LO_TO_HI)
             };
             expected.push((key(PROTO_TCP, client, server), stats));
         }
@@ -778,10 +771,7 @@ fn ethernet_padding_is_not_counted_as_l3_bytes() {
         let stats = FlowStats {
             packets: [1, 0],
             bytes: [28, 0],
-            owner_ifindex: eni,
-            first_hook: Hook::Ingress as u8,
-            first_dir: DIR_LO_TO_HI as u8,
-            ..FlowStats::default()
+            ..first_seen(eni, Hook::Ingress, DIR_LO_TO_HI)
         };
         node.assert_flows(vec![(key(PROTO_UDP, client, server), stats)]);
         assert_eq!(

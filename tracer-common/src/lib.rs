@@ -177,7 +177,9 @@ pub struct FragmentPorts {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DatapathCounter {
-    /// Every packet the programs ran on.
+    /// Every packet the programs ran on. Not written by the kernel (one map update less per
+    /// packet): every packet ends in exactly one of the outcomes below but `FlowsCreated`, so
+    /// user space sums them.
     Seen = 0,
     /// Packets added to a flow (at the flow's owner interface).
     Counted = 1,
@@ -185,7 +187,8 @@ pub enum DatapathCounter {
     Duplicate = 2,
     /// Not IPv4 or IPv6 (ARP, LLDP, …).
     NotIp = 3,
-    /// Too short for the headers they announce: never attributed to a flow.
+    /// Too short for the headers they announce, or with headers the parser does not walk
+    /// (an IPv6 extension chain longer than six): never attributed to a flow.
     Truncated = 4,
     /// Non-first fragments whose first fragment was not seen: not attributed to a flow.
     FragmentUnmatched = 5,
@@ -208,7 +211,12 @@ impl DatapathCounter {
         DatapathCounter::FlowsCreated,
     ];
 
-    /// The `reason`/`kind` label value used in metrics.
+    /// True for the counters that say what became of a packet: each packet ends in exactly one.
+    pub const fn is_outcome(self) -> bool {
+        !matches!(self, DatapathCounter::Seen | DatapathCounter::FlowsCreated)
+    }
+
+    /// The `outcome` label value used in metrics.
     pub const fn name(self) -> &'static str {
         match self {
             DatapathCounter::Seen => "seen",

@@ -63,7 +63,6 @@ pub fn tracer_baseline(_ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn observe(ctx: &TcContext, hook: Hook) {
-    bump(DatapathCounter::Seen);
     match parse::packet(ctx, &FRAGMENTS) {
         Ok(packet) => account(ctx, hook, &packet),
         Err(ParseError::NotIp) => bump(DatapathCounter::NotIp),

@@ -1,8 +1,9 @@
 //! Header parsing: Ethernet (with up to two 802.1Q/802.1ad tags), IPv4 (with options and
 //! fragments), IPv6 (with extension headers and fragments), TCP, UDP, ICMP, ICMPv6.
 //!
-//! Every read goes through `bpf_skb_load_bytes`, which checks the packet length, so a
-//! truncated packet is an error, never a read past its end, and non-linear packets parse too.
+//! Reads are direct packet accesses, bounds-checked against `data_end`, when the header lies in
+//! the linear part of the buffer (almost always), and `bpf_skb_load_bytes` otherwise, so
+//! non-linear packets parse too. A truncated packet is an error, never a read past its end.
 //! A packet either yields its connection or is not attributed at all: there is no guess.
 
 use aya_ebpf::{maps::LruHashMap, programs::TcContext};
@@ -67,9 +68,29 @@ impl Packet {
     }
 }
 
+/// Headers further into the packet than this are read with the helper only: a small constant
+/// bound keeps the verifier's range tracking of direct accesses simple.
+const MAX_DIRECT_OFFSET: usize = 512;
+
 #[inline(always)]
 fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
+    let start = ctx.data();
+    if offset <= MAX_DIRECT_OFFSET && start + offset + size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the whole `T` lies before data_end, checked just above.
+        return Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+    }
     ctx.load::<T>(offset).map_err(|_| ParseError::Truncated)
+}
+
+/// Fails unless the packet holds `len` bytes from `offset`: for headers whose variable part
+/// (IPv4 options, TCP options) is not read but must be there.
+#[inline(always)]
+fn require(ctx: &TcContext, offset: usize, len: usize) -> Result<(), ParseError> {
+    if offset + len <= ctx.len() as usize {
+        Ok(())
+    } else {
+        Err(ParseError::Truncated)
+    }
 }
 
 #[inline(always)]
@@ -205,10 +226,8 @@ fn ipv4(ctx: &TcContext, offset: usize) -> Result<Network, ParseError> {
     if version != 4 || header_len < 20 {
         return Err(ParseError::Truncated);
     }
-    // Options: the header is longer than 20 bytes; make sure it is all there.
-    if header_len > 20 {
-        load::<u8>(ctx, offset + header_len - 1)?;
-    }
+    // Options: the header may be longer than 20 bytes; make sure it is all there.
+    require(ctx, offset, header_len)?;
     let frag = u16::from_be_bytes([header[6], header[7]]);
     let more_fragments = frag & 0x2000 != 0;
     let fragment_offset = frag & 0x1fff;
@@ -277,6 +296,10 @@ fn ipv6(ctx: &TcContext, offset: usize) -> Result<Network, ParseError> {
             _ => break,
         }
     }
+    if is_extension_header(next) {
+        // A chain longer than we walk: its transport header is unknown, so no guess is made.
+        return Err(ParseError::Truncated);
+    }
     let mut src_addr = [0u8; 16];
     let mut dst_addr = [0u8; 16];
     src_addr.copy_from_slice(&header[8..24]);
@@ -298,6 +321,14 @@ fn ipv6(ctx: &TcContext, offset: usize) -> Result<Network, ParseError> {
     })
 }
 
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_AUTH | IPV6_DEST_OPTS
+    )
+}
+
 struct Transport {
     src_port: u16,
     dst_port: u16,
@@ -310,11 +341,17 @@ fn transport(ctx: &TcContext, proto: u8, offset: usize) -> Result<Transport, Par
     match proto {
         PROTO_TCP => {
             let tcp: [u8; 14] = load(ctx, offset)?;
+            let header_len = ((tcp[12] >> 4) as usize) * 4;
+            if header_len < 20 {
+                return Err(ParseError::Truncated);
+            }
+            // The options must be there too, or the packet was cut inside the TCP header.
+            require(ctx, offset, header_len)?;
             Ok(Transport {
                 src_port: u16::from_be_bytes([tcp[0], tcp[1]]),
                 dst_port: u16::from_be_bytes([tcp[2], tcp[3]]),
                 tcp_flags: tcp[13],
-                header_len: ((tcp[12] >> 4) as usize) * 4,
+                header_len,
             })
         }
         PROTO_UDP => {

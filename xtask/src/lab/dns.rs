@@ -16,8 +16,7 @@ use super::{
     traffic::Report,
 };
 
-pub const TYPE_A: u16 = 1;
-pub const TYPE_AAAA: u16 = 28;
+const TYPE_A: u16 = 1;
 const CLASS_IN: u16 = 1;
 const TTL_SECONDS: u32 = 5;
 const HEADER_LEN: usize = 12;
@@ -29,10 +28,10 @@ const FLAG_RECURSION_DESIRED: u16 = 0x0100;
 const FLAG_RECURSION_AVAILABLE: u16 = 0x0080;
 const RCODE_MASK: u16 = 0x000f;
 
-pub const RCODE_NOERROR: u8 = 0;
-pub const RCODE_SERVFAIL: u8 = 2;
-pub const RCODE_NXDOMAIN: u8 = 3;
-pub const RCODE_NOTIMP: u8 = 4;
+const RCODE_NOERROR: u8 = 0;
+const RCODE_SERVFAIL: u8 = 2;
+const RCODE_NXDOMAIN: u8 = 3;
+const RCODE_NOTIMP: u8 = 4;
 
 /// How long the client waits for each answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -77,7 +76,10 @@ impl Message {
             out.extend(label.as_bytes());
         }
         out.push(0);
-        ensure!(out.len() - HEADER_LEN <= 255, "name {name:?} longer than 255 bytes");
+        ensure!(
+            out.len() - HEADER_LEN <= 255,
+            "name {name:?} longer than 255 bytes"
+        );
         out.extend(self.qtype.to_be_bytes());
         out.extend(self.qclass.to_be_bytes());
         for address in &self.answers {
@@ -99,7 +101,10 @@ impl Message {
         let questions = reader.u16()?;
         let answer_count = reader.u16()?;
         reader.skip(4)?; // authority and additional counts: not used
-        ensure!(questions == 1, "{questions} questions: the lab handles exactly one");
+        ensure!(
+            questions == 1,
+            "{questions} questions: the lab handles exactly one"
+        );
         let name = reader.name()?;
         let qtype = reader.u16()?;
         let qclass = reader.u16()?;
@@ -111,11 +116,20 @@ impl Message {
             let length = usize::from(reader.u16()?);
             let data = reader.take(length)?;
             if rtype == TYPE_A && rclass == CLASS_IN {
-                let octets: [u8; 4] = data.try_into().context("an A record's data is not 4 bytes")?;
+                let octets: [u8; 4] = data
+                    .try_into()
+                    .context("an A record's data is not 4 bytes")?;
                 answers.push(Ipv4Addr::from(octets));
             }
         }
-        Ok(Message { id, flags, name, qtype, qclass, answers })
+        Ok(Message {
+            id,
+            flags,
+            name,
+            qtype,
+            qclass,
+            answers,
+        })
     }
 }
 
@@ -279,7 +293,10 @@ pub fn resolve(to: SocketAddrV4, name: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
     let mut written = 0;
     let response = ask(to, 1, name, &mut written)?;
     if response.answers.is_empty() {
-        bail!("{to} has no address for {name} (response code {})", response.rcode());
+        bail!(
+            "{to} has no address for {name} (response code {})",
+            response.rcode()
+        );
     }
     Ok(response.answers)
 }
@@ -307,6 +324,7 @@ fn ask(to: SocketAddrV4, id: u16, name: &str, written: &mut u64) -> anyhow::Resu
 mod tests {
     use super::*;
 
+    const TYPE_AAAA: u16 = 28;
     const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 101);
     const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
 
@@ -332,7 +350,10 @@ mod tests {
         let bytes = response.encode().unwrap();
         // Each answer: pointer (2) type (2) class (2) TTL (4) length (2) address (4).
         assert_eq!(bytes.len(), query.encode().unwrap().len() + 2 * 16);
-        assert_eq!(&bytes[bytes.len() - 10..bytes.len() - 6], &TTL_SECONDS.to_be_bytes());
+        assert_eq!(
+            &bytes[bytes.len() - 10..bytes.len() - 6],
+            &TTL_SECONDS.to_be_bytes()
+        );
         let decoded = Message::decode(&bytes).unwrap();
         assert_eq!(decoded, response);
         assert_eq!(decoded.answers, NLB_IPS);
@@ -354,17 +375,30 @@ mod tests {
 
     #[test]
     fn other_names_do_not_exist_and_aaaa_has_no_data() {
-        let other = answer(&Message::query(2, "example.com", TYPE_A), EndpointMode::Public, POD);
+        let other = answer(
+            &Message::query(2, "example.com", TYPE_A),
+            EndpointMode::Public,
+            POD,
+        );
         assert_eq!((other.rcode(), other.answers.len()), (RCODE_NXDOMAIN, 0));
-        let aaaa = answer(&Message::query(3, CLUSTER_ENDPOINT, TYPE_AAAA), EndpointMode::Public, POD);
+        let aaaa = answer(
+            &Message::query(3, CLUSTER_ENDPOINT, TYPE_AAAA),
+            EndpointMode::Public,
+            POD,
+        );
         assert_eq!((aaaa.rcode(), aaaa.answers.len()), (RCODE_NOERROR, 0));
     }
 
     #[test]
     fn malformed_messages_are_errors_not_panics() {
-        let bytes = Message::query(1, CLUSTER_ENDPOINT, TYPE_A).encode().unwrap();
+        let bytes = Message::query(1, CLUSTER_ENDPOINT, TYPE_A)
+            .encode()
+            .unwrap();
         for len in 0..bytes.len() {
-            assert!(Message::decode(&bytes[..len]).is_err(), "truncated at {len}");
+            assert!(
+                Message::decode(&bytes[..len]).is_err(),
+                "truncated at {len}"
+            );
         }
         // A name that points at itself.
         let mut looping = bytes[..HEADER_LEN].to_vec();

@@ -12,7 +12,10 @@ use anyhow::{Context as _, bail};
 /// Programs the lab runs, and what provides them.
 const TOOLS: [(&str, &str); 3] = [
     ("ip", "run `cargo xtask setup` (installs iproute2)"),
-    ("iptables-restore", "run `cargo xtask setup` (installs iptables)"),
+    (
+        "iptables-restore",
+        "run `cargo xtask setup` (installs iptables)",
+    ),
     ("sysctl", "install procps (`apt-get install procps`)"),
 ];
 
@@ -44,6 +47,13 @@ pub fn in_ns(ns: &str, program: &str) -> Command {
 pub fn ip(ns: &str, args: &str) -> anyhow::Result<String> {
     let mut command = Command::new("ip");
     command.args(["-n", ns]).args(args.split_whitespace());
+    output(&mut command)
+}
+
+/// Runs `ip netns <args>` ("add trc-1a2b-node", "pids …", "del …").
+pub fn netns(args: &str) -> anyhow::Result<String> {
+    let mut command = Command::new("ip");
+    command.arg("netns").args(args.split_whitespace());
     output(&mut command)
 }
 

@@ -13,6 +13,8 @@ pub(crate) const VPC_CIDR: Ipv4Net = Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 16
 pub(crate) const SUBNET_A: Ipv4Net = Ipv4Net::new(Ipv4Addr::new(10, 0, 1, 0), 24);
 pub(crate) const SUBNET_B: Ipv4Net = Ipv4Net::new(Ipv4Addr::new(10, 0, 2, 0), 24);
 pub(crate) const SERVICE_CIDR: Ipv4Net = Ipv4Net::new(Ipv4Addr::new(10, 100, 0, 0), 16);
+/// The region (as in the cluster endpoint name) and this node's availability zone.
+pub(crate) const REGION: &str = "lab-1";
 pub(crate) const AZ_A: &str = "lab-1a";
 
 /// The VPC router's address in each subnet (the first host address, as in AWS).
@@ -29,8 +31,10 @@ pub(crate) const NODE2_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 10);
 pub(crate) const CONTROLPLANE_IPS: [Ipv4Addr; 2] =
     [Ipv4Addr::new(10, 0, 1, 50), Ipv4Addr::new(10, 0, 2, 50)];
 /// The public NLB in front of the API server.
-pub(crate) const NLB_IPS: [Ipv4Addr; 2] =
-    [Ipv4Addr::new(203, 0, 113, 10), Ipv4Addr::new(203, 0, 113, 11)];
+pub(crate) const NLB_IPS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(203, 0, 113, 10),
+    Ipv4Addr::new(203, 0, 113, 11),
+];
 pub(crate) const EXTERNAL_HOST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
 /// The link between the VPC router and the internet gateway.
 pub(crate) const IGW_VPC_SIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -65,11 +69,36 @@ pub(crate) struct PodSpec {
 }
 
 pub(crate) const PODS: [PodSpec; 5] = [
-    PodSpec { name: "pod-a", ip: Ipv4Addr::new(10, 0, 1, 101), node: "node", eni: "eth0" },
-    PodSpec { name: "pod-b", ip: Ipv4Addr::new(10, 0, 1, 102), node: "node", eni: "eth0" },
-    PodSpec { name: "coredns", ip: Ipv4Addr::new(10, 0, 1, 103), node: "node", eni: "eth0" },
-    PodSpec { name: "pod-c", ip: Ipv4Addr::new(10, 0, 1, 121), node: "node", eni: "eth1" },
-    PodSpec { name: "pod-r", ip: Ipv4Addr::new(10, 0, 2, 101), node: "node2", eni: "eth0" },
+    PodSpec {
+        name: "pod-a",
+        ip: Ipv4Addr::new(10, 0, 1, 101),
+        node: "node",
+        eni: "eth0",
+    },
+    PodSpec {
+        name: "pod-b",
+        ip: Ipv4Addr::new(10, 0, 1, 102),
+        node: "node",
+        eni: "eth0",
+    },
+    PodSpec {
+        name: "coredns",
+        ip: Ipv4Addr::new(10, 0, 1, 103),
+        node: "node",
+        eni: "eth0",
+    },
+    PodSpec {
+        name: "pod-c",
+        ip: Ipv4Addr::new(10, 0, 1, 121),
+        node: "node",
+        eni: "eth1",
+    },
+    PodSpec {
+        name: "pod-r",
+        ip: Ipv4Addr::new(10, 0, 2, 101),
+        node: "node2",
+        eni: "eth0",
+    },
 ];
 
 /// The IP of one of [`PODS`].
@@ -93,7 +122,9 @@ impl Ipv4Net {
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
         u32::from(ip) & mask == u32::from(self.addr) & mask
     }
 }
@@ -179,7 +210,10 @@ impl LabFacts {
             node_ip: NODE_IP,
             secondary_eni_ip: SECONDARY_ENI_IP,
             node2_ip: NODE2_IP,
-            pod_ips: PODS.iter().map(|pod| (pod.name.to_owned(), pod.ip)).collect(),
+            pod_ips: PODS
+                .iter()
+                .map(|pod| (pod.name.to_owned(), pod.ip))
+                .collect(),
             pod_veths: PODS
                 .iter()
                 .map(|pod| (pod.name.to_owned(), host_veth_name(id, pod.name)))
@@ -203,24 +237,30 @@ impl LabFacts {
 /// The host-side veth name of a pod, made like the VPC CNI makes it: `eni` + the first 11 hex
 /// digits of a hash of the pod's identity (here the lab id, namespace and name).
 pub(crate) fn host_veth_name(id: &str, pod: &str) -> String {
-    format!("eni{:016x}", fnv1a(&format!("{id}/default.{pod}")))[..14].to_owned()
+    format!("eni{:016x}", stable_hash(&format!("{id}/default.{pod}")))[..14].to_owned()
 }
 
 /// A stable, locally administered MAC for `owner` (e.g. "node/eth0") in lab `id`. ENI MACs are
 /// assigned by the VPC, not by the instance, so the lab assigns them too.
 pub(crate) fn lab_mac(id: &str, owner: &str) -> String {
-    let bytes = fnv1a(&format!("{id}/{owner}")).to_be_bytes();
+    let bytes = stable_hash(&format!("{id}/{owner}")).to_be_bytes();
     format!(
         "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         bytes[0], bytes[1], bytes[2], bytes[3], bytes[4]
     )
 }
 
-/// FNV-1a, 64 bits: stable across Rust versions, unlike `DefaultHasher`.
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+/// FNV-1a with MurmurHash3's finalizer (so that names differing in one character hash far
+/// apart): stable across Rust versions, unlike `DefaultHasher`.
+fn stable_hash(text: &str) -> u64 {
+    let mut hash = text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    });
+    for multiplier in [0xff51_afd7_ed55_8ccd, 0xc4ce_b9fe_1a85_ec53] {
+        hash ^= hash >> 33;
+        hash = hash.wrapping_mul(multiplier);
+    }
+    hash ^ (hash >> 33)
 }
 
 #[cfg(test)]

@@ -44,7 +44,10 @@ pub fn read_request(reader: &mut impl BufRead) -> anyhow::Result<Request> {
     else {
         bail!("malformed request line {request_line:?}");
     };
-    ensure!(version.starts_with("HTTP/1."), "unsupported version {version:?}");
+    ensure!(
+        version.starts_with("HTTP/1."),
+        "unsupported version {version:?}"
+    );
     let headers = lines
         .filter_map(|line| line.split_once(':'))
         .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
@@ -69,7 +72,10 @@ fn read_head(reader: &mut impl BufRead) -> anyhow::Result<String> {
         if head[before..].trim_end_matches(['\r', '\n']).is_empty() {
             return Ok(head);
         }
-        ensure!(head.len() < MAX_HEAD_BYTES, "head longer than {MAX_HEAD_BYTES} bytes");
+        ensure!(
+            head.len() < MAX_HEAD_BYTES,
+            "head longer than {MAX_HEAD_BYTES} bytes"
+        );
     }
 }
 
@@ -112,7 +118,10 @@ pub fn external_host(stream: TcpStream) -> anyhow::Result<()> {
             if received == expected {
                 (200, format!("received {received} bytes\n"))
             } else {
-                (400, format!("body ended after {received} of {expected} bytes\n"))
+                (
+                    400,
+                    format!("body ended after {received} of {expected} bytes\n"),
+                )
             }
         }
         ("GET", "/") => (200, "hello from the internet\n".to_owned()),
@@ -140,7 +149,10 @@ pub fn request(
     body_bytes: u64,
 ) -> Option<Response> {
     let mut stream = report.connect(attempt, to)?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", to.ip());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+        to.ip()
+    );
     if body_bytes > 0 || method == "POST" || method == "PUT" {
         head += &format!("Content-Length: {body_bytes}\r\n");
     }
@@ -155,6 +167,28 @@ pub fn request(
             None
         }
     }
+}
+
+/// `POST /upload` of `bytes` bytes, `connections` times; the external host must confirm the
+/// count.
+pub fn upload_client(to: SocketAddrV4, connections: u32, bytes: u64) -> Report {
+    let mut report = Report::new(to);
+    let expected = format!("received {bytes} bytes\n");
+    for attempt in 1..=connections {
+        match request(&mut report, attempt, to, "POST", "/upload", &[], bytes) {
+            Some(response) if response.status == 200 && response.body == expected => {}
+            Some(response) => report.transfer_failed(
+                attempt,
+                format!(
+                    "the external host answered {}: {}",
+                    response.status,
+                    response.body.trim()
+                ),
+            ),
+            None => {}
+        }
+    }
+    report
 }
 
 /// Writes the head and the body, counting into `written`, and reads the whole response.
@@ -197,8 +231,14 @@ mod tests {
         let mut input: &[u8] =
             b"PUT /latest/api/token HTTP/1.1\r\nx-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 3\r\n\r\nabc";
         let request = read_request(&mut input).unwrap();
-        assert_eq!((request.method.as_str(), request.path.as_str()), ("PUT", "/latest/api/token"));
-        assert_eq!(request.header("X-aws-ec2-metadata-token-ttl-seconds"), Some("60"));
+        assert_eq!(
+            (request.method.as_str(), request.path.as_str()),
+            ("PUT", "/latest/api/token")
+        );
+        assert_eq!(
+            request.header("X-aws-ec2-metadata-token-ttl-seconds"),
+            Some("60")
+        );
         assert_eq!(request.content_length().unwrap(), 3);
         assert_eq!(input, b"abc");
     }
@@ -210,7 +250,10 @@ mod tests {
         let text = String::from_utf8_lossy(&raw);
         assert!(text.contains("Content-Length: 10\r\n") && text.contains("X-Extra: 1\r\n"));
         let response = parse_response(&raw).unwrap();
-        assert_eq!((response.status, response.body.as_str()), (404, "not found\n"));
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (404, "not found\n")
+        );
     }
 
     #[test]

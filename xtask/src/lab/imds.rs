@@ -8,7 +8,7 @@ use std::{
 
 use super::{
     LabFacts,
-    facts::{SUBNET_A, VPC_CIDR},
+    facts::{REGION, SUBNET_A, VPC_CIDR},
     http::{self, read_request, write_response},
     traffic::Report,
 };
@@ -27,25 +27,35 @@ pub struct Imds {
 impl Imds {
     pub fn new(facts: &LabFacts) -> Imds {
         let mut leaves = BTreeMap::new();
-        let mut put = |path: String, value: String| {
+        let mut put = |path: &str, value: String| {
             leaves.insert(format!("{META_DATA}{path}"), value);
         };
-        put("instance-id".into(), facts.instance_id.clone());
-        put("local-ipv4".into(), facts.node_ip.to_string());
-        put("mac".into(), facts.enis[0].mac.clone());
-        put("placement/availability-zone".into(), facts.availability_zone.clone());
+        put("instance-id", facts.instance_id.clone());
+        put("local-ipv4", facts.node_ip.to_string());
+        put("mac", facts.enis[0].mac.clone());
+        put(
+            "placement/availability-zone",
+            facts.availability_zone.clone(),
+        );
+        put("placement/region", REGION.to_owned());
         for eni in &facts.enis {
             let dir = format!("network/interfaces/macs/{}/", eni.mac);
             let local_ipv4s: Vec<String> = std::iter::once(eni.primary_ip)
                 .chain(eni.secondary_ips.iter().copied())
                 .map(|ip| ip.to_string())
                 .collect();
-            put(format!("{dir}device-number"), eni.device_number.to_string());
-            put(format!("{dir}interface-id"), eni.interface_id.clone());
-            put(format!("{dir}local-ipv4s"), local_ipv4s.join("\n"));
-            put(format!("{dir}subnet-ipv4-cidr-block"), SUBNET_A.to_string());
-            put(format!("{dir}vpc-ipv4-cidr-block"), VPC_CIDR.to_string());
-            put(format!("{dir}vpc-ipv4-cidr-blocks"), VPC_CIDR.to_string());
+            put(
+                &format!("{dir}device-number"),
+                eni.device_number.to_string(),
+            );
+            put(&format!("{dir}interface-id"), eni.interface_id.clone());
+            put(&format!("{dir}local-ipv4s"), local_ipv4s.join("\n"));
+            put(
+                &format!("{dir}subnet-ipv4-cidr-block"),
+                SUBNET_A.to_string(),
+            );
+            put(&format!("{dir}vpc-ipv4-cidr-block"), VPC_CIDR.to_string());
+            put(&format!("{dir}vpc-ipv4-cidr-blocks"), VPC_CIDR.to_string());
         }
         Imds {
             leaves,
@@ -59,7 +69,11 @@ impl Imds {
         if let Some(value) = self.leaves.get(path) {
             return Some(value.clone());
         }
-        let prefix = if path.ends_with('/') { path.to_owned() } else { format!("{path}/") };
+        let prefix = if path.ends_with('/') {
+            path.to_owned()
+        } else {
+            format!("{path}/")
+        };
         let children: BTreeSet<&str> = self
             .leaves
             .keys()
@@ -81,7 +95,11 @@ impl Imds {
                 Some(1..=21600) => (200, self.token.clone()),
                 _ => (400, format!("{TOKEN_TTL_HEADER} must be 1 to 21600\n")),
             },
-            ("GET", _) if request.header(TOKEN_HEADER).is_some_and(|token| token != self.token) => {
+            ("GET", _)
+                if request
+                    .header(TOKEN_HEADER)
+                    .is_some_and(|token| token != self.token) =>
+            {
                 (401, "invalid token\n".to_owned())
             }
             ("GET", path) => match self.get(path) {
@@ -90,7 +108,11 @@ impl Imds {
             },
             _ => (405, "method not allowed\n".to_owned()),
         };
-        let echo_ttl: Vec<(&str, &str)> = ttl.filter(|_| status == 200).map(|ttl| (TOKEN_TTL_HEADER, ttl)).into_iter().collect();
+        let echo_ttl: Vec<(&str, &str)> = ttl
+            .filter(|_| status == 200)
+            .map(|ttl| (TOKEN_TTL_HEADER, ttl))
+            .into_iter()
+            .collect();
         write_response(&mut &stream, status, &echo_ttl, &body)?;
         Ok(())
     }
@@ -109,20 +131,37 @@ pub fn client(to: SocketAddrV4, requests: u32) -> Report {
     let mut token = String::new();
     for attempt in 1..=requests {
         let response = if attempt == 1 {
-            http::request(&mut report, attempt, to, "PUT", TOKEN_PATH, &[(TOKEN_TTL_HEADER, "60")], 0)
+            http::request(
+                &mut report,
+                attempt,
+                to,
+                "PUT",
+                TOKEN_PATH,
+                &[(TOKEN_TTL_HEADER, "60")],
+                0,
+            )
         } else {
             let path = format!("{META_DATA}{}", PATHS[(attempt as usize - 2) % PATHS.len()]);
-            http::request(&mut report, attempt, to, "GET", &path, &[(TOKEN_HEADER, &token)], 0)
+            http::request(
+                &mut report,
+                attempt,
+                to,
+                "GET",
+                &path,
+                &[(TOKEN_HEADER, &token)],
+                0,
+            )
         };
         match response {
-            Some(response) if response.status == 200 => {
-                if attempt == 1 {
-                    token = response.body;
-                }
-            }
+            Some(response) if response.status == 200 && attempt == 1 => token = response.body,
+            Some(response) if response.status == 200 => {}
             Some(response) => report.transfer_failed(
                 attempt,
-                format!("IMDS answered {}: {}", response.status, response.body.trim()),
+                format!(
+                    "IMDS answered {}: {}",
+                    response.status,
+                    response.body.trim()
+                ),
             ),
             None => {}
         }
@@ -139,22 +178,41 @@ mod tests {
         let facts = LabFacts::new("1a2b");
         let imds = Imds::new(&facts);
         let (mac0, mac1) = (&facts.enis[0].mac, &facts.enis[1].mac);
-        assert_eq!(imds.get("/latest/meta-data/local-ipv4").unwrap(), "10.0.1.10");
+        assert_eq!(
+            imds.get("/latest/meta-data/local-ipv4").unwrap(),
+            "10.0.1.10"
+        );
         assert_eq!(imds.get("/latest/meta-data/mac").unwrap(), *mac0);
         assert_eq!(
-            imds.get("/latest/meta-data/network/interfaces/macs/").unwrap(),
+            imds.get("/latest/meta-data/network/interfaces/macs/")
+                .unwrap(),
             format!("{}/\n{}/", mac0.min(mac1), mac0.max(mac1))
         );
         assert_eq!(
-            imds.get(&format!("/latest/meta-data/network/interfaces/macs/{mac0}/local-ipv4s")).unwrap(),
+            imds.get(&format!(
+                "/latest/meta-data/network/interfaces/macs/{mac0}/local-ipv4s"
+            ))
+            .unwrap(),
             "10.0.1.10\n10.0.1.101\n10.0.1.102\n10.0.1.103"
         );
         assert_eq!(
-            imds.get(&format!("/latest/meta-data/network/interfaces/macs/{mac1}/device-number")).unwrap(),
+            imds.get(&format!(
+                "/latest/meta-data/network/interfaces/macs/{mac1}/device-number"
+            ))
+            .unwrap(),
             "1"
         );
-        assert!(imds.get(&format!("/latest/meta-data/network/interfaces/macs/{mac1}/")).unwrap().contains("vpc-ipv4-cidr-blocks"));
-        assert!(imds.get("/latest/meta-data/placement/").unwrap() == "availability-zone");
+        assert!(
+            imds.get(&format!(
+                "/latest/meta-data/network/interfaces/macs/{mac1}/"
+            ))
+            .unwrap()
+            .contains("vpc-ipv4-cidr-blocks")
+        );
+        assert_eq!(
+            imds.get("/latest/meta-data/placement/").unwrap(),
+            "availability-zone\nregion"
+        );
         assert!(imds.get("/latest/meta-data/nothing").is_none());
         assert!(imds.get("/latest/meta-data/loc").is_none());
     }

@@ -12,16 +12,26 @@ use super::{
 
 /// Installs every lab namespace's rules.
 pub fn apply(lab: &Lab, mode: EndpointMode) -> anyhow::Result<()> {
-    eprintln!("lab: writing the VPC CNI's and kube-proxy's iptables rules in {}", lab.ns("node"));
+    eprintln!(
+        "lab: writing the VPC CNI's and kube-proxy's iptables rules in {}",
+        lab.ns("node")
+    );
     exec::iptables_restore(&lab.ns("node"), &node_rules(lab.external_snat()))?;
-    eprintln!("lab: writing the security group stand-in in {}", lab.ns("vpc"));
+    eprintln!(
+        "lab: writing the security group stand-in in {}",
+        lab.ns("vpc")
+    );
     exec::iptables_restore(&lab.ns("vpc"), &vpc_rules())?;
     apply_nlb(lab, mode)
 }
 
 /// Opens or closes the NLB's :443 for the internet namespace's outside world.
 pub fn apply_nlb(lab: &Lab, mode: EndpointMode) -> anyhow::Result<()> {
-    let state = if mode == EndpointMode::Private { "closed (private endpoint)" } else { "open" };
+    let state = if mode == EndpointMode::Private {
+        "closed (private endpoint)"
+    } else {
+        "open"
+    };
     eprintln!("lab: NLB :443 {state} in {}", lab.ns("inet"));
     exec::iptables_restore(&lab.ns("inet"), &inet_rules(mode))
 }
@@ -42,7 +52,8 @@ COMMIT
 
 /// In private mode there is no public path: the NLB's listeners do not answer from outside.
 fn inet_rules(mode: EndpointMode) -> String {
-    let mut rules = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n".to_owned();
+    let mut rules =
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n".to_owned();
     if mode == EndpointMode::Private {
         for nlb in NLB_IPS {
             rules += &format!(
@@ -158,7 +169,10 @@ fn node_rules(external_snat: bool) -> String {
     }
     rules += "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n";
 
-    let declarations: String = chains.iter().map(|chain| format!(":{chain} - [0:0]\n")).collect();
+    let declarations: String = chains
+        .iter()
+        .map(|chain| format!(":{chain} - [0:0]\n"))
+        .collect();
     format!(
         "*mangle
 :PREROUTING ACCEPT [0:0]
@@ -203,11 +217,16 @@ impl Service {
             let sep = format!("KUBE-SEP-{hash}");
             let remaining = count - index;
             let choice = if remaining > 1 {
-                format!("-m statistic --mode random --probability {:.10} ", 1.0 / remaining as f64)
+                format!(
+                    "-m statistic --mode random --probability {:.10} ",
+                    1.0 / remaining as f64
+                )
             } else {
                 String::new()
             };
-            line(format!("-A {svc} -m comment --comment \"{name} -> {endpoint}\" {choice}-j {sep}"));
+            line(format!(
+                "-A {svc} -m comment --comment \"{name} -> {endpoint}\" {choice}-j {sep}"
+            ));
             line(format!(
                 "-A {sep} -s {}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ",
                 endpoint.ip()
@@ -262,10 +281,17 @@ mod tests {
         assert!(rules.contains("--probability 0.5000000000 -j KUBE-SEP-HTCZLQYJWYWRHYRD"));
         assert!(rules.contains("-j DNAT --to-destination 10.0.2.50:443"));
         // Every chain jumped to is declared once.
-        for chain in rules.split_whitespace().filter(|word| word.starts_with("KUBE-") || word.starts_with("AWS-")) {
+        for chain in rules
+            .split_whitespace()
+            .filter(|word| word.starts_with("KUBE-") || word.starts_with("AWS-"))
+        {
             let chain = chain.trim_matches('"');
             if rules.contains(&format!("-j {chain}")) {
-                assert_eq!(rules.matches(&format!(":{chain} - [0:0]")).count(), 1, "{chain}");
+                assert_eq!(
+                    rules.matches(&format!(":{chain} - [0:0]")).count(),
+                    1,
+                    "{chain}"
+                );
             }
         }
     }

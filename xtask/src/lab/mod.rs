@@ -73,7 +73,9 @@ impl FromStr for EndpointMode {
             .into_iter()
             .find(|mode| mode.as_str() == text)
             .ok_or_else(|| {
-                format!("unknown endpoint mode {text:?}: expected public, public-private or private")
+                format!(
+                    "unknown endpoint mode {text:?}: expected public, public-private or private"
+                )
             })
     }
 }
@@ -107,7 +109,6 @@ impl Lab {
         exec::preflight()?;
         let started = Instant::now();
         let id = state::new_id()?;
-        eprintln!("lab: bringing up lab {id} ({} endpoint)", opts.mode);
         let lab = Lab {
             dir: state::dir(&id),
             saved: state::Saved {
@@ -120,13 +121,28 @@ impl Lab {
             children: Mutex::new(Vec::new()),
             keep: false,
         };
-        // From here on an error drops `lab`, which tears down whatever was built.
-        state::create(&lab.dir, &lab.saved, opts.mode)?;
-        topology::build(&lab.id, &lab.saved.facts)?;
-        iptables::apply(&lab, opts.mode)?;
-        servers::start(&lab)?;
-        eprintln!("lab: lab {} is up ({:.1} s)", lab.id, started.elapsed().as_secs_f64());
+        eprintln!(
+            "lab: bringing up lab {} ({} endpoint), state in {}",
+            lab.id,
+            opts.mode,
+            lab.dir.display()
+        );
+        // Dropping `lab` on an error below tears down whatever was built.
+        lab.build(opts.mode)
+            .with_context(|| format!("bringing up lab {} (torn down again)", lab.id))?;
+        eprintln!(
+            "lab: lab {} is up ({:.1} s)",
+            lab.id,
+            started.elapsed().as_secs_f64()
+        );
         Ok(lab)
+    }
+
+    fn build(&self, mode: EndpointMode) -> anyhow::Result<()> {
+        state::create(&self.dir, &self.saved, mode)?;
+        topology::build(&self.id, &self.saved.facts)?;
+        iptables::apply(self, mode)?;
+        servers::start(self)
     }
 
     /// An existing lab: the only one when `id` is `None`. It is not torn down on drop.
@@ -142,6 +158,7 @@ impl Lab {
                 ),
             },
         };
+        state::require_exists(&id)?;
         let dir = state::dir(&id);
         let saved = state::load(&dir).with_context(|| {
             format!(
@@ -243,8 +260,16 @@ impl Lab {
     /// left by a crash. Returns how many there were.
     pub fn down_all() -> anyhow::Result<usize> {
         let ids = state::list_ids()?;
-        for id in &ids {
-            state::teardown(id)?;
+        let failures: Vec<String> = ids
+            .iter()
+            .filter_map(|id| {
+                state::teardown(id)
+                    .err()
+                    .map(|error| format!("lab {id}: {error:#}"))
+            })
+            .collect();
+        if !failures.is_empty() {
+            bail!("tearing down: {}", failures.join("; "));
         }
         Ok(ids.len())
     }
@@ -256,7 +281,10 @@ impl Lab {
 
     fn teardown(&mut self) -> anyhow::Result<()> {
         let result = state::teardown(&self.id);
-        let children = self.children.get_mut().expect("no thread panics holding the lock");
+        let children = self
+            .children
+            .get_mut()
+            .expect("no thread panics holding the lock");
         for child in children.iter_mut() {
             // Already killed by the teardown; kill() covers a teardown that failed early.
             let _ = child.kill();

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    Lab, dns,
+    Lab, cli, dns,
     facts::{EXTERNAL_HOST, IMDS, NLB_IPS, RESOLVER},
     http,
     imds::Imds,
@@ -46,10 +46,17 @@ struct Server {
 }
 
 fn lab_servers() -> Vec<Server> {
-    let any = |port| vec![SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)];
-    let server = |role, name, kind, listen| Server { role, name, kind, listen };
     use ServerKind::*;
-    vec![
+    let any = |port| vec![SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)];
+    let on = |ip, port| vec![SocketAddrV4::new(ip, port)];
+    let server = |role, name, kind, listen| Server {
+        role,
+        name,
+        kind,
+        listen,
+    };
+    #[rustfmt::skip]
+    let all = vec![
         server("node", "kubelet", Sink, any(10250)),
         server("node", "node-sink", Sink, any(8081)),
         server("pod-a", "pod-a", Sink, any(8080)),
@@ -58,30 +65,38 @@ fn lab_servers() -> Vec<Server> {
         server("coredns", "coredns", Dns, any(53)),
         server("node2", "node2", Sink, any(8080)),
         server("pod-r", "pod-r", Sink, any(8080)),
-        // Listens on both EKS-owned ENIs.
+        // On both EKS-owned ENIs.
         server("cp", "apiserver", Sink, any(443)),
-        server("vpc", "vpc-resolver", Dns, vec![SocketAddrV4::new(RESOLVER, 53)]),
-        server("vpc", "imds", Imds, vec![SocketAddrV4::new(IMDS, 80)]),
-        server("inet", "nlb", Sink, NLB_IPS.iter().map(|ip| SocketAddrV4::new(*ip, 443)).collect()),
-        server("inet", "external-http", Http, vec![SocketAddrV4::new(EXTERNAL_HOST, 80)]),
-        server("inet", "external-sink", Sink, vec![SocketAddrV4::new(EXTERNAL_HOST, 9000)]),
-    ]
+        server("vpc", "vpc-resolver", Dns, on(RESOLVER, 53)),
+        server("vpc", "imds", Imds, on(IMDS, 80)),
+        server("inet", "nlb", Sink, NLB_IPS.map(|ip| SocketAddrV4::new(ip, 443)).to_vec()),
+        server("inet", "external-http", Http, on(EXTERNAL_HOST, 80)),
+        server("inet", "external-sink", Sink, on(EXTERNAL_HOST, 9000)),
+    ];
+    all
 }
 
 /// Starts every server of `lab` and waits until each listens.
 pub fn start(lab: &Lab) -> anyhow::Result<()> {
     let helper = lab.saved.helper_exe.to_string_lossy().into_owned();
     let state_dir = lab.state_dir().to_string_lossy().into_owned();
-    let file = |server: &Server, extension| lab.state_dir().join(format!("{}.{extension}", server.name));
+    let file =
+        |server: &Server, extension| lab.state_dir().join(format!("{}.{extension}", server.name));
     let mut started = Vec::new();
     for server in lab_servers() {
         let ready = file(&server, "ready").to_string_lossy().into_owned();
-        let kind = clap::ValueEnum::to_possible_value(&server.kind)
-            .expect("no variant is skipped")
-            .get_name()
-            .to_owned();
+        let kind = cli::arg_name(server.kind);
         let listen: Vec<String> = server.listen.iter().map(ToString::to_string).collect();
-        let mut argv = vec![&helper, "lab", "serve", &kind, "--state-dir", &state_dir, "--ready", &ready];
+        let mut argv = vec![
+            helper.as_str(),
+            "lab",
+            "serve",
+            &kind,
+            "--state-dir",
+            &state_dir,
+            "--ready",
+            &ready,
+        ];
         for address in &listen {
             argv.extend(["--listen", address]);
         }
@@ -102,7 +117,9 @@ pub fn start(lab: &Lab) -> anyhow::Result<()> {
                     "{} in {} did not start listening; its log:\n{}",
                     server.name,
                     lab.ns(server.role),
-                    std::fs::read_to_string(file(server, "log")).unwrap_or_default().trim()
+                    std::fs::read_to_string(file(server, "log"))
+                        .unwrap_or_default()
+                        .trim()
                 );
             }
             thread::sleep(Duration::from_millis(10));
@@ -131,7 +148,9 @@ pub struct ServeArgs {
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     eprintln!("serve: {:?} on {:?}", args.kind, args.listen);
     match args.kind {
-        ServerKind::Sink => serve_tcp(&args, |mut stream| sink::receive(&mut stream).map(drop).map_err(Into::into)),
+        ServerKind::Sink => serve_tcp(&args, |mut stream| {
+            sink::receive(&mut stream).map(drop).map_err(Into::into)
+        }),
         ServerKind::Http => serve_tcp(&args, http::external_host),
         ServerKind::Imds => {
             let imds = Imds::new(&state::load(&args.state_dir)?.facts);
@@ -141,7 +160,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let sockets = args
                 .listen
                 .iter()
-                .map(|address| UdpSocket::bind(address).with_context(|| format!("binding udp {address}")))
+                .map(|address| {
+                    UdpSocket::bind(address).with_context(|| format!("binding udp {address}"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             mark_ready(&args.ready)?;
             let state_dir = Arc::new(args.state_dir);
@@ -176,13 +197,16 @@ where
                     Ok(stream) => stream,
                     Err(error) => {
                         eprintln!("serve: accepting: {error}");
+                        thread::sleep(Duration::from_millis(10));
                         continue;
                     }
                 };
                 let slot = slots.acquire();
                 let handler = Arc::clone(&handler);
                 thread::spawn(move || {
-                    let peer = stream.peer_addr().map_or_else(|_| "?".to_owned(), |peer| peer.to_string());
+                    let peer = stream
+                        .peer_addr()
+                        .map_or_else(|_| "?".to_owned(), |peer| peer.to_string());
                     let handled = stream
                         .set_read_timeout(Some(IO_TIMEOUT))
                         .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
@@ -204,9 +228,14 @@ where
     F: Fn(T) -> W,
     W: FnOnce() + Send + 'static,
 {
-    let threads: Vec<_> = items.into_iter().map(|item| thread::spawn(work(item))).collect();
+    let threads: Vec<_> = items
+        .into_iter()
+        .map(|item| thread::spawn(work(item)))
+        .collect();
     for thread in threads {
-        thread.join().map_err(|_| anyhow::anyhow!("a server thread panicked"))?;
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a server thread panicked"))?;
     }
     Ok(())
 }
@@ -229,7 +258,10 @@ impl Slots {
     fn acquire(self: &Arc<Self>) -> Slot {
         let mut used = self.used.lock().expect("no thread panics holding the lock");
         while *used >= MAX_CONNECTIONS {
-            used = self.freed.wait(used).expect("no thread panics holding the lock");
+            used = self
+                .freed
+                .wait(used)
+                .expect("no thread panics holding the lock");
         }
         *used += 1;
         Slot(Arc::clone(self))
@@ -238,7 +270,11 @@ impl Slots {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        *self.0.used.lock().expect("no thread panics holding the lock") -= 1;
+        *self
+            .0
+            .used
+            .lock()
+            .expect("no thread panics holding the lock") -= 1;
         self.0.freed.notify_one();
     }
 }

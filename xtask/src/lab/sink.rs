@@ -26,13 +26,18 @@ pub fn client(to: SocketAddrV4, connections: u32, bytes: u64) -> Report {
 /// One sink exchange on a connected stream; `written` grows by every payload byte written.
 pub fn send(stream: &mut TcpStream, bytes: u64, written: &mut u64) -> anyhow::Result<()> {
     write_payload(stream, bytes, written).context("writing the payload")?;
-    stream.shutdown(Shutdown::Write).context("shutting down the write side")?;
+    stream
+        .shutdown(Shutdown::Write)
+        .context("shutting down the write side")?;
     let mut count = [0u8; 8];
     stream
         .read_exact(&mut count)
         .context("reading the responder's count")?;
     let counted = u64::from_be_bytes(count);
-    ensure!(counted == bytes, "the responder counted {counted} of the {bytes} bytes sent");
+    ensure!(
+        counted == bytes,
+        "the responder counted {counted} of the {bytes} bytes sent"
+    );
     Ok(())
 }
 
@@ -114,7 +119,11 @@ mod tests {
         });
         let report = client(to, 1, 1000);
         assert_eq!(report.connected, 1);
-        assert!(report.errors[0].contains("counted 999 of the 1000 bytes"), "{:?}", report.errors);
+        assert!(
+            report.errors[0].contains("counted 999 of the 1000 bytes"),
+            "{:?}",
+            report.errors
+        );
     }
 
     #[test]
@@ -122,7 +131,10 @@ mod tests {
         let (listener, to) = loopback();
         drop(listener);
         let report = client(to, 2, 10);
-        assert_eq!((report.connections, report.connected, report.refused), (2, 0, 2));
+        assert_eq!(
+            (report.connections, report.connected, report.refused),
+            (2, 0, 2)
+        );
         assert_eq!(report.payload_bytes, 0);
     }
 }

@@ -34,25 +34,32 @@ pub fn dir(id: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(id)
 }
 
-/// A fresh lab id: 4 random lowercase hex digits not used by any lab.
+/// A fresh lab id (4 random lowercase hex digits), claimed by creating its state directory,
+/// so that two labs started at the same moment never share one.
 pub fn new_id() -> anyhow::Result<String> {
     let in_use = list_ids()?;
+    fs::create_dir_all(STATE_ROOT).with_context(|| format!("creating {STATE_ROOT}"))?;
     let mut urandom = fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
     for _ in 0..32 {
         let mut bytes = [0u8; 2];
         urandom.read_exact(&mut bytes)?;
         let id = format!("{:02x}{:02x}", bytes[0], bytes[1]);
-        if !in_use.contains(&id) {
-            return Ok(id);
+        if in_use.contains(&id) {
+            continue;
+        }
+        match fs::create_dir(dir(&id)) {
+            Ok(()) => return Ok(id),
+            Err(error) if error.kind() == ErrorKind::AlreadyExists => continue,
+            Err(error) => {
+                return Err(error).with_context(|| format!("creating {}", dir(&id).display()));
+            }
         }
     }
     bail!("no free lab id after 32 tries: remove old labs with `cargo xtask lab down --all`")
 }
 
-/// Creates the state directory with state.json and the mode file.
+/// Writes state.json and the mode file into the lab's state directory.
 pub fn create(dir: &Path, saved: &Saved, mode: EndpointMode) -> anyhow::Result<()> {
-    eprintln!("lab: creating state directory {}", dir.display());
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let json = serde_json::to_string_pretty(saved)?;
     fs::write(dir.join("state.json"), json + "\n")
         .with_context(|| format!("writing {}/state.json", dir.display()))?;
@@ -94,7 +101,11 @@ fn recorded_pids(dir: &Path) -> Vec<(String, u32)> {
     let mut pids: Vec<(String, u32)> = entries
         .flatten()
         .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().strip_suffix(".pid")?.to_owned();
+            let name = entry
+                .file_name()
+                .to_string_lossy()
+                .strip_suffix(".pid")?
+                .to_owned();
             let pid = fs::read_to_string(entry.path()).ok()?.trim().parse().ok()?;
             Some((name, pid))
         })
@@ -117,18 +128,42 @@ pub fn alive(pid: u32) -> bool {
 pub fn list_ids() -> anyhow::Result<Vec<String>> {
     let mut ids = BTreeSet::new();
     for name in dir_names(Path::new(NETNS_DIR))? {
-        if let Some(id) = name.strip_prefix("trc-").and_then(|rest| rest.split_once('-'))
-            && is_id(id.0)
+        let id = name
+            .strip_prefix("trc-")
+            .and_then(|rest| rest.split_once('-'));
+        if let Some((id, _role)) = id
+            && is_id(id)
         {
-            ids.insert(id.0.to_owned());
+            ids.insert(id.to_owned());
         }
     }
-    ids.extend(dir_names(Path::new(STATE_ROOT))?.into_iter().filter(|name| is_id(name)));
+    ids.extend(
+        dir_names(Path::new(STATE_ROOT))?
+            .into_iter()
+            .filter(|name| is_id(name)),
+    );
     Ok(ids.into_iter().collect())
 }
 
+/// Fails, naming the labs there are, when there is no lab `id`.
+pub fn require_exists(id: &str) -> anyhow::Result<()> {
+    let ids = list_ids()?;
+    if !ids.iter().any(|known| known == id) {
+        let running = if ids.is_empty() {
+            "none".to_owned()
+        } else {
+            ids.join(", ")
+        };
+        bail!("there is no lab {id} (labs running: {running})");
+    }
+    Ok(())
+}
+
 fn is_id(text: &str) -> bool {
-    text.len() == 4 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    text.len() == 4
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn dir_names(dir: &Path) -> anyhow::Result<Vec<String>> {
@@ -158,16 +193,20 @@ pub fn teardown(id: &str) -> anyhow::Result<()> {
     let namespaces = namespaces(id)?;
     let mut killed = Vec::new();
     for ns in &namespaces {
-        let pids = match exec::output(std::process::Command::new("ip").args(["netns", "pids", ns])) {
+        let pids = match exec::netns(&format!("pids {ns}")) {
             Ok(pids) => pids,
             Err(_) if !exec::ns_exists(ns) => continue,
             Err(error) => return Err(error),
         };
-        for pid in pids.split_whitespace().filter_map(|pid| pid.parse::<u32>().ok()) {
-            if pid == std::process::id() {
-                continue;
-            }
-            eprintln!("lab: killing process {pid} in {ns}");
+        let pids: Vec<u32> = pids
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .filter(|pid| *pid != std::process::id())
+            .collect();
+        if !pids.is_empty() {
+            eprintln!("lab: killing {} process(es) in {ns}", pids.len());
+        }
+        for pid in pids {
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             killed.push(pid);
@@ -180,7 +219,7 @@ pub fn teardown(id: &str) -> anyhow::Result<()> {
     }
     for ns in &namespaces {
         eprintln!("lab: deleting namespace {ns}");
-        if let Err(error) = exec::output(std::process::Command::new("ip").args(["netns", "del", ns]))
+        if let Err(error) = exec::netns(&format!("del {ns}"))
             && exec::ns_exists(ns)
         {
             return Err(error);
@@ -204,20 +243,30 @@ pub fn status() -> anyhow::Result<String> {
     let mut text = String::new();
     for id in ids {
         let dir = dir(&id);
-        let mode = read_mode(&dir).map_or_else(|error| format!("unknown ({error:#})"), |m| m.to_string());
+        let mode =
+            read_mode(&dir).map_or_else(|error| format!("unknown ({error:#})"), |m| m.to_string());
         let snat = match load(&dir) {
             Ok(saved) if saved.external_snat => "external SNAT (the node does not SNAT)",
             Ok(_) => "AWS SNAT on the node",
             Err(_) => "no state.json: a crashed `up`? remove it with `cargo xtask lab down`",
         };
-        writeln!(text, "lab {id}: {mode} endpoint, {snat}, state in {}", dir.display())?;
+        writeln!(
+            text,
+            "lab {id}: {mode} endpoint, {snat}, state in {}",
+            dir.display()
+        )?;
         let present = namespaces(&id)?;
         let missing: Vec<&str> = ROLES
             .iter()
             .copied()
             .filter(|role| !present.contains(&ns_name(&id, role)))
             .collect();
-        write!(text, "  namespaces: {}/{} present", present.len(), ROLES.len())?;
+        write!(
+            text,
+            "  namespaces: {}/{} present",
+            present.len(),
+            ROLES.len()
+        )?;
         if missing.is_empty() {
             writeln!(text, " ({})", ns_name(&id, "*"))?;
         } else {

@@ -3,12 +3,14 @@
 //!
 //! Interfaces are created directly inside lab namespaces (`ip -n NS link add … peer … netns
 //! OTHER`), so nothing ever appears in the root namespace.
+use std::fmt;
+
 use super::{
     LabFacts, exec,
     facts::{
         CONTROLPLANE_IPS, EXTERNAL_HOST, GATEWAY_A, GATEWAY_B, IGW_INET_SIDE, IGW_VPC_SIDE, IMDS,
-        NLB_IPS, NODE_IP, NODE2_IP, POD_GATEWAY, PODS, PodSpec, RESOLVER, ROLES,
-        SECONDARY_ENI_IP, SUBNET_A, SUBNET_B, VPC_CIDR, lab_mac,
+        NLB_IPS, NODE_IP, NODE2_IP, POD_GATEWAY, PODS, PodSpec, RESOLVER, ROLES, SECONDARY_ENI_IP,
+        SUBNET_A, SUBNET_B, VPC_CIDR, lab_mac,
     },
     state,
 };
@@ -36,24 +38,37 @@ pub fn build(id: &str, facts: &LabFacts) -> anyhow::Result<()> {
     lab.fabric_neighbours()
 }
 
+/// One lab namespace, to run `ip` and `sysctl` in.
+struct Ns(String);
+
+impl Ns {
+    /// `ip -n <ns> <args>`, the arguments written as on a shell line.
+    fn ip(&self, args: impl AsRef<str>) -> anyhow::Result<()> {
+        exec::ip(&self.0, args.as_ref()).map(drop)
+    }
+
+    fn sysctl(&self, settings: &str) -> anyhow::Result<()> {
+        exec::sysctl(&self.0, settings)
+    }
+}
+
+impl fmt::Display for Ns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 struct Builder<'a> {
     id: &'a str,
     facts: &'a LabFacts,
 }
 
 impl Builder<'_> {
-    fn ns(&self, role: &str) -> String {
-        state::ns_name(self.id, role)
+    fn ns(&self, role: &str) -> Ns {
+        Ns(state::ns_name(self.id, role))
     }
 
-    fn ip(&self, role: &str, args: &str) -> anyhow::Result<()> {
-        exec::ip(&self.ns(role), args).map(drop)
-    }
-
-    fn sysctl(&self, role: &str, settings: &str) -> anyhow::Result<()> {
-        exec::sysctl(&self.ns(role), settings)
-    }
-
+    /// The MAC the VPC assigns to `owner` ("node/eth0").
     fn mac(&self, owner: &str) -> String {
         lab_mac(self.id, owner)
     }
@@ -63,84 +78,96 @@ impl Builder<'_> {
     fn namespace(&self, role: &str) -> anyhow::Result<()> {
         let ns = self.ns(role);
         eprintln!("lab: creating namespace {ns}");
-        exec::output(std::process::Command::new("ip").args(["netns", "add", &ns]))?;
-        self.ip(role, "link set lo up")?;
-        self.sysctl(
-            role,
-            "net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1",
-        )
+        exec::netns(&format!("add {ns}"))?;
+        ns.ip("link set lo up")?;
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
     }
 
     /// A veth from `dev` in `role` to port `port` of the VPC bridge `bridge`, with the MAC the
     /// VPC assigned to `dev`.
-    fn link_to_fabric(&self, role: &str, dev: &str, bridge: &str, port: &str) -> anyhow::Result<()> {
+    fn link_to_fabric(
+        &self,
+        role: &str,
+        dev: &str,
+        bridge: &str,
+        port: &str,
+    ) -> anyhow::Result<()> {
         eprintln!("lab: linking {role} {dev} to the VPC's {bridge}");
+        let (ns, vpc) = (self.ns(role), self.ns("vpc"));
         let mac = self.mac(&format!("{role}/{dev}"));
-        let vpc = self.ns("vpc");
-        self.ip(role, &format!("link add {dev} address {mac} type veth peer name {port} netns {vpc}"))?;
-        self.ip("vpc", &format!("link set {port} master {bridge} up"))?;
-        self.ip(role, &format!("link set {dev} up"))
+        ns.ip(format!(
+            "link add {dev} address {mac} type veth peer name {port} netns {vpc}"
+        ))?;
+        vpc.ip(format!("link set {port} master {bridge} up"))?;
+        ns.ip(format!("link set {dev} up"))
     }
 
     /// The VPC router: one bridge per subnet, the resolver and IMDS on loopback, a default
     /// route to the internet gateway.
     fn vpc(&self) -> anyhow::Result<()> {
-        eprintln!("lab: building the VPC router ({VPC_CIDR}) in {}", self.ns("vpc"));
-        for (bridge, gateway, subnet) in [("br-a", GATEWAY_A, SUBNET_A), ("br-b", GATEWAY_B, SUBNET_B)] {
+        let vpc = self.ns("vpc");
+        eprintln!("lab: building the VPC router ({VPC_CIDR}) in {vpc}");
+        for (bridge, gateway, subnet) in
+            [("br-a", GATEWAY_A, SUBNET_A), ("br-b", GATEWAY_B, SUBNET_B)]
+        {
             let mac = self.mac(&format!("vpc/{bridge}"));
-            self.ip("vpc", &format!("link add {bridge} address {mac} type bridge"))?;
-            self.ip("vpc", &format!("addr add {gateway}/{} dev {bridge}", subnet.prefix_len))?;
-            self.ip("vpc", &format!("link set {bridge} up"))?;
+            vpc.ip(format!("link add {bridge} address {mac} type bridge"))?;
+            vpc.ip(format!(
+                "addr add {gateway}/{} dev {bridge}",
+                subnet.prefix_len
+            ))?;
+            vpc.ip(format!("link set {bridge} up"))?;
         }
-        self.ip("vpc", &format!("addr add {RESOLVER}/32 dev lo"))?;
-        self.ip("vpc", &format!("addr add {IMDS}/32 dev lo"))?;
-        self.sysctl("vpc", "net.ipv4.ip_forward=1")
+        vpc.ip(format!("addr add {RESOLVER}/32 dev lo"))?;
+        vpc.ip(format!("addr add {IMDS}/32 dev lo"))?;
+        vpc.sysctl("net.ipv4.ip_forward=1")
     }
 
     /// The internet behind the internet gateway: the NLB and an external host.
     fn internet(&self) -> anyhow::Result<()> {
-        eprintln!("lab: building the internet gateway and the internet in {}", self.ns("inet"));
-        let inet = self.ns("inet");
-        self.ip("vpc", &format!("link add igw type veth peer name eth0 netns {inet}"))?;
-        self.ip("vpc", &format!("addr add {IGW_VPC_SIDE}/30 dev igw"))?;
-        self.ip("vpc", "link set igw up")?;
-        self.ip("vpc", &format!("route add default via {IGW_INET_SIDE}"))?;
-        self.ip("inet", &format!("addr add {IGW_INET_SIDE}/30 dev eth0"))?;
-        self.ip("inet", "link set eth0 up")?;
+        let (vpc, inet) = (self.ns("vpc"), self.ns("inet"));
+        eprintln!("lab: building the internet gateway and the internet in {inet}");
+        vpc.ip(format!(
+            "link add igw type veth peer name eth0 netns {inet}"
+        ))?;
+        vpc.ip(format!("addr add {IGW_VPC_SIDE}/30 dev igw"))?;
+        vpc.ip("link set igw up")?;
+        vpc.ip(format!("route add default via {IGW_INET_SIDE}"))?;
+        inet.ip(format!("addr add {IGW_INET_SIDE}/30 dev eth0"))?;
+        inet.ip("link set eth0 up")?;
         for address in NLB_IPS.iter().chain([&EXTERNAL_HOST]) {
-            self.ip("inet", &format!("addr add {address}/32 dev lo"))?;
+            inet.ip(format!("addr add {address}/32 dev lo"))?;
         }
         // Connections the internet opens into the VPC come from the external host.
-        self.ip(
-            "inet",
-            &format!("route add {VPC_CIDR} via {IGW_VPC_SIDE} src {EXTERNAL_HOST}"),
-        )
+        inet.ip(format!(
+            "route add {VPC_CIDR} via {IGW_VPC_SIDE} src {EXTERNAL_HOST}"
+        ))
     }
 
     /// The worker node: primary and secondary ENIs on subnet A, set up as the VPC CNI does.
     fn node(&self) -> anyhow::Result<()> {
-        eprintln!("lab: building the node (primary ENI eth0, secondary ENI eth1) in {}", self.ns("node"));
+        let node = self.ns("node");
+        eprintln!("lab: building the node (primary ENI eth0, secondary ENI eth1) in {node}");
         self.link_to_fabric("node", "eth0", "br-a", "node-eth0")?;
         self.link_to_fabric("node", "eth1", "br-a", "node-eth1")?;
         let prefix = SUBNET_A.prefix_len;
-        self.ip("node", &format!("addr add {NODE_IP}/{prefix} dev eth0"))?;
-        self.ip("node", &format!("addr add {SECONDARY_ENI_IP}/{prefix} dev eth1"))?;
-        self.ip("node", &format!("route add default via {GATEWAY_A} dev eth0"))?;
+        node.ip(format!("addr add {NODE_IP}/{prefix} dev eth0"))?;
+        node.ip(format!("addr add {SECONDARY_ENI_IP}/{prefix} dev eth1"))?;
+        node.ip(format!("route add default via {GATEWAY_A} dev eth0"))?;
         // The CNI removes the secondary ENI's subnet route from the main table and gives the
         // ENI a table of its own, used by the pods whose IPs it holds.
-        self.ip("node", &format!("route del {SUBNET_A} dev eth1"))?;
-        self.ip(
-            "node",
-            &format!("route add {GATEWAY_A} dev eth1 scope link table {SECONDARY_TABLE}"),
-        )?;
-        self.ip(
-            "node",
-            &format!("route add default via {GATEWAY_A} dev eth1 table {SECONDARY_TABLE}"),
-        )?;
+        node.ip(format!("route del {SUBNET_A} dev eth1"))?;
+        node.ip(format!(
+            "route add {GATEWAY_A} dev eth1 scope link table {SECONDARY_TABLE}"
+        ))?;
+        node.ip(format!(
+            "route add default via {GATEWAY_A} dev eth1 table {SECONDARY_TABLE}"
+        ))?;
         // Connections marked by the CNI's connmark rules return through the primary ENI.
-        self.ip("node", &format!("rule add fwmark {MAIN_ENI_MARK} lookup main prio 1024"))?;
-        self.sysctl(
-            "node",
+        node.ip(format!(
+            "rule add fwmark {MAIN_ENI_MARK} lookup main prio 1024"
+        ))?;
+        node.sysctl(
             "net.ipv4.ip_forward=1 \
              net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.default.rp_filter=2 \
              net.ipv4.conf.eth0.rp_filter=2 net.ipv4.conf.eth1.rp_filter=2 \
@@ -150,32 +177,42 @@ impl Builder<'_> {
 
     /// The EKS-owned ENIs, one per subnet; replies leave through the ENI of their source.
     fn controlplane(&self) -> anyhow::Result<()> {
-        eprintln!("lab: building the EKS-owned ENIs in {}", self.ns("cp"));
+        let cp = self.ns("cp");
+        eprintln!("lab: building the EKS-owned ENIs in {cp}");
         let [eni_a, eni_b] = CONTROLPLANE_IPS;
         self.link_to_fabric("cp", "eni-a", "br-a", "cp-eni-a")?;
         self.link_to_fabric("cp", "eni-b", "br-b", "cp-eni-b")?;
-        self.ip("cp", &format!("addr add {eni_a}/{} dev eni-a", SUBNET_A.prefix_len))?;
-        self.ip("cp", &format!("addr add {eni_b}/{} dev eni-b", SUBNET_B.prefix_len))?;
-        self.ip("cp", &format!("route add default via {GATEWAY_A} dev eni-a"))?;
-        self.ip(
-            "cp",
-            &format!("route add {SUBNET_B} dev eni-b src {eni_b} table {SECONDARY_TABLE}"),
-        )?;
-        self.ip(
-            "cp",
-            &format!("route add default via {GATEWAY_B} dev eni-b table {SECONDARY_TABLE}"),
-        )?;
-        self.ip("cp", &format!("rule add from {eni_b} lookup {SECONDARY_TABLE} prio 100"))
+        cp.ip(format!(
+            "addr add {eni_a}/{} dev eni-a",
+            SUBNET_A.prefix_len
+        ))?;
+        cp.ip(format!(
+            "addr add {eni_b}/{} dev eni-b",
+            SUBNET_B.prefix_len
+        ))?;
+        cp.ip(format!("route add default via {GATEWAY_A} dev eni-a"))?;
+        cp.ip(format!(
+            "route add {SUBNET_B} dev eni-b src {eni_b} table {SECONDARY_TABLE}"
+        ))?;
+        cp.ip(format!(
+            "route add default via {GATEWAY_B} dev eni-b table {SECONDARY_TABLE}"
+        ))?;
+        cp.ip(format!(
+            "rule add from {eni_b} lookup {SECONDARY_TABLE} prio 100"
+        ))
     }
 
     /// The other worker node, in subnet B; it holds pod-r.
     fn node2(&self) -> anyhow::Result<()> {
-        eprintln!("lab: building the second node in {}", self.ns("node2"));
+        let node2 = self.ns("node2");
+        eprintln!("lab: building the second node in {node2}");
         self.link_to_fabric("node2", "eth0", "br-b", "node2-eth0")?;
-        self.ip("node2", &format!("addr add {NODE2_IP}/{} dev eth0", SUBNET_B.prefix_len))?;
-        self.ip("node2", &format!("route add default via {GATEWAY_B} dev eth0"))?;
-        self.sysctl(
-            "node2",
+        node2.ip(format!(
+            "addr add {NODE2_IP}/{} dev eth0",
+            SUBNET_B.prefix_len
+        ))?;
+        node2.ip(format!("route add default via {GATEWAY_B} dev eth0"))?;
+        node2.sysctl(
             "net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.default.rp_filter=2",
         )
     }
@@ -185,34 +222,31 @@ impl Builder<'_> {
     /// 169.254.1.1 and a permanent ARP entry for it. Pods whose IP belongs to a secondary ENI
     /// get the CNI's policy rules, so that their traffic leaves through that ENI.
     fn pod(&self, pod: &PodSpec) -> anyhow::Result<()> {
-        let host_veth = &self.facts.pod_veths[pod.name];
+        let (node, ns, ip) = (self.ns(pod.node), self.ns(pod.name), pod.ip);
+        let veth = &self.facts.pod_veths[pod.name];
         eprintln!(
-            "lab: plumbing {} {} behind {host_veth} on {} (IP of {})",
-            pod.name, pod.ip, pod.node, pod.eni
+            "lab: plumbing {} {ip} behind {veth} on {} (IP of {})",
+            pod.name, pod.node, pod.eni
         );
-        let host_mac = self.mac(&format!("{}/{host_veth}", pod.node));
-        let pod_ns = self.ns(pod.name);
-        self.ip(
-            pod.node,
-            &format!("link add {host_veth} address {host_mac} type veth peer name eth0 netns {pod_ns}"),
-        )?;
-        self.ip(pod.node, &format!("link set {host_veth} up"))?;
-        self.ip(pod.node, &format!("route add {}/32 dev {host_veth} scope link", pod.ip))?;
-        self.ip(pod.node, &format!("rule add to {} lookup main prio 512", pod.ip))?;
+        let mac = self.mac(&format!("{}/{veth}", pod.node));
+        node.ip(format!(
+            "link add {veth} address {mac} type veth peer name eth0 netns {ns}"
+        ))?;
+        node.ip(format!("link set {veth} up"))?;
+        node.ip(format!("route add {ip}/32 dev {veth} scope link"))?;
+        node.ip(format!("rule add to {ip} lookup main prio 512"))?;
         if pod.eni != "eth0" {
-            self.ip(
-                pod.node,
-                &format!("rule add from {} lookup {SECONDARY_TABLE} prio 1536", pod.ip),
-            )?;
+            node.ip(format!(
+                "rule add from {ip} lookup {SECONDARY_TABLE} prio 1536"
+            ))?;
         }
-        self.ip(pod.name, &format!("addr add {}/32 dev eth0", pod.ip))?;
-        self.ip(pod.name, "link set eth0 up")?;
-        self.ip(pod.name, &format!("route add {POD_GATEWAY} dev eth0 scope link"))?;
-        self.ip(pod.name, &format!("route add default via {POD_GATEWAY} dev eth0"))?;
-        self.ip(
-            pod.name,
-            &format!("neigh add {POD_GATEWAY} lladdr {host_mac} dev eth0 nud permanent"),
-        )
+        ns.ip(format!("addr add {ip}/32 dev eth0"))?;
+        ns.ip("link set eth0 up")?;
+        ns.ip(format!("route add {POD_GATEWAY} dev eth0 scope link"))?;
+        ns.ip(format!("route add default via {POD_GATEWAY} dev eth0"))?;
+        ns.ip(format!(
+            "neigh add {POD_GATEWAY} lladdr {mac} dev eth0 nud permanent"
+        ))
     }
 
     /// The VPC fabric knows which ENI holds each secondary IP: the router and the EKS-owned
@@ -220,11 +254,19 @@ impl Builder<'_> {
     /// for its pods).
     fn fabric_neighbours(&self) -> anyhow::Result<()> {
         eprintln!("lab: teaching the VPC fabric which ENI holds each pod IP");
+        let (vpc, cp) = (self.ns("vpc"), self.ns("cp"));
         for pod in &PODS {
             let mac = self.mac(&format!("{}/{}", pod.node, pod.eni));
-            let (bridge, cp_eni) = if SUBNET_A.contains(pod.ip) { ("br-a", "eni-a") } else { ("br-b", "eni-b") };
-            for (role, dev) in [("vpc", bridge), ("cp", cp_eni)] {
-                self.ip(role, &format!("neigh replace {} lladdr {mac} dev {dev} nud permanent", pod.ip))?;
+            let (bridge, cp_eni) = if SUBNET_A.contains(pod.ip) {
+                ("br-a", "eni-a")
+            } else {
+                ("br-b", "eni-b")
+            };
+            for (ns, dev) in [(&vpc, bridge), (&cp, cp_eni)] {
+                ns.ip(format!(
+                    "neigh replace {} lladdr {mac} dev {dev} nud permanent",
+                    pod.ip
+                ))?;
             }
         }
         Ok(())

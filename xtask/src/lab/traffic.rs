@@ -1,8 +1,7 @@
 //! Traffic with known sizes on every path of the taxonomy (DESIGN.md §3): the scenarios, the
 //! `lab client` subcommand that runs one inside a namespace, and what it reports.
 use std::{
-    fmt,
-    io,
+    fmt, io,
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     time::Duration,
 };
@@ -11,7 +10,7 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EndpointMode, Lab, dns, exec,
+    EndpointMode, Lab, cli, dns, exec,
     facts::{
         BACKEND_SERVICE_IP, CLOSED_PORT, CLUSTER_DNS, CLUSTER_ENDPOINT, EXTERNAL_HOST, IMDS,
         KUBERNETES_SERVICE_IP, NODE_IP, NODE_PORT, NODE2_IP, RESOLVER, SECURITY_GROUP_DENIED_PORT,
@@ -26,7 +25,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the initiator speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ClientKind {
-    /// The sink protocol (TCP): N bytes each way's proof of delivery.
+    /// The sink protocol (TCP): N bytes out, their count back as proof of delivery.
     Sink,
     /// HTTP `POST /upload` of N bytes to the external host.
     Http,
@@ -43,11 +42,7 @@ impl ClientKind {
 
     /// The name on the `lab client` command line.
     fn arg(self) -> String {
-        use clap::ValueEnum as _;
-        self.to_possible_value()
-            .expect("no variant is skipped")
-            .get_name()
-            .to_owned()
+        cli::arg_name(self)
     }
 }
 
@@ -132,112 +127,100 @@ impl Sent {
     }
 }
 
+impl Scenario {
+    /// A scenario on the path of the same name, with no NAT, every connection made.
+    fn new(
+        name: &'static str,
+        client: ClientKind,
+        from: &'static str,
+        to: Target,
+        connections: u32,
+        bytes_per_connection: u64,
+    ) -> Scenario {
+        Scenario {
+            name,
+            expected_path: name,
+            expected_nat: "none",
+            expected_endpoint: None,
+            expected_outcome: Outcome::Connected,
+            from,
+            to,
+            client,
+            connections,
+            bytes_per_connection,
+        }
+    }
+
+    fn path(self, expected_path: &'static str) -> Scenario {
+        Scenario {
+            expected_path,
+            ..self
+        }
+    }
+
+    fn nat(self, expected_nat: &'static str) -> Scenario {
+        Scenario {
+            expected_nat,
+            ..self
+        }
+    }
+
+    fn endpoint(self, endpoint: &'static str) -> Scenario {
+        Scenario {
+            expected_endpoint: Some(endpoint),
+            ..self
+        }
+    }
+
+    fn outcome(self, expected_outcome: Outcome) -> Scenario {
+        Scenario {
+            expected_outcome,
+            ..self
+        }
+    }
+}
+
 /// The default set: every path once, with distinct sizes so that a mix-up shows, plus a
 /// silently dropped and a refused attempt.
 pub fn scenarios(mode: EndpointMode) -> Vec<Scenario> {
+    use ClientKind::{Dns, Http, Imds, Sink};
     let to = |ip, port| Target::Addr(SocketAddrV4::new(ip, port));
-    let tcp = |name, path, from, target, connections, bytes| Scenario {
-        name,
-        expected_path: path,
-        expected_nat: "none",
-        expected_endpoint: None,
-        expected_outcome: Outcome::Connected,
-        from,
-        to: target,
-        client: ClientKind::Sink,
-        connections,
-        bytes_per_connection: bytes,
+    let (pod_b, pod_r) = (pod_ip("pod-b"), pod_ip("pod-r"));
+    let node_endpoint = if mode == EndpointMode::Public {
+        "public"
+    } else {
+        "private"
     };
-    let pod_r = pod_ip("pod-r");
-    let node_endpoint = if mode == EndpointMode::Public { "public" } else { "private" };
-    vec![
-        tcp("pod_to_pod_local", "pod_to_pod_local", "pod-a", to(pod_ip("pod-b"), 8080), 3, 210_000),
-        tcp("pod_to_pod_remote", "pod_to_pod_remote", "pod-a", to(pod_r, 8080), 3, 220_000),
-        tcp(
-            "pod_to_pod_remote_secondary_eni",
-            "pod_to_pod_remote",
-            "pod-c",
-            to(pod_r, 8080),
-            2,
-            230_000,
-        ),
-        Scenario {
-            expected_nat: "dnat",
-            ..tcp("pod_to_service", "pod_to_service", "pod-a", to(BACKEND_SERVICE_IP, 80), 3, 240_000)
-        },
-        Scenario {
-            expected_nat: "dnat",
-            expected_endpoint: Some("private"),
-            ..tcp(
-                "pod_to_apiserver",
-                "pod_to_apiserver",
-                "pod-a",
-                to(KUBERNETES_SERVICE_IP, 443),
-                2,
-                250_000,
-            )
-        },
-        Scenario {
-            expected_endpoint: Some(node_endpoint),
-            ..tcp(
-                "node_to_apiserver",
-                "node_to_apiserver",
-                "node",
-                Target::ClusterEndpoint(443),
-                2,
-                260_000,
-            )
-        },
-        tcp(
-            "controlplane_to_kubelet",
-            "controlplane_to_kubelet",
-            "cp",
-            to(NODE_IP, 10250),
-            2,
-            270_000,
-        ),
-        Scenario {
-            expected_nat: "dnat",
-            client: ClientKind::Dns,
-            ..tcp("pod_to_dns", "pod_to_dns", "pod-a", to(CLUSTER_DNS, 53), 20, 0)
-        },
-        Scenario {
-            expected_nat: "snat",
-            client: ClientKind::Http,
-            ..tcp("pod_to_external", "pod_to_external", "pod-a", to(EXTERNAL_HOST, 80), 3, 280_000)
-        },
-        tcp("node_to_external", "node_to_external", "node", to(EXTERNAL_HOST, 9000), 2, 290_000),
-        Scenario {
-            expected_nat: "snat",
-            client: ClientKind::Imds,
-            ..tcp("pod_to_imds", "pod_to_imds", "pod-a", to(IMDS, 80), 4, 0)
-        },
-        Scenario {
-            client: ClientKind::Imds,
-            ..tcp("node_to_imds", "node_to_imds", "node", to(IMDS, 80), 4, 0)
-        },
-        tcp("node_to_node", "node_to_node", "node", to(NODE2_IP, 8080), 2, 300_000),
-        Scenario {
-            expected_nat: "dnat",
-            ..tcp("external_to_pod", "external_to_pod", "inet", to(NODE_IP, NODE_PORT), 2, 310_000)
-        },
-        tcp("external_to_node", "external_to_node", "inet", to(NODE_IP, 8081), 2, 320_000),
-        Scenario {
-            expected_outcome: Outcome::TimedOut,
-            ..tcp(
-                "dropped_syn",
-                "pod_to_pod_remote",
-                "pod-a",
-                to(pod_r, SECURITY_GROUP_DENIED_PORT),
-                1,
-                1000,
-            )
-        },
-        Scenario {
-            expected_outcome: Outcome::Refused,
-            ..tcp("refused", "pod_to_pod_remote", "pod-a", to(pod_r, CLOSED_PORT), 1, 1000)
-        },
-    ]
+    // One scenario per line: a table reads better than rustfmt's one argument per line.
+    #[rustfmt::skip]
+    let all = vec![
+        Scenario::new("pod_to_pod_local", Sink, "pod-a", to(pod_b, 8080), 3, 210_000),
+        Scenario::new("pod_to_pod_remote", Sink, "pod-a", to(pod_r, 8080), 3, 220_000),
+        Scenario::new("pod_to_pod_remote_secondary_eni", Sink, "pod-c", to(pod_r, 8080), 2, 230_000)
+            .path("pod_to_pod_remote"),
+        Scenario::new("pod_to_service", Sink, "pod-a", to(BACKEND_SERVICE_IP, 80), 3, 240_000)
+            .nat("dnat"),
+        Scenario::new("pod_to_apiserver", Sink, "pod-a", to(KUBERNETES_SERVICE_IP, 443), 2, 250_000)
+            .nat("dnat").endpoint("private"),
+        Scenario::new("node_to_apiserver", Sink, "node", Target::ClusterEndpoint(443), 2, 260_000)
+            .endpoint(node_endpoint),
+        Scenario::new("controlplane_to_kubelet", Sink, "cp", to(NODE_IP, 10250), 2, 270_000),
+        Scenario::new("pod_to_dns", Dns, "pod-a", to(CLUSTER_DNS, 53), 20, 0).nat("dnat"),
+        Scenario::new("pod_to_external", Http, "pod-a", to(EXTERNAL_HOST, 80), 3, 280_000)
+            .nat("snat"),
+        Scenario::new("node_to_external", Sink, "node", to(EXTERNAL_HOST, 9000), 2, 290_000),
+        Scenario::new("pod_to_imds", Imds, "pod-a", to(IMDS, 80), 4, 0).nat("snat"),
+        Scenario::new("node_to_imds", Imds, "node", to(IMDS, 80), 4, 0),
+        Scenario::new("node_to_node", Sink, "node", to(NODE2_IP, 8080), 2, 300_000),
+        Scenario::new("external_to_pod", Sink, "inet", to(NODE_IP, NODE_PORT), 2, 310_000)
+            .nat("dnat"),
+        Scenario::new("external_to_node", Sink, "inet", to(NODE_IP, 8081), 2, 320_000),
+        Scenario::new("dropped_syn", Sink, "pod-a", to(pod_r, SECURITY_GROUP_DENIED_PORT), 1, 1000)
+            .path("pod_to_pod_remote").outcome(Outcome::TimedOut),
+        Scenario::new("refused", Sink, "pod-a", to(pod_r, CLOSED_PORT), 1, 1000)
+            .path("pod_to_pod_remote").outcome(Outcome::Refused),
+    ];
+    all
 }
 
 /// Runs the scenarios one after the other (so that each one's traffic can be told apart).
@@ -257,7 +240,12 @@ pub fn run(lab: &Lab, scenarios: &[Scenario]) -> anyhow::Result<Vec<Sent>> {
         );
         match run_client(lab, scenario.from, &client_args(scenario)) {
             Ok(report) => {
-                failures.extend(report.errors.iter().map(|error| format!("{}: {error}", scenario.name)));
+                failures.extend(
+                    report
+                        .errors
+                        .iter()
+                        .map(|error| format!("{}: {error}", scenario.name)),
+                );
                 sent.push(report.into_sent(scenario, lab.external_snat()));
             }
             Err(error) => failures.push(format!("{}: {error:#}", scenario.name)),
@@ -270,9 +258,16 @@ pub fn run(lab: &Lab, scenarios: &[Scenario]) -> anyhow::Result<Vec<Sent>> {
 }
 
 fn client_args(scenario: &Scenario) -> Vec<String> {
-    let mut args = vec![scenario.client.arg(), "--to".to_owned(), scenario.to.to_string()];
+    let mut args = vec![
+        scenario.client.arg(),
+        "--to".to_owned(),
+        scenario.to.to_string(),
+    ];
     if let Target::ClusterEndpoint(_) = scenario.to {
-        args.extend(["--resolver".to_owned(), SocketAddrV4::new(RESOLVER, 53).to_string()]);
+        args.extend([
+            "--resolver".to_owned(),
+            SocketAddrV4::new(RESOLVER, 53).to_string(),
+        ]);
     }
     args.extend([
         "--connections".to_owned(),
@@ -321,11 +316,12 @@ impl Report {
     /// attempt ended.
     pub fn connect(&mut self, attempt: u32, to: SocketAddrV4) -> Option<TcpStream> {
         self.connections += 1;
-        let connected = TcpStream::connect_timeout(&to.into(), CONNECT_TIMEOUT).and_then(|stream| {
-            stream.set_read_timeout(Some(IO_TIMEOUT))?;
-            stream.set_write_timeout(Some(IO_TIMEOUT))?;
-            Ok(stream)
-        });
+        let connected =
+            TcpStream::connect_timeout(&to.into(), CONNECT_TIMEOUT).and_then(|stream| {
+                stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                stream.set_write_timeout(Some(IO_TIMEOUT))?;
+                Ok(stream)
+            });
         match connected {
             Ok(stream) => {
                 self.connected += 1;
@@ -400,7 +396,7 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
     };
     let report = match args.kind {
         ClientKind::Sink => sink::client(to, args.connections, args.bytes),
-        ClientKind::Http => http_post_client(to, args.connections, args.bytes),
+        ClientKind::Http => http::upload_client(to, args.connections, args.bytes),
         ClientKind::Dns => dns::client(to, args.connections, CLUSTER_ENDPOINT),
         ClientKind::Imds => imds::client(to, args.connections),
     };
@@ -422,24 +418,6 @@ fn resolve_target(args: &ClientArgs) -> anyhow::Result<SocketAddrV4> {
     Ok(SocketAddrV4::new(addresses[0], port))
 }
 
-/// `POST /upload` of `bytes` bytes, `connections` times; the external host must confirm the
-/// count.
-fn http_post_client(to: SocketAddrV4, connections: u32, bytes: u64) -> Report {
-    let mut report = Report::new(to);
-    let expected = format!("received {bytes} bytes\n");
-    for attempt in 1..=connections {
-        match http::request(&mut report, attempt, to, "POST", "/upload", &[], bytes) {
-            Some(response) if response.status == 200 && response.body == expected => {}
-            Some(response) => report.transfer_failed(
-                attempt,
-                format!("the external host answered {}: {}", response.status, response.body.trim()),
-            ),
-            None => {}
-        }
-    }
-    report
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,24 +435,45 @@ mod tests {
             .filter(|s| s.expected_outcome == Outcome::Connected)
             .map(|s| u64::from(s.connections) * s.bytes_per_connection)
             .collect();
-        assert!(totals.iter().all(|total| (100_000..=2_000_000).contains(total)));
+        assert!(
+            totals
+                .iter()
+                .all(|total| (100_000..=2_000_000).contains(total))
+        );
         totals.sort_unstable();
         totals.dedup();
         assert_eq!(totals.len(), 12, "sizes must differ between scenarios");
         for path in [
-            "pod_to_pod_local", "pod_to_pod_remote", "pod_to_service", "pod_to_apiserver",
-            "node_to_apiserver", "controlplane_to_kubelet", "pod_to_dns", "pod_to_external",
-            "node_to_external", "pod_to_imds", "node_to_imds", "node_to_node", "external_to_pod",
+            "pod_to_pod_local",
+            "pod_to_pod_remote",
+            "pod_to_service",
+            "pod_to_apiserver",
+            "node_to_apiserver",
+            "controlplane_to_kubelet",
+            "pod_to_dns",
+            "pod_to_external",
+            "node_to_external",
+            "pod_to_imds",
+            "node_to_imds",
+            "node_to_node",
+            "external_to_pod",
             "external_to_node",
         ] {
-            assert!(all.iter().any(|s| s.expected_path == path), "no scenario for {path}");
+            assert!(
+                all.iter().any(|s| s.expected_path == path),
+                "no scenario for {path}"
+            );
         }
     }
 
     #[test]
     fn the_node_reaches_the_api_server_as_the_mode_says() {
         let endpoint = |mode| {
-            scenarios(mode).into_iter().find(|s| s.name == "node_to_apiserver").unwrap().expected_endpoint
+            scenarios(mode)
+                .into_iter()
+                .find(|s| s.name == "node_to_apiserver")
+                .unwrap()
+                .expected_endpoint
         };
         assert_eq!(endpoint(EndpointMode::Public), Some("public"));
         assert_eq!(endpoint(EndpointMode::PublicPrivate), Some("private"));
@@ -483,8 +482,17 @@ mod tests {
 
     #[test]
     fn external_snat_turns_expected_snat_into_none() {
-        let scenario = scenarios(EndpointMode::Public).into_iter().find(|s| s.name == "pod_to_external").unwrap();
-        assert_eq!(Report::default().into_sent(&scenario, false).expected_nat, "snat");
-        assert_eq!(Report::default().into_sent(&scenario, true).expected_nat, "none");
+        let scenario = scenarios(EndpointMode::Public)
+            .into_iter()
+            .find(|s| s.name == "pod_to_external")
+            .unwrap();
+        assert_eq!(
+            Report::default().into_sent(&scenario, false).expected_nat,
+            "snat"
+        );
+        assert_eq!(
+            Report::default().into_sent(&scenario, true).expected_nat,
+            "none"
+        );
     }
 }

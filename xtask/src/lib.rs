@@ -1,0 +1,10 @@
+//! Developer automation for the tracer, as a library so that integration tests share it.
+pub mod agent;
+pub mod bench;
+pub mod build;
+pub mod demo;
+pub mod lab;
+pub mod run;
+pub mod scrape;
+pub mod setup;
+pub mod test;
