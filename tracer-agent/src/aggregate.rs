@@ -318,3 +318,194 @@ fn counted_from_conntrack(
         forward_dir,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Path;
+    use tracer_common::PROTO_TCP;
+
+    fn tuple(src: &str, dst: &str) -> conntrack::Tuple {
+        let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+        conntrack::Tuple {
+            src: src.ip(),
+            dst: dst.ip(),
+            proto: PROTO_TCP,
+            src_port: src.port(),
+            dst_port: dst.port(),
+        }
+    }
+
+    /// The key and this direction's index of a packet `src → dst`.
+    fn key(src: &str, dst: &str) -> (FlowKey, usize) {
+        let t = tuple(src, dst);
+        let (family, src_bytes) = addr_bytes(t.src);
+        FlowKey::canonical(
+            family,
+            PROTO_TCP,
+            (src_bytes, t.src_port),
+            (addr_bytes(t.dst).1, t.dst_port),
+        )
+    }
+
+    /// Stats of a connection whose initiator sent `forward` bytes (one packet per 1000 bytes)
+    /// and got `reply` bytes back, first seen as a SYN from the initiator.
+    fn stats(forward_dir: usize, forward: u64, reply: u64) -> FlowStats {
+        let mut stats = FlowStats {
+            first_dir: forward_dir as u8,
+            first_tcp_flags: TCP_SYN,
+            ..FlowStats::default()
+        };
+        stats.bytes[forward_dir] = forward;
+        stats.bytes[1 - forward_dir] = reply;
+        stats.packets[forward_dir] = forward / 1000;
+        stats.packets[1 - forward_dir] = reply / 1000;
+        stats
+    }
+
+    fn context() -> NodeContext {
+        NodeContext {
+            vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+            node_ips: ["10.0.1.10".parse().unwrap()].into(),
+            local_pods: ["10.0.1.101".parse().unwrap()].into(),
+            ..NodeContext::default()
+        }
+    }
+
+    fn totals(forward_bytes: u64, reply_bytes: u64, flows: u64) -> Totals {
+        Totals {
+            forward_packets: forward_bytes / 1000,
+            forward_bytes,
+            reply_packets: reply_bytes / 1000,
+            reply_bytes,
+            flows,
+        }
+    }
+
+    #[test]
+    fn snat_is_counted_once_under_the_pod_and_labelled_snat() {
+        let entry = conntrack::Entry {
+            original: tuple("10.0.1.101:40000", "192.0.2.80:80"),
+            reply: tuple("192.0.2.80:80", "10.0.1.10:61000"),
+        };
+        let (pod_view, pod_dir) = key("10.0.1.101:40000", "192.0.2.80:80");
+        let (eni_view, eni_dir) = key("10.0.1.10:61000", "192.0.2.80:80");
+        let flows = [
+            (pod_view, stats(pod_dir, 50_000, 2_000)),
+            (eni_view, stats(eni_dir, 50_000, 2_000)),
+        ];
+        let mut aggregator = Aggregator::default();
+        let result = aggregator.poll(&flows, &context(), &NatTable::new(vec![entry]));
+        let expected = Classification {
+            path: Path::PodToExternal,
+            endpoint: None,
+            nat: Nat::Snat,
+        };
+        assert_eq!(result.deltas, [(expected, totals(50_000, 2_000, 1))].into());
+    }
+
+    #[test]
+    fn the_nodes_own_traffic_seen_only_after_a_port_rewrite_is_counted_without_snat() {
+        // `--random-fully` gives the node's connection a new source port before any hook.
+        let entry = conntrack::Entry {
+            original: tuple("10.0.1.10:40000", "192.0.2.80:9000"),
+            reply: tuple("192.0.2.80:9000", "10.0.1.10:61000"),
+        };
+        let (eni_view, eni_dir) = key("10.0.1.10:61000", "192.0.2.80:9000");
+        let flows = [(eni_view, stats(eni_dir, 30_000, 1_000))];
+        let result = Aggregator::default().poll(&flows, &context(), &NatTable::new(vec![entry]));
+        let expected = Classification {
+            path: Path::NodeToExternal,
+            endpoint: None,
+            nat: Nat::None,
+        };
+        assert_eq!(result.deltas, [(expected, totals(30_000, 1_000, 1))].into());
+    }
+
+    #[test]
+    fn dnat_is_classified_by_its_backend() {
+        let entry = conntrack::Entry {
+            original: tuple("10.0.1.101:40000", "10.100.20.20:80"),
+            reply: tuple("10.0.2.101:8080", "10.0.1.101:40000"),
+        };
+        let (pod_view, pod_dir) = key("10.0.1.101:40000", "10.100.20.20:80");
+        let (eni_view, eni_dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
+        let flows = [
+            (pod_view, stats(pod_dir, 9_000, 3_000)),
+            (eni_view, stats(eni_dir, 9_000, 3_000)),
+        ];
+        let result = Aggregator::default().poll(&flows, &context(), &NatTable::new(vec![entry]));
+        let expected = Classification {
+            path: Path::PodToService,
+            endpoint: None,
+            nat: Nat::Dnat,
+        };
+        assert_eq!(result.deltas, [(expected, totals(9_000, 3_000, 1))].into());
+    }
+
+    #[test]
+    fn without_conntrack_a_connection_waits_one_poll_and_loses_nothing() {
+        let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
+        let mut aggregator = Aggregator::default();
+        let none = NatTable::default();
+        let first = aggregator.poll(&[(view, stats(dir, 4_000, 1_000))], &context(), &none);
+        assert!(
+            first.deltas.is_empty(),
+            "classified before conntrack had its chance"
+        );
+        let second = aggregator.poll(&[(view, stats(dir, 6_000, 2_000))], &context(), &none);
+        let expected = Classification {
+            path: Path::PodToPodRemote,
+            endpoint: None,
+            nat: Nat::None,
+        };
+        assert_eq!(second.deltas, [(expected, totals(6_000, 2_000, 1))].into());
+        let third = aggregator.poll(&[(view, stats(dir, 9_000, 2_000))], &context(), &none);
+        assert_eq!(third.deltas, [(expected, totals(3_000, 0, 0))].into());
+    }
+
+    #[test]
+    fn an_evicted_connection_is_counted_and_its_recreation_starts_from_zero() {
+        let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
+        let mut aggregator = Aggregator::default();
+        let none = NatTable::default();
+        aggregator.poll(&[(view, stats(dir, 4_000, 0))], &context(), &none);
+        aggregator.poll(&[(view, stats(dir, 8_000, 0))], &context(), &none);
+        let gone = aggregator.poll(&[], &context(), &none);
+        assert_eq!(gone.evicted, 1);
+        aggregator.poll(&[(view, stats(dir, 2_000, 0))], &context(), &none);
+        let back = aggregator.poll(&[(view, stats(dir, 3_000, 0))], &context(), &none);
+        assert_eq!(
+            back.deltas.values().map(|t| t.forward_bytes).sum::<u64>(),
+            3_000
+        );
+    }
+
+    #[test]
+    fn a_syn_ack_seen_first_makes_its_receiver_the_initiator() {
+        let (view, server_dir) = key("10.0.2.101:8080", "10.0.1.101:40000");
+        let mut first = stats(1 - server_dir, 5_000, 1_000);
+        first.first_dir = server_dir as u8;
+        first.first_tcp_flags = TCP_SYN | TCP_ACK;
+        assert_eq!(forward_dir(&view, &first), 1 - server_dir);
+        // Mid-stream: the sender of the first packet used the lower port, so it is the server.
+        first.first_tcp_flags = TCP_ACK;
+        assert_eq!(forward_dir(&view, &first), 1 - server_dir);
+    }
+
+    #[test]
+    fn idle_connections_are_handed_back_for_removal() {
+        let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
+        let mut aggregator = Aggregator::default();
+        let none = NatTable::default();
+        let flows = [(view, stats(dir, 4_000, 0))];
+        let mut idle = Vec::new();
+        for _ in 0..=IDLE_POLLS_BEFORE_FORGET + 1 {
+            idle = aggregator.poll(&flows, &context(), &none).idle;
+            if !idle.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(idle, vec![view]);
+    }
+}

@@ -9,6 +9,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::run::{command_output, describe};
+
 /// Programs the lab runs, and what provides them.
 const TOOLS: [(&str, &str); 3] = [
     ("ip", "run `cargo xtask setup` (installs iproute2)"),
@@ -47,21 +49,21 @@ pub fn in_ns(ns: &str, program: &str) -> Command {
 pub fn ip(ns: &str, args: &str) -> anyhow::Result<String> {
     let mut command = Command::new("ip");
     command.args(["-n", ns]).args(args.split_whitespace());
-    output(&mut command)
+    command_output(&mut command)
 }
 
 /// Runs `ip netns <args>` ("add trc-1a2b-node", "pids …", "del …").
 pub fn netns(args: &str) -> anyhow::Result<String> {
     let mut command = Command::new("ip");
     command.arg("netns").args(args.split_whitespace());
-    output(&mut command)
+    command_output(&mut command)
 }
 
 /// Sets `settings` ("net.ipv4.ip_forward=1 …") in `ns`.
 pub fn sysctl(ns: &str, settings: &str) -> anyhow::Result<()> {
     let mut command = in_ns(ns, "sysctl");
     command.args(["-q", "-w"]).args(settings.split_whitespace());
-    output(&mut command).map(drop)
+    command_output(&mut command).map(drop)
 }
 
 /// Replaces the tables named in `rules` (iptables-restore format) in `ns`.
@@ -93,24 +95,6 @@ pub fn iptables_restore(ns: &str, rules: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `command` to completion and returns its standard output; fails naming the command and
-/// quoting its standard error.
-pub fn output(command: &mut Command) -> anyhow::Result<String> {
-    let result = command
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {}", describe(command)))?;
-    if !result.status.success() {
-        bail!(
-            "{} failed ({}): {}",
-            describe(command),
-            result.status,
-            String::from_utf8_lossy(&result.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&result.stdout).into_owned())
-}
-
 /// Starts the child in a session of its own, so that it survives the terminal and the Ctrl-C
 /// of the command that started it.
 pub fn new_session(command: &mut Command) {
@@ -127,12 +111,4 @@ pub fn new_session(command: &mut Command) {
 /// Whether a namespace of that name exists.
 pub fn ns_exists(ns: &str) -> bool {
     Path::new("/run/netns").join(ns).exists()
-}
-
-fn describe(command: &Command) -> String {
-    std::iter::once(command.get_program())
-        .chain(command.get_args())
-        .map(|part| part.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
 }

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EndpointMode, Lab, cli, dns, exec,
+    EndpointMode, Lab, cli, dns,
     facts::{
         BACKEND_SERVICE_IP, CLOSED_PORT, CLUSTER_DNS, CLUSTER_ENDPOINT, EXTERNAL_HOST, IMDS,
         KUBERNETES_SERVICE_IP, NODE_IP, NODE_PORT, NODE2_IP, RESOLVER, SECURITY_GROUP_DENIED_PORT,
@@ -282,7 +282,7 @@ fn client_args(scenario: &Scenario) -> Vec<String> {
 pub(super) fn run_client(lab: &Lab, role: &str, args: &[String]) -> anyhow::Result<Report> {
     let mut command = lab.command_in(role, &lab.saved.helper_exe.to_string_lossy());
     command.args(["lab", "client"]).args(args);
-    let stdout = exec::output(&mut command)?;
+    let stdout = crate::run::command_output(&mut command)?;
     let line = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(line).with_context(|| format!("reading the client's report {line:?}"))
 }
