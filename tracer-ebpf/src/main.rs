@@ -98,18 +98,18 @@ fn account(ctx: &TcContext, hook: Hook, packet: &Packet) {
             0
         },
     };
-    if let Some(stats) = FLOWS.get_ptr_mut(&key) {
+    if let Some(stats) = FLOWS.get_ptr_mut(key) {
         add_to_existing(stats, ifindex, &sample);
         return;
     }
     let stats = new_flow(ifindex, hook, &sample);
-    match FLOWS.insert(&key, &stats, BPF_NOEXIST as u64) {
+    match FLOWS.insert(key, stats, BPF_NOEXIST as u64) {
         Ok(()) => {
             bump(DatapathCounter::FlowsCreated);
             bump(DatapathCounter::Counted);
         }
         // Another CPU inserted the same connection between our lookup and insert.
-        Err(_) => match FLOWS.get_ptr_mut(&key) {
+        Err(_) => match FLOWS.get_ptr_mut(key) {
             Some(stats) => add_to_existing(stats, ifindex, &sample),
             None => bump(DatapathCounter::InsertFailed),
         },

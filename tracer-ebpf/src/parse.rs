@@ -149,11 +149,11 @@ pub fn packet(
         Fragment::Later { id, last } => {
             let key = fragment_key(&net, id);
             // SAFETY: the value is copied out at once.
-            let ports = unsafe { fragments.get(&key) }
+            let ports = unsafe { fragments.get(key) }
                 .copied()
                 .ok_or(ParseError::FragmentUnmatched)?;
             if last {
-                let _ = fragments.remove(&key);
+                let _ = fragments.remove(key);
             }
             Transport {
                 src_port: ports.src_port,
@@ -169,7 +169,7 @@ pub fn packet(
                 dst_port: transport.dst_port,
             };
             // Best effort: if the map refuses, later fragments are reported unmatched.
-            let _ = fragments.insert(&fragment_key(&net, id), &ports, 0);
+            let _ = fragments.insert(fragment_key(&net, id), ports, 0);
             transport
         }
         Fragment::None => transport(ctx, net.proto, net.l4_offset)?,
