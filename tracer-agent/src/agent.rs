@@ -130,6 +130,7 @@ impl Agent {
             cluster_dns: args.cluster_dns,
             ..NodeContext::default()
         };
+        let aggregator = Aggregator::new(args.syn_timeout);
         let vpc_from_imds = args
             .vpc_cidrs
             .is_empty()
@@ -141,7 +142,7 @@ impl Agent {
             metrics,
             readiness,
             context,
-            aggregator: Aggregator::default(),
+            aggregator,
             conntrack: None,
             vpc_from_imds,
             problems: BTreeSet::new(),
@@ -194,8 +195,11 @@ impl Agent {
         } else {
             NatTable::default()
         };
-        let result = self.aggregator.poll(&flows, &self.context, &nat);
+        let result = self
+            .aggregator
+            .poll(&flows, &self.context, &nat, monotonic_ns());
         self.metrics.record_paths(&result.deltas);
+        self.metrics.record_handshakes(&result.handshakes);
         self.metrics.set_flow_table(flows.len(), result.evicted);
         if let Err(error) = self.datapath.forget(&result.idle) {
             self.problem(format!("removing idle connections: {error}"));
@@ -290,6 +294,17 @@ impl Agent {
     fn publish_readiness(&self) {
         self.readiness.set(self.problems.iter().cloned().collect());
     }
+}
+
+/// CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads: comparable with the kernel's SYN times.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass and nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// Asks IMDS for the VPC's CIDR blocks in the background, retrying until it answers.

@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use tracer_common::{FAMILY_IPV4, FlowKey, FlowStats, TCP_ACK, TCP_SYN};
+use tracer_common::{FAMILY_IPV4, FlowKey, FlowStats, PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN};
 
 use crate::{
     classify::{Classification, Connection, Nat, NodeContext, classify},
@@ -25,6 +25,11 @@ pub struct Totals {
     pub reply_packets: u64,
     pub reply_bytes: u64,
     pub flows: u64,
+    /// TCP connection attempts that got no SYN-ACK (nor RST) within the SYN timeout: what a
+    /// security group or NACL that drops silently looks like.
+    pub unanswered_syns: u64,
+    /// TCP connections that saw a RST (a refused attempt, an aborted connection).
+    pub resets: u64,
 }
 
 impl Totals {
@@ -34,6 +39,8 @@ impl Totals {
         self.reply_packets += other.reply_packets;
         self.reply_bytes += other.reply_bytes;
         self.flows += other.flows;
+        self.unanswered_syns += other.unanswered_syns;
+        self.resets += other.resets;
     }
 }
 
@@ -42,6 +49,9 @@ struct Tracked {
     last: FlowStats,
     view: View,
     idle_polls: u32,
+    /// The handshake was timed, refused or declared unanswered: nothing more to report.
+    handshake_settled: bool,
+    reset_counted: bool,
 }
 
 enum View {
@@ -145,9 +155,19 @@ pub const IDLE_POLLS_BEFORE_FORGET: u32 = 120;
 /// Per-path totals, keyed by classification.
 pub type PathTable = BTreeMap<Classification, Totals>;
 
-#[derive(Default)]
 pub struct Aggregator {
     tracked: HashMap<FlowKey, Tracked>,
+    /// How long a SYN may wait for its SYN-ACK before the attempt counts as unanswered.
+    syn_timeout_ns: u64,
+}
+
+/// The default SYN timeout: Linux retransmits a SYN after 1 s and again after 3 s.
+pub const DEFAULT_SYN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Default for Aggregator {
+    fn default() -> Aggregator {
+        Aggregator::new(DEFAULT_SYN_TIMEOUT)
+    }
 }
 
 /// What one poll produced.
@@ -159,9 +179,18 @@ pub struct PollResult {
     pub idle: Vec<FlowKey>,
     /// Connections that left the kernel table without being read out: LRU evictions.
     pub evicted: u64,
+    /// SYN → SYN-ACK times of the handshakes completed since the previous poll.
+    pub handshakes: Vec<(Classification, std::time::Duration)>,
 }
 
 impl Aggregator {
+    pub fn new(syn_timeout: std::time::Duration) -> Aggregator {
+        Aggregator {
+            tracked: HashMap::new(),
+            syn_timeout_ns: syn_timeout.as_nanos() as u64,
+        }
+    }
+
     /// True when a connection seen in `flows` still lacks a classification: the caller then
     /// reads conntrack before calling `poll`.
     pub fn needs_nat_table(&self, flows: &[(FlowKey, FlowStats)]) -> bool {
@@ -178,6 +207,7 @@ impl Aggregator {
         flows: &[(FlowKey, FlowStats)],
         context: &NodeContext,
         nat: &NatTable,
+        now_ns: u64,
     ) -> PollResult {
         let mut result = PollResult::default();
         let present: HashSet<FlowKey> = flows.iter().map(|(key, _)| *key).collect();
@@ -186,6 +216,8 @@ impl Aggregator {
                 last: FlowStats::default(),
                 view: View::Pending { polls: 0 },
                 idle_polls: 0,
+                handshake_settled: false,
+                reset_counted: false,
             });
             // Counters that went down mean the entry was evicted and re-created in between.
             let restarted = stats.packets[0] < tracked.last.packets[0]
@@ -210,13 +242,35 @@ impl Aggregator {
             } = &tracked.view
             {
                 let (fwd, rev) = (*forward_dir, 1 - *forward_dir);
-                let delta = Totals {
+                let mut delta = Totals {
                     forward_packets: stats.packets[fwd] - base.packets[fwd],
                     forward_bytes: stats.bytes[fwd].saturating_sub(base.bytes[fwd]),
                     reply_packets: stats.packets[rev] - base.packets[rev],
                     reply_bytes: stats.bytes[rev].saturating_sub(base.bytes[rev]),
                     flows: u64::from(base.packets == [0, 0]),
+                    ..Totals::default()
                 };
+                if key.proto == PROTO_TCP {
+                    let reset = stats.tcp_flags & (u32::from(TCP_RST) * 0x101) != 0;
+                    if reset && !tracked.reset_counted {
+                        tracked.reset_counted = true;
+                        delta.resets = 1;
+                    }
+                    if !tracked.handshake_settled && stats.syn_ns != 0 {
+                        if stats.synack_ns >= stats.syn_ns {
+                            let took =
+                                std::time::Duration::from_nanos(stats.synack_ns - stats.syn_ns);
+                            result.handshakes.push((*classification, took));
+                            tracked.handshake_settled = true;
+                        } else if reset {
+                            // Refused: answered, with a RST; not a silent drop.
+                            tracked.handshake_settled = true;
+                        } else if now_ns.saturating_sub(stats.syn_ns) > self.syn_timeout_ns {
+                            delta.unanswered_syns = 1;
+                            tracked.handshake_settled = true;
+                        }
+                    }
+                }
                 result
                     .deltas
                     .entry(*classification)
@@ -379,6 +433,7 @@ mod tests {
             reply_packets: reply_bytes / 1000,
             reply_bytes,
             flows,
+            ..Totals::default()
         }
     }
 
@@ -395,7 +450,7 @@ mod tests {
             (eni_view, stats(eni_dir, 50_000, 2_000)),
         ];
         let mut aggregator = Aggregator::default();
-        let result = aggregator.poll(&flows, &context(), &NatTable::new(vec![entry]));
+        let result = aggregator.poll(&flows, &context(), &NatTable::new(vec![entry]), 0);
         let expected = Classification {
             path: Path::PodToExternal,
             endpoint: None,
@@ -413,7 +468,7 @@ mod tests {
         };
         let (eni_view, eni_dir) = key("10.0.1.10:61000", "192.0.2.80:9000");
         let flows = [(eni_view, stats(eni_dir, 30_000, 1_000))];
-        let result = Aggregator::default().poll(&flows, &context(), &NatTable::new(vec![entry]));
+        let result = Aggregator::default().poll(&flows, &context(), &NatTable::new(vec![entry]), 0);
         let expected = Classification {
             path: Path::NodeToExternal,
             endpoint: None,
@@ -434,7 +489,7 @@ mod tests {
             (pod_view, stats(pod_dir, 9_000, 3_000)),
             (eni_view, stats(eni_dir, 9_000, 3_000)),
         ];
-        let result = Aggregator::default().poll(&flows, &context(), &NatTable::new(vec![entry]));
+        let result = Aggregator::default().poll(&flows, &context(), &NatTable::new(vec![entry]), 0);
         let expected = Classification {
             path: Path::PodToService,
             endpoint: None,
@@ -448,19 +503,19 @@ mod tests {
         let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
         let mut aggregator = Aggregator::default();
         let none = NatTable::default();
-        let first = aggregator.poll(&[(view, stats(dir, 4_000, 1_000))], &context(), &none);
+        let first = aggregator.poll(&[(view, stats(dir, 4_000, 1_000))], &context(), &none, 0);
         assert!(
             first.deltas.is_empty(),
             "classified before conntrack had its chance"
         );
-        let second = aggregator.poll(&[(view, stats(dir, 6_000, 2_000))], &context(), &none);
+        let second = aggregator.poll(&[(view, stats(dir, 6_000, 2_000))], &context(), &none, 0);
         let expected = Classification {
             path: Path::PodToPodRemote,
             endpoint: None,
             nat: Nat::None,
         };
         assert_eq!(second.deltas, [(expected, totals(6_000, 2_000, 1))].into());
-        let third = aggregator.poll(&[(view, stats(dir, 9_000, 2_000))], &context(), &none);
+        let third = aggregator.poll(&[(view, stats(dir, 9_000, 2_000))], &context(), &none, 0);
         assert_eq!(third.deltas, [(expected, totals(3_000, 0, 0))].into());
     }
 
@@ -469,12 +524,12 @@ mod tests {
         let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
         let mut aggregator = Aggregator::default();
         let none = NatTable::default();
-        aggregator.poll(&[(view, stats(dir, 4_000, 0))], &context(), &none);
-        aggregator.poll(&[(view, stats(dir, 8_000, 0))], &context(), &none);
-        let gone = aggregator.poll(&[], &context(), &none);
+        aggregator.poll(&[(view, stats(dir, 4_000, 0))], &context(), &none, 0);
+        aggregator.poll(&[(view, stats(dir, 8_000, 0))], &context(), &none, 0);
+        let gone = aggregator.poll(&[], &context(), &none, 0);
         assert_eq!(gone.evicted, 1);
-        aggregator.poll(&[(view, stats(dir, 2_000, 0))], &context(), &none);
-        let back = aggregator.poll(&[(view, stats(dir, 3_000, 0))], &context(), &none);
+        aggregator.poll(&[(view, stats(dir, 2_000, 0))], &context(), &none, 0);
+        let back = aggregator.poll(&[(view, stats(dir, 3_000, 0))], &context(), &none, 0);
         assert_eq!(
             back.deltas.values().map(|t| t.forward_bytes).sum::<u64>(),
             3_000
@@ -501,11 +556,61 @@ mod tests {
         let flows = [(view, stats(dir, 4_000, 0))];
         let mut idle = Vec::new();
         for _ in 0..=IDLE_POLLS_BEFORE_FORGET + 1 {
-            idle = aggregator.poll(&flows, &context(), &none).idle;
+            idle = aggregator.poll(&flows, &context(), &none, 0).idle;
             if !idle.is_empty() {
                 break;
             }
         }
         assert_eq!(idle, vec![view]);
+    }
+
+    fn health(stats_of: impl Fn(&mut FlowStats), now_ns: u64) -> (Totals, usize) {
+        let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:9999");
+        let mut flow = stats(dir, 60, 0);
+        stats_of(&mut flow);
+        let mut aggregator = Aggregator::new(std::time::Duration::from_secs(3));
+        let none = NatTable::default();
+        aggregator.poll(&[(view, flow)], &context(), &none, now_ns);
+        let result = aggregator.poll(&[(view, flow)], &context(), &none, now_ns);
+        let totals = result.deltas.values().copied().next().unwrap_or_default();
+        (totals, result.handshakes.len())
+    }
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_handshake_is_timed_once() {
+        let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
+        let mut flow = stats(dir, 60, 60);
+        flow.syn_ns = 10 * SECOND;
+        flow.synack_ns = 10 * SECOND + 250_000;
+        let mut aggregator = Aggregator::default();
+        let none = NatTable::default();
+        aggregator.poll(&[(view, flow)], &context(), &none, 11 * SECOND);
+        let first = aggregator.poll(&[(view, flow)], &context(), &none, 11 * SECOND);
+        assert_eq!(first.handshakes.len(), 1);
+        assert_eq!(first.handshakes[0].1, std::time::Duration::from_micros(250));
+        let again = aggregator.poll(&[(view, flow)], &context(), &none, 12 * SECOND);
+        assert!(again.handshakes.is_empty(), "a handshake is reported once");
+    }
+
+    #[test]
+    fn a_syn_without_answer_is_unanswered_only_after_the_timeout() {
+        let syn_only = |flow: &mut FlowStats| flow.syn_ns = 10 * SECOND;
+        assert_eq!(health(syn_only, 12 * SECOND).0.unanswered_syns, 0);
+        assert_eq!(health(syn_only, 14 * SECOND).0.unanswered_syns, 1);
+    }
+
+    #[test]
+    fn a_refused_attempt_is_a_reset_not_an_unanswered_syn() {
+        let refused = |flow: &mut FlowStats| {
+            flow.syn_ns = 10 * SECOND;
+            flow.tcp_flags = u32::from(TCP_SYN) | (u32::from(TCP_RST | TCP_ACK) << 8);
+        };
+        let (totals, handshakes) = health(refused, 20 * SECOND);
+        assert_eq!(
+            (totals.resets, totals.unanswered_syns, handshakes),
+            (1, 0, 0)
+        );
     }
 }

@@ -68,6 +68,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: Duration,
 
+    /// How long a TCP SYN may wait for its SYN-ACK before the attempt counts as unanswered
+    /// (tracer_path_unanswered_syn_total).
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    pub syn_timeout: Duration,
+
     /// How the programs are attached: tcx links (kernel ≥ 6.6), the clsact qdisc, or the best
     /// the kernel offers.
     #[arg(long, value_enum, default_value_t = AttachModeArg::Auto)]

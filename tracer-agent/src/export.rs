@@ -9,7 +9,13 @@ use axum::{
 };
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
     registry::Registry,
 };
 use tracer_common::DatapathCounter;
@@ -32,6 +38,12 @@ struct FlowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthLabels {
+    path: &'static str,
+    endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -48,6 +60,9 @@ pub struct Metrics {
     packets: Family<PacketLabels, Counter>,
     bytes: Family<PacketLabels, Counter>,
     flows: Family<FlowLabels, Counter>,
+    handshakes: Family<HealthLabels, Histogram>,
+    unanswered_syns: Family<HealthLabels, Counter>,
+    resets: Family<HealthLabels, Counter>,
     attached: Family<KindLabels, Gauge>,
     flow_table_entries: Gauge,
     evictions: Counter,
@@ -62,6 +77,12 @@ impl Metrics {
         let packets = Family::<PacketLabels, Counter>::default();
         let bytes = Family::<PacketLabels, Counter>::default();
         let flows = Family::<FlowLabels, Counter>::default();
+        // 100 µs (same node) to ~13 s (SYN retransmitted): doubling buckets.
+        let handshakes = Family::<HealthLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))) as fn() -> Histogram,
+        );
+        let unanswered_syns = Family::<HealthLabels, Counter>::default();
+        let resets = Family::<HealthLabels, Counter>::default();
         let attached = Family::<KindLabels, Gauge>::default();
         let flow_table_entries = Gauge::default();
         let evictions = Counter::default();
@@ -80,6 +101,21 @@ impl Metrics {
             "path_flows",
             "Connections seen to start, by path",
             flows.clone(),
+        );
+        registry.register(
+            "path_handshake_seconds",
+            "TCP SYN to SYN-ACK time seen at the node, by path",
+            handshakes.clone(),
+        );
+        registry.register(
+            "path_unanswered_syn",
+            "TCP connection attempts with no SYN-ACK within the SYN timeout (silent drops)",
+            unanswered_syns.clone(),
+        );
+        registry.register(
+            "path_resets",
+            "TCP connections that saw a RST (refused or aborted)",
+            resets.clone(),
         );
         registry.register(
             "attached_interfaces",
@@ -111,6 +147,9 @@ impl Metrics {
             packets,
             bytes,
             flows,
+            handshakes,
+            unanswered_syns,
+            resets,
             attached,
             flow_table_entries,
             evictions,
@@ -141,6 +180,20 @@ impl Metrics {
                 nat: forward.nat,
             };
             self.flows.get_or_create(&flow_labels).inc_by(totals.flows);
+            let health = health_labels(classification);
+            self.unanswered_syns
+                .get_or_create(&health)
+                .inc_by(totals.unanswered_syns);
+            self.resets.get_or_create(&health).inc_by(totals.resets);
+        }
+    }
+
+    /// Adds the handshakes completed since the previous poll to the histogram.
+    pub fn record_handshakes(&self, handshakes: &[(Classification, std::time::Duration)]) {
+        for (classification, took) in handshakes {
+            self.handshakes
+                .get_or_create(&health_labels(classification))
+                .observe(took.as_secs_f64());
         }
     }
 
@@ -193,6 +246,15 @@ fn packet_labels(classification: &Classification, direction: &'static str) -> Pa
             .map_or("", |endpoint| endpoint.as_str()),
         nat: classification.nat.as_str(),
         direction,
+    }
+}
+
+fn health_labels(classification: &Classification) -> HealthLabels {
+    HealthLabels {
+        path: classification.path.as_str(),
+        endpoint: classification
+            .endpoint
+            .map_or("", |endpoint| endpoint.as_str()),
     }
 }
 

@@ -19,6 +19,8 @@ use crate::{
 pub const METRICS_ADDR: &str = "127.0.0.1:9477";
 /// Short so that tests and the demo see their traffic within a fraction of a second.
 pub const POLL_INTERVAL: &str = "200ms";
+/// Shorter than the default 3 s: the lab's dropped SYN is declared unanswered sooner.
+pub const SYN_TIMEOUT: &str = "1s";
 
 pub struct LabAgent {
     ns: String,
@@ -46,6 +48,8 @@ impl LabAgent {
             METRICS_ADDR.into(),
             "--poll-interval".into(),
             POLL_INTERVAL.into(),
+            "--syn-timeout".into(),
+            SYN_TIMEOUT.into(),
             "--cluster-dns".into(),
             facts.cluster_dns.to_string(),
         ];

@@ -182,6 +182,50 @@ fn a_flow_across_a_veth_and_an_eni_is_counted_once() {
 }
 
 #[test]
+fn silent_drops_and_refusals_are_told_apart_and_handshakes_are_timed() {
+    let (lab, agent) = start(EndpointMode::PublicPrivate);
+    let wanted = ["dropped_syn", "refused", "pod_to_pod_local"];
+    let scenarios: Vec<Scenario> = lab::scenarios(EndpointMode::PublicPrivate)
+        .into_iter()
+        .filter(|s| wanted.contains(&s.name))
+        .collect();
+    assert_eq!(
+        scenarios.len(),
+        wanted.len(),
+        "the lab lacks one of {wanted:?}"
+    );
+    let sent = lab.run_traffic(&scenarios).expect("traffic");
+    // The SYN timeout (1 s) plus a few polls.
+    std::thread::sleep(Duration::from_millis(1_800));
+    let samples = agent.scrape().expect("scrape");
+    let remote = [("path", "pod_to_pod_remote")];
+    let unanswered = scrape::sum(&samples, "tracer_path_unanswered_syn_total", &remote);
+    let resets = scrape::sum(&samples, "tracer_path_resets_total", &remote);
+    assert_eq!(
+        (unanswered, resets),
+        (1.0, 1.0),
+        "one silently dropped attempt and one refused one on pod_to_pod_remote\n{}",
+        agent.log_tail()
+    );
+    let local = sent
+        .iter()
+        .find(|s| s.scenario == "pod_to_pod_local")
+        .expect("pod_to_pod_local sent");
+    let timed = scrape::sum(
+        &samples,
+        "tracer_path_handshake_seconds_count",
+        &[("path", "pod_to_pod_local")],
+    );
+    assert_eq!(
+        timed,
+        f64::from(local.connected),
+        "one handshake time per connection made"
+    );
+    drop(agent);
+    lab.down().expect("lab down");
+}
+
+#[test]
 fn sigterm_detaches_everything_within_two_seconds() {
     let (lab, agent) = start(EndpointMode::Public);
     let (took, code) = agent.stop().expect("stop");
