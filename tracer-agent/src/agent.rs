@@ -6,7 +6,7 @@ use log::{info, warn};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::oneshot,
+    sync::{oneshot, watch},
 };
 
 use crate::{
@@ -17,6 +17,7 @@ use crate::{
     conntrack::Conntrack,
     datapath::{AttachMode, Datapath},
     discovery::{self, InterfaceKind, InterfacePatterns, Scan},
+    endpoint::{self, Resolution},
     export::{self, Metrics, Readiness},
     imds::ImdsClient,
 };
@@ -112,6 +113,8 @@ struct Agent {
     conntrack: Option<Conntrack>,
     /// IMDS answer still to come, when the VPC CIDRs were not given on the command line.
     vpc_from_imds: Option<oneshot::Receiver<Vec<Cidr>>>,
+    /// Answers about the cluster endpoint, when one was given.
+    apiserver_from_dns: Option<watch::Receiver<Resolution>>,
     problems: BTreeSet<String>,
 }
 
@@ -135,6 +138,10 @@ impl Agent {
             .vpc_cidrs
             .is_empty()
             .then(|| spawn_imds_lookup(ImdsClient::new(args.imds_addr, IMDS_TIMEOUT)));
+        let apiserver_from_dns = args
+            .cluster_endpoint
+            .clone()
+            .map(|host| endpoint::spawn_resolver(host, args.resolve_interval));
         Agent {
             args,
             patterns,
@@ -145,6 +152,7 @@ impl Agent {
             aggregator,
             conntrack: None,
             vpc_from_imds,
+            apiserver_from_dns,
             problems: BTreeSet::new(),
         }
     }
@@ -177,6 +185,7 @@ impl Agent {
             Err(error) => self.problem(format!("netlink scan failed: {error}")),
         }
         self.receive_imds();
+        self.receive_apiserver_addresses();
         if self.context.vpc_cidrs.is_empty() {
             self.problem(format!(
                 "VPC CIDR unknown: IMDS ({}) has not answered yet and --vpc-cidr is not set; remote and external traffic is labelled unknown",
@@ -259,6 +268,33 @@ impl Agent {
             info!("VPC CIDR blocks from IMDS: {cidrs:?}");
             self.context.vpc_cidrs = cidrs;
             self.vpc_from_imds = None;
+        }
+    }
+
+    /// The API server addresses: those given by flag and the cluster endpoint's latest answer.
+    fn receive_apiserver_addresses(&mut self) {
+        let Some(receiver) = self.apiserver_from_dns.as_mut() else {
+            return;
+        };
+        let changed = receiver.has_changed().unwrap_or(false);
+        let resolution = receiver.borrow_and_update().clone();
+        match resolution {
+            Ok(addresses) => {
+                if changed {
+                    info!("cluster endpoint resolves to {addresses:?}");
+                    self.context.apiserver_ips = self
+                        .args
+                        .apiserver_ips
+                        .iter()
+                        .copied()
+                        .chain(addresses)
+                        .collect();
+                }
+            }
+            // The last good answer stays in use; only never having had one is a gap.
+            Err(error) => self.problem(format!(
+                "{error}; API server traffic to addresses not given by --apiserver-ip is not recognised"
+            )),
         }
     }
 

@@ -43,6 +43,16 @@ pub struct AgentArgs {
     #[arg(long = "node-iface", value_name = "PATTERN", default_values = ["eth*", "ens*"])]
     pub node_ifaces: Vec<String>,
 
+    /// The cluster endpoint hostname (e.g. ABC.gr7.us-west-2.eks.amazonaws.com), resolved with
+    /// the node's resolver every --resolve-interval: its answer says which API server
+    /// addresses are in use, public NLB or private ENIs.
+    #[arg(long, env = "CLUSTER_ENDPOINT", value_name = "HOST")]
+    pub cluster_endpoint: Option<String>,
+
+    /// How often the cluster endpoint is resolved again.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub resolve_interval: Duration,
+
     /// An API server address (repeatable), in addition to the resolved cluster endpoint.
     #[arg(long = "apiserver-ip", value_name = "IP")]
     pub apiserver_ips: Vec<IpAddr>,

@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod craft;
 pub mod datapath;
 pub mod discovery;
+pub mod endpoint;
 pub mod export;
 pub mod imds;
 pub mod netlink;

@@ -19,6 +19,8 @@ use crate::{
 pub const METRICS_ADDR: &str = "127.0.0.1:9477";
 /// Short so that tests and the demo see their traffic within a fraction of a second.
 pub const POLL_INTERVAL: &str = "200ms";
+/// Shorter than the default 5 s, so an endpoint-mode switch shows within a second.
+pub const RESOLVE_INTERVAL: &str = "1s";
 /// Shorter than the default 3 s: the lab's dropped SYN is declared unanswered sooner.
 pub const SYN_TIMEOUT: &str = "1s";
 
@@ -32,8 +34,9 @@ pub struct LabAgent {
 
 impl LabAgent {
     /// Starts `tracer agent` in the lab's node namespace with the facts a real node would get
-    /// from its configuration (control-plane ENIs, API server NLB addresses, kube-dns); the VPC
-    /// CIDR comes from the lab's IMDS, as on EC2.
+    /// from its configuration (control-plane ENIs, the cluster endpoint's name, kube-dns); the
+    /// VPC CIDR comes from the lab's IMDS and the API server addresses from the lab's resolver,
+    /// as on EC2.
     pub fn start(lab: &Lab, tracer: &Path) -> anyhow::Result<LabAgent> {
         if !tracer.exists() {
             bail!(
@@ -56,9 +59,12 @@ impl LabAgent {
         for ip in &facts.controlplane_ips {
             args.extend(["--controlplane-ip".into(), ip.to_string()]);
         }
-        for ip in &facts.nlb_ips {
-            args.extend(["--apiserver-ip".into(), ip.to_string()]);
-        }
+        args.extend([
+            "--cluster-endpoint".into(),
+            facts.cluster_endpoint.clone(),
+            "--resolve-interval".into(),
+            RESOLVE_INTERVAL.into(),
+        ]);
         let log = std::env::temp_dir().join(format!("tracer-agent-{}.log", lab.id()));
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = lab.command_in("node", &tracer.to_string_lossy());

@@ -226,6 +226,58 @@ fn silent_drops_and_refusals_are_told_apart_and_handshakes_are_timed() {
 }
 
 #[test]
+fn switching_the_endpoint_mode_moves_node_traffic_between_public_and_private() {
+    let (lab, agent) = start(EndpointMode::Public);
+    let apiserver_bytes = |endpoint: &str| {
+        let samples = agent.scrape().expect("scrape");
+        scrape::sum(
+            &samples,
+            "tracer_path_bytes_total",
+            &[
+                ("path", "node_to_apiserver"),
+                ("endpoint", endpoint),
+                ("direction", "forward"),
+            ],
+        )
+    };
+    let mut seen = Vec::new();
+    for mode in [
+        EndpointMode::Public,
+        EndpointMode::Private,
+        EndpointMode::Public,
+    ] {
+        lab.set_mode(mode).expect("set mode");
+        // The agent re-resolves the cluster endpoint every second.
+        std::thread::sleep(Duration::from_millis(1_500));
+        let before = (apiserver_bytes("public"), apiserver_bytes("private"));
+        let scenario = lab::scenarios(mode)
+            .into_iter()
+            .find(|s| s.name == "node_to_apiserver")
+            .expect("a node_to_apiserver scenario");
+        let sent = lab.run_traffic(&[scenario]).expect("traffic").remove(0);
+        std::thread::sleep(Duration::from_millis(900));
+        let after = (apiserver_bytes("public"), apiserver_bytes("private"));
+        let grew = (after.0 - before.0, after.1 - before.1);
+        seen.push(format!(
+            "{mode}: sent {} B to {}, grew {grew:?}",
+            sent.payload_bytes, sent.to
+        ));
+        let (on, off) = match mode {
+            EndpointMode::Public => (grew.0, grew.1),
+            _ => (grew.1, grew.0),
+        };
+        assert!(
+            within_bounds(on, sent.payload_bytes) && off == 0.0,
+            "{}\n{}",
+            seen.join("\n"),
+            agent.log_tail()
+        );
+    }
+    drop(agent);
+    lab.down().expect("lab down");
+}
+
+#[test]
 fn sigterm_detaches_everything_within_two_seconds() {
     let (lab, agent) = start(EndpointMode::Public);
     let (took, code) = agent.stop().expect("stop");

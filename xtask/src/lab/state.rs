@@ -218,6 +218,7 @@ pub fn teardown(id: &str) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     for ns in &namespaces {
+        remove_dir(&netns_etc(ns))?;
         eprintln!("lab: deleting namespace {ns}");
         if let Err(error) = exec::netns(&format!("del {ns}"))
             && exec::ns_exists(ns)
@@ -225,8 +226,17 @@ pub fn teardown(id: &str) -> anyhow::Result<()> {
             return Err(error);
         }
     }
-    let dir = dir(id);
-    match fs::remove_dir_all(&dir) {
+    remove_dir(&dir(id))
+}
+
+/// Per-namespace configuration `ip netns exec` mounts over /etc (e.g. resolv.conf).
+pub fn netns_etc(ns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(ns)
+}
+
+/// Removes a directory tree; one already gone is fine.
+fn remove_dir(dir: &Path) -> anyhow::Result<()> {
+    match fs::remove_dir_all(dir) {
         Err(error) if error.kind() != ErrorKind::NotFound => {
             Err(error).with_context(|| format!("removing {}", dir.display()))
         }

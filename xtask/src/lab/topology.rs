@@ -5,6 +5,8 @@
 //! OTHER`), so nothing ever appears in the root namespace.
 use std::fmt;
 
+use anyhow::Context as _;
+
 use super::{
     LabFacts, exec,
     facts::{
@@ -154,6 +156,12 @@ impl Builder<'_> {
         node.ip(format!("addr add {NODE_IP}/{prefix} dev eth0"))?;
         node.ip(format!("addr add {SECONDARY_ENI_IP}/{prefix} dev eth1"))?;
         node.ip(format!("route add default via {GATEWAY_A} dev eth0"))?;
+        // As on EC2, the node's stub resolver is the VPC resolver; `ip netns exec` bind-mounts
+        // this file over /etc/resolv.conf for the node's processes (the agent included).
+        let etc = state::netns_etc(&node.0);
+        std::fs::create_dir_all(&etc).with_context(|| format!("creating {}", etc.display()))?;
+        std::fs::write(etc.join("resolv.conf"), format!("nameserver {RESOLVER}\n"))
+            .with_context(|| format!("writing {}/resolv.conf", etc.display()))?;
         // The CNI removes the secondary ENI's subnet route from the main table and gives the
         // ENI a table of its own, used by the pods whose IPs it holds.
         node.ip(format!("route del {SUBNET_A} dev eth1"))?;
