@@ -19,7 +19,7 @@ use crate::{
     discovery::{self, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
     export::{self, Metrics, Readiness},
-    imds::ImdsClient,
+    imds::{self, ImdsClient},
 };
 
 /// Why the agent stopped: the exit code tells usage/configuration (2) from runtime (1).
@@ -41,7 +41,6 @@ impl AgentError {
 }
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
-const IMDS_TIMEOUT: Duration = Duration::from_secs(1);
 const IMDS_RETRY: Duration = Duration::from_secs(5);
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
@@ -137,7 +136,7 @@ impl Agent {
         let vpc_from_imds = args
             .vpc_cidrs
             .is_empty()
-            .then(|| spawn_imds_lookup(ImdsClient::new(args.imds_addr, IMDS_TIMEOUT)));
+            .then(|| spawn_imds_lookup(ImdsClient::new(args.imds_addr, imds::DEFAULT_TIMEOUT)));
         let apiserver_from_dns = args
             .cluster_endpoint
             .clone()

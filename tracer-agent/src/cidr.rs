@@ -18,25 +18,8 @@ pub enum CidrError {
 }
 
 impl Cidr {
-    pub fn new(addr: IpAddr, prefix_len: u8) -> Option<Cidr> {
-        (prefix_len <= max_prefix(addr)).then_some(Cidr { addr, prefix_len })
-    }
-
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    pub fn prefix_len(&self) -> u8 {
-        self.prefix_len
-    }
-
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.addr.is_ipv4() && masked(ip, self.prefix_len) == self.addr
-    }
-
-    /// True when the two blocks share at least one address.
-    pub fn overlaps(&self, other: &Cidr) -> bool {
-        self.contains(other.addr) || other.contains(self.addr)
     }
 }
 
@@ -126,14 +109,5 @@ mod tests {
             "10.0.1.5/16".parse::<Cidr>(),
             Err(CidrError::HostBits(..))
         ));
-    }
-
-    #[test]
-    fn overlaps() {
-        let a: Cidr = "10.0.0.0/16".parse().unwrap();
-        let b: Cidr = "10.0.8.0/24".parse().unwrap();
-        let c: Cidr = "100.64.0.0/16".parse().unwrap();
-        assert!(a.overlaps(&b) && b.overlaps(&a));
-        assert!(!a.overlaps(&c));
     }
 }

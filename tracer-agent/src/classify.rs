@@ -21,8 +21,6 @@ macro_rules! label_enum {
         pub enum $name { $($variant),+ }
 
         impl $name {
-            pub const ALL: &[$name] = &[$($name::$variant),+];
-
             /// The label value, as dashboards and alerts spell it.
             pub const fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }

@@ -104,10 +104,6 @@ impl Datapath {
         })
     }
 
-    pub fn mode(&self) -> AttachMode {
-        self.mode
-    }
-
     /// Attaches the ingress and egress programs to `interface`, after whatever is already
     /// there (they hand every packet on, so order does not change other programs' verdicts).
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {

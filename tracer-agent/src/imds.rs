@@ -55,9 +55,6 @@ pub enum ImdsError {
     Malformed { path: String, what: String },
 }
 
-/// The real IMDS endpoint.
-pub const DEFAULT_ADDR: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)), 80);
 /// IMDS answers in milliseconds; a second means it is not there (not on EC2, or blocked).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -77,12 +74,6 @@ const MAX_RESPONSE: usize = 64 * 1024;
 pub struct ImdsClient {
     base: SocketAddr,
     timeout: Duration,
-}
-
-impl Default for ImdsClient {
-    fn default() -> Self {
-        ImdsClient::new(DEFAULT_ADDR, DEFAULT_TIMEOUT)
-    }
 }
 
 impl ImdsClient {

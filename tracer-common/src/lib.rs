@@ -6,8 +6,6 @@
 
 /// Name of the flow table map: `FlowKey` → `FlowStats`.
 pub const FLOWS_MAP: &str = "FLOWS";
-/// Name of the IP fragment map: `FragmentKey` → `FragmentPorts`.
-pub const FRAGMENTS_MAP: &str = "FRAGMENTS";
 /// Name of the per-CPU datapath counter array, indexed by `DatapathCounter`.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Default capacity of the flow table (entries); `tracer agent --flow-table-size` overrides it.
@@ -140,16 +138,6 @@ pub enum Hook {
     Ingress = 0,
     /// Packets the interface transmits (for a pod's host-side veth: packets to the pod).
     Egress = 1,
-}
-
-impl Hook {
-    pub const fn from_u8(value: u8) -> Option<Hook> {
-        match value {
-            0 => Some(Hook::Ingress),
-            1 => Some(Hook::Egress),
-            _ => None,
-        }
-    }
 }
 
 /// Identifies the datagram a non-first IP fragment belongs to.
