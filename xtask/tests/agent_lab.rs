@@ -1,7 +1,8 @@
-//! The real agent in the lab node, real traffic on every path: each class counts what was sent
-//! (within header overhead), nothing else moves, a packet crossing a veth and an ENI is counted
+//! The real agent in the lab node, real traffic on every path in every endpoint mode: each
+//! class counts what was sent (within header overhead) under the right labels, nothing else
+//! moves, a packet crossing a veth and an ENI is counted
 //! once, and SIGTERM detaches everything within 2 s.
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use xtask::{
     agent::LabAgent,
@@ -16,26 +17,27 @@ fn within_bounds(counted: f64, sent: u64) -> bool {
     counted >= sent as f64 && counted <= sent as f64 * 1.25 + 20_000.0
 }
 
-/// Growth of the agent's per-path forward bytes allowed on paths a scenario does not use.
+/// Growth of forward bytes allowed on series a scenario does not use (and on `unknown`).
 const NOISE_BYTES: f64 = 5_000.0;
 
-/// Classes the foundation issue requires exactly; the others are checked by the taxonomy tests.
-const FOUNDATION_PATHS: &[&str] = &[
-    "pod_to_pod_local",
-    "pod_to_pod_remote",
-    "pod_to_external",
-    "node_to_external",
-];
+/// Forward bytes by series, keyed `path nat=… endpoint=…`.
+type Growth = BTreeMap<String, f64>;
 
-fn forward_bytes_by_path(samples: &[Sample]) -> std::collections::BTreeMap<String, f64> {
-    let mut by_path = std::collections::BTreeMap::new();
+fn series(path: &str, nat: &str, endpoint: &str) -> String {
+    format!("{path} nat={nat} endpoint={endpoint}")
+}
+
+fn forward_bytes(samples: &[Sample]) -> Growth {
+    let mut by_series = Growth::new();
     for sample in samples.iter().filter(|s| {
         s.name == "tracer_path_bytes_total"
             && s.labels.get("direction").is_some_and(|d| d == "forward")
     }) {
-        *by_path.entry(sample.labels["path"].clone()).or_insert(0.0) += sample.value;
+        let label = |name: &str| sample.labels.get(name).map_or("", String::as_str);
+        let key = series(label("path"), label("nat"), label("endpoint"));
+        *by_series.entry(key).or_insert(0.0) += sample.value;
     }
-    by_path
+    by_series
 }
 
 fn require_root() {
@@ -62,58 +64,44 @@ fn start(mode: EndpointMode) -> (Lab, LabAgent) {
     (lab, agent)
 }
 
-/// Runs one scenario and returns what was sent and the per-path growth it caused.
-fn run_one(
-    lab: &Lab,
-    agent: &LabAgent,
-    scenario: Scenario,
-) -> (lab::Sent, std::collections::BTreeMap<String, f64>) {
-    let before = forward_bytes_by_path(&agent.scrape().expect("scrape"));
+/// Runs one scenario and returns what was sent and the growth it caused, by series.
+fn run_one(lab: &Lab, agent: &LabAgent, scenario: Scenario) -> (lab::Sent, Growth) {
+    let before = forward_bytes(&agent.scrape().expect("scrape"));
     let sent = lab.run_traffic(&[scenario]).expect("traffic").remove(0);
     // Enough polls (200 ms each) to see the connections and resolve their NAT.
     std::thread::sleep(Duration::from_millis(900));
-    let after = forward_bytes_by_path(&agent.scrape().expect("scrape"));
+    let after = forward_bytes(&agent.scrape().expect("scrape"));
     let growth = after
         .iter()
-        .map(|(path, value)| {
-            (
-                path.clone(),
-                value - before.get(path).copied().unwrap_or(0.0),
-            )
-        })
+        .map(|(key, value)| (key.clone(), value - before.get(key).copied().unwrap_or(0.0)))
         .collect();
     (sent, growth)
 }
 
-#[test]
-fn each_foundation_class_counts_what_was_sent_and_nothing_else_moves() {
-    let (lab, agent) = start(EndpointMode::PublicPrivate);
-    let scenarios: Vec<Scenario> = lab::scenarios(EndpointMode::PublicPrivate)
+fn expected_series(sent: &lab::Sent) -> String {
+    series(
+        sent.expected_path,
+        sent.expected_nat,
+        sent.expected_endpoint.unwrap_or(""),
+    )
+}
+
+/// Every scenario that completes connections, one at a time: its series (path, NAT and
+/// endpoint labels) counts what was sent, and no other series — `unknown` included — moves.
+fn every_scenario_counts_what_was_sent(mode: EndpointMode) {
+    let (lab, agent) = start(mode);
+    let scenarios: Vec<Scenario> = lab::scenarios(mode)
         .into_iter()
-        .filter(|s| {
-            FOUNDATION_PATHS.contains(&s.expected_path)
-                && s.name != "dropped_syn"
-                && s.name != "refused"
-        })
+        .filter(|s| s.name != "dropped_syn" && s.name != "refused")
         .collect();
-    assert!(
-        scenarios.len() >= FOUNDATION_PATHS.len(),
-        "the lab lacks a scenario for a foundation path"
-    );
     let mut failures = Vec::new();
     for scenario in scenarios {
         let (sent, growth) = run_one(&lab, &agent, scenario);
-        let counted = growth.get(sent.expected_path).copied().unwrap_or(0.0);
+        let expected = expected_series(&sent);
+        let counted = growth.get(&expected).copied().unwrap_or(0.0);
         eprintln!(
-            "{:<28} {:<20} sent {:>9} B, counted forward {:>9} B, other paths {:?}",
-            sent.scenario,
-            sent.expected_path,
-            sent.payload_bytes,
-            counted,
-            growth
-                .iter()
-                .filter(|(p, v)| *p != sent.expected_path && **v > 0.0)
-                .collect::<Vec<_>>()
+            "{mode}: {:<32} {expected:<50} sent {:>9} B, counted {:>9} B",
+            sent.scenario, sent.payload_bytes, counted
         );
         if sent.connected != sent.connections {
             failures.push(format!(
@@ -123,14 +111,14 @@ fn each_foundation_class_counts_what_was_sent_and_nothing_else_moves() {
         }
         if !within_bounds(counted, sent.payload_bytes) {
             failures.push(format!(
-                "{}: {} forward bytes {} outside [{}, {} × 1.25 + 20 kB]",
-                sent.scenario, sent.expected_path, counted, sent.payload_bytes, sent.payload_bytes
+                "{}: {expected} forward bytes {counted} outside [{}, {} × 1.25 + 20 kB]",
+                sent.scenario, sent.payload_bytes, sent.payload_bytes
             ));
         }
-        for (path, grew) in &growth {
-            if path != sent.expected_path && *grew > NOISE_BYTES {
+        for (other, grew) in &growth {
+            if *other != expected && *grew > NOISE_BYTES {
                 failures.push(format!(
-                    "{}: path {path} grew by {grew} B as well",
+                    "{}: {other} grew by {grew} B as well",
                     sent.scenario
                 ));
             }
@@ -138,12 +126,27 @@ fn each_foundation_class_counts_what_was_sent_and_nothing_else_moves() {
     }
     assert!(
         failures.is_empty(),
-        "{}\n{}",
+        "{mode} mode:\n{}\n{}",
         failures.join("\n"),
         agent.log_tail()
     );
     drop(agent);
     lab.down().expect("lab down");
+}
+
+#[test]
+fn every_class_counts_what_was_sent_in_public_mode() {
+    every_scenario_counts_what_was_sent(EndpointMode::Public);
+}
+
+#[test]
+fn every_class_counts_what_was_sent_in_public_private_mode() {
+    every_scenario_counts_what_was_sent(EndpointMode::PublicPrivate);
+}
+
+#[test]
+fn every_class_counts_what_was_sent_in_private_mode() {
+    every_scenario_counts_what_was_sent(EndpointMode::Private);
 }
 
 #[test]
@@ -165,7 +168,10 @@ fn a_flow_across_a_veth_and_an_eni_is_counted_once() {
     let before = duplicates(&agent.scrape().expect("scrape"));
     let (sent, growth) = run_one(&lab, &agent, scenario);
     let after = duplicates(&agent.scrape().expect("scrape"));
-    let counted = growth.get("pod_to_pod_remote").copied().unwrap_or(0.0);
+    let counted = growth
+        .get(&series("pod_to_pod_remote", "none", ""))
+        .copied()
+        .unwrap_or(0.0);
     // The pod's veth and the ENI both see every packet: the ENI's sightings are duplicates.
     assert!(
         after > before,
