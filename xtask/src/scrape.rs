@@ -3,13 +3,15 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{SocketAddr, TcpStream},
     os::fd::AsRawFd,
     time::Duration,
 };
 
 use anyhow::{Context as _, anyhow, bail};
+
+use crate::lab::http;
 
 /// `GET path` on `addr` from inside network namespace `ns`; returns (status, body).
 ///
@@ -29,17 +31,9 @@ pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, 
             .with_context(|| format!("connecting to {addr} in {ns_path}"))?;
         stream.set_read_timeout(Some(timeout))?;
         write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("malformed HTTP response from {addr}{path}"))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| anyhow!("no status in HTTP response from {addr}{path}"))?;
-        Ok((status, body.to_owned()))
+        let response = http::read_response(&mut stream)
+            .with_context(|| format!("reading the answer of {addr}{path}"))?;
+        Ok((response.status, response.body))
     })
     .join()
     .map_err(|_| anyhow!("the HTTP thread panicked"))?

@@ -1,7 +1,7 @@
 //! Just enough HTTP/1.1 for the lab: one request per connection (`Connection: close`), for the
 //! external host on the internet, IMDS and their clients.
 use std::{
-    io::{self, BufRead, BufReader, Read as _, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{SocketAddrV4, TcpStream},
 };
 
@@ -201,6 +201,11 @@ fn exchange(
     stream.write_all(head.as_bytes())?;
     *written += head.len() as u64;
     write_payload(stream, body_bytes, written)?;
+    read_response(stream)
+}
+
+/// Reads a whole response (the server closes the connection), at most 1 MiB of it.
+pub fn read_response(stream: &mut impl Read) -> anyhow::Result<Response> {
     let mut raw = Vec::new();
     stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut raw)?;
     parse_response(&raw)

@@ -12,7 +12,7 @@ mod cli;
 mod dns;
 mod exec;
 mod facts;
-mod http;
+pub(crate) mod http;
 mod imds;
 mod iptables;
 mod servers;
