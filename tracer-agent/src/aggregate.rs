@@ -54,6 +54,43 @@ struct Tracked {
     reset_counted: bool,
 }
 
+impl Tracked {
+    /// Reports, once each, what the connection's TCP flags and SYN times say: a reset (added
+    /// to `delta`), and how its handshake ended — timed (returned), refused with a RST, or
+    /// unanswered past `syn_timeout_ns` (added to `delta`).
+    fn tcp_health(
+        &mut self,
+        stats: &FlowStats,
+        now_ns: u64,
+        syn_timeout_ns: u64,
+        delta: &mut Totals,
+    ) -> Option<std::time::Duration> {
+        let reset = stats.tcp_flags & (u32::from(TCP_RST) * 0x101) != 0;
+        if reset && !self.reset_counted {
+            self.reset_counted = true;
+            delta.resets = 1;
+        }
+        if self.handshake_settled || stats.syn_ns == 0 {
+            return None;
+        }
+        if stats.synack_ns >= stats.syn_ns {
+            self.handshake_settled = true;
+            return Some(std::time::Duration::from_nanos(
+                stats.synack_ns - stats.syn_ns,
+            ));
+        }
+        if reset {
+            // Refused: answered, with a RST; not a silent drop.
+            self.handshake_settled = true;
+        } else if now_ns.saturating_sub(stats.syn_ns) > syn_timeout_ns {
+            delta.unanswered_syns = 1;
+            self.handshake_settled = true;
+        }
+        None
+    }
+}
+
+#[derive(Clone, Copy)]
 enum View {
     /// Not classified yet: waiting (one poll at most) for its conntrack entry.
     Pending { polls: u32 },
@@ -238,10 +275,9 @@ impl Aggregator {
             if let View::Counted {
                 classification,
                 forward_dir,
-                ..
-            } = &tracked.view
+            } = tracked.view
             {
-                let (fwd, rev) = (*forward_dir, 1 - *forward_dir);
+                let (fwd, rev) = (forward_dir, 1 - forward_dir);
                 let mut delta = Totals {
                     forward_packets: stats.packets[fwd] - base.packets[fwd],
                     forward_bytes: stats.bytes[fwd].saturating_sub(base.bytes[fwd]),
@@ -251,31 +287,13 @@ impl Aggregator {
                     ..Totals::default()
                 };
                 if key.proto == PROTO_TCP {
-                    let reset = stats.tcp_flags & (u32::from(TCP_RST) * 0x101) != 0;
-                    if reset && !tracked.reset_counted {
-                        tracked.reset_counted = true;
-                        delta.resets = 1;
-                    }
-                    if !tracked.handshake_settled && stats.syn_ns != 0 {
-                        if stats.synack_ns >= stats.syn_ns {
-                            let took =
-                                std::time::Duration::from_nanos(stats.synack_ns - stats.syn_ns);
-                            result.handshakes.push((*classification, took));
-                            tracked.handshake_settled = true;
-                        } else if reset {
-                            // Refused: answered, with a RST; not a silent drop.
-                            tracked.handshake_settled = true;
-                        } else if now_ns.saturating_sub(stats.syn_ns) > self.syn_timeout_ns {
-                            delta.unanswered_syns = 1;
-                            tracked.handshake_settled = true;
-                        }
+                    let handshake =
+                        tracked.tcp_health(stats, now_ns, self.syn_timeout_ns, &mut delta);
+                    if let Some(took) = handshake {
+                        result.handshakes.push((classification, took));
                     }
                 }
-                result
-                    .deltas
-                    .entry(*classification)
-                    .or_default()
-                    .add(&delta);
+                result.deltas.entry(classification).or_default().add(&delta);
             }
             // Pending connections keep `last` at its base so nothing is lost while they wait.
             if !matches!(tracked.view, View::Pending { .. }) {
