@@ -15,10 +15,11 @@ use crate::{
     classify::NodeContext,
     cli::{AgentArgs, AttachModeArg},
     conntrack::Conntrack,
+    context,
     datapath::{AttachMode, Datapath},
     discovery::{self, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
-    export::{self, Metrics, Readiness},
+    export::{self, Metrics, Problem, Readiness, Reason},
     imds::{self, ImdsClient},
 };
 
@@ -49,18 +50,18 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             "this kernel has no BTF ({BTF_PATH} is missing): run on a kernel built with CONFIG_DEBUG_INFO_BTF=y (EKS AMIs have it)"
         )));
     }
-    let patterns = InterfacePatterns {
-        pod: args.pod_ifaces.clone(),
-        node: args.node_ifaces.clone(),
-    };
+    let node_context = context::from_flags(&args.context).map_err(|contradictions| {
+        AgentError::Config(anyhow!(context::describe(&contradictions)))
+    })?;
+    let patterns = context::interface_patterns(&args.context);
     let scan = discovery::scan(&patterns)
         .context("listing interfaces over netlink")
         .map_err(AgentError::Runtime)?;
     if scan.interfaces.is_empty() {
         return Err(AgentError::Config(anyhow!(
             "no interface matches --pod-iface {:?} or --node-iface {:?}: list them with `ip link` and set the patterns",
-            args.pod_ifaces,
-            args.node_ifaces
+            args.context.pod_ifaces,
+            args.context.node_ifaces
         )));
     }
     let listener = TcpListener::bind(args.metrics_addr)
@@ -84,7 +85,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 
     let metrics = Metrics::new();
     let readiness = Readiness::default();
-    readiness.set(vec!["starting".to_owned()]);
+    readiness.set(&[Problem {
+        reason: Reason::Starting,
+        message: "starting".to_owned(),
+    }]);
     let app = export::router(metrics.clone(), readiness.clone());
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
@@ -96,7 +100,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         args.metrics_addr
     );
 
-    let mut agent = Agent::new(args, patterns, datapath, metrics, readiness);
+    let mut agent = Agent::new(args, node_context, patterns, datapath, metrics, readiness);
     agent.apply_scan(scan);
     agent.run_until_signal().await.map_err(AgentError::Runtime)
 }
@@ -114,30 +118,29 @@ struct Agent {
     vpc_from_imds: Option<oneshot::Receiver<Vec<Cidr>>>,
     /// Answers about the cluster endpoint, when one was given.
     apiserver_from_dns: Option<watch::Receiver<Resolution>>,
-    problems: BTreeSet<String>,
+    problems: BTreeSet<Problem>,
+    /// The problems last published: only changes are logged.
+    published: BTreeSet<Problem>,
 }
 
 impl Agent {
     fn new(
         args: AgentArgs,
+        context: NodeContext,
         patterns: InterfacePatterns,
         datapath: Datapath,
         metrics: Metrics,
         readiness: Readiness,
     ) -> Agent {
-        let context = NodeContext {
-            vpc_cidrs: args.vpc_cidrs.clone(),
-            apiserver_ips: args.apiserver_ips.iter().copied().collect(),
-            controlplane_ips: args.controlplane_ips.iter().copied().collect(),
-            cluster_dns: args.cluster_dns,
-            ..NodeContext::default()
-        };
         let aggregator = Aggregator::new(args.syn_timeout);
-        let vpc_from_imds = args
-            .vpc_cidrs
-            .is_empty()
-            .then(|| spawn_imds_lookup(ImdsClient::new(args.imds_addr, imds::DEFAULT_TIMEOUT)));
+        let vpc_from_imds = args.context.vpc_cidrs.is_empty().then(|| {
+            spawn_imds_lookup(ImdsClient::new(
+                args.context.imds_addr,
+                imds::DEFAULT_TIMEOUT,
+            ))
+        });
         let apiserver_from_dns = args
+            .context
             .cluster_endpoint
             .clone()
             .map(|host| endpoint::spawn_resolver(host, args.resolve_interval));
@@ -153,6 +156,7 @@ impl Agent {
             vpc_from_imds,
             apiserver_from_dns,
             problems: BTreeSet::new(),
+            published: BTreeSet::new(),
         }
     }
 
@@ -181,20 +185,31 @@ impl Agent {
         self.problems.clear();
         match discovery::scan(&self.patterns) {
             Ok(scan) => self.apply_scan(scan),
-            Err(error) => self.problem(format!("netlink scan failed: {error}")),
+            Err(error) => self.problem(Reason::Interfaces, format!("netlink scan failed: {error}")),
         }
         self.receive_imds();
         self.receive_apiserver_addresses();
         if self.context.vpc_cidrs.is_empty() {
-            self.problem(format!(
+            self.problem(Reason::VpcCidr, format!(
                 "VPC CIDR unknown: IMDS ({}) has not answered yet and --vpc-cidr is not set; remote and external traffic is labelled unknown",
-                self.args.imds_addr
+                self.args.context.imds_addr
             ));
+        }
+        for contradiction in self.context.contradictions() {
+            self.problem(
+                Reason::Contradiction,
+                format!(
+                    "{contradiction}; classification of the addresses involved cannot be trusted"
+                ),
+            );
         }
         let flows = match self.datapath.flows() {
             Ok(flows) => flows,
             Err(error) => {
-                self.problem(format!("reading the flow table: {error}"));
+                self.problem(
+                    Reason::FlowTable,
+                    format!("reading the flow table: {error}"),
+                );
                 return self.publish_readiness();
             }
         };
@@ -210,11 +225,17 @@ impl Agent {
         self.metrics.record_handshakes(&result.handshakes);
         self.metrics.set_flow_table(flows.len(), result.evicted);
         if let Err(error) = self.datapath.forget(&result.idle) {
-            self.problem(format!("removing idle connections: {error}"));
+            self.problem(
+                Reason::FlowTable,
+                format!("removing idle connections: {error}"),
+            );
         }
         match self.datapath.counters() {
             Ok(counters) => self.metrics.record_datapath(&counters),
-            Err(error) => self.problem(format!("reading datapath counters: {error}")),
+            Err(error) => self.problem(
+                Reason::FlowTable,
+                format!("reading datapath counters: {error}"),
+            ),
         }
         self.publish_readiness();
     }
@@ -246,14 +267,14 @@ impl Agent {
                         count.1 += 1;
                     }
                 }
-                Err(error) => self.problem(format!("{error}")),
+                Err(error) => self.problem(Reason::Interfaces, format!("{error}")),
             }
         }
         for (kind, count) in counts {
             self.metrics.set_attached(kind, count);
         }
         if counts.iter().all(|(_, count)| *count == 0) {
-            self.problem("attached to no interface".to_owned());
+            self.problem(Reason::Interfaces, "attached to no interface".to_owned());
         }
         self.context.node_ips = node_ips;
         self.context.local_pods = local_pods;
@@ -283,6 +304,7 @@ impl Agent {
                     info!("cluster endpoint resolves to {addresses:?}");
                     self.context.apiserver_ips = self
                         .args
+                        .context
                         .apiserver_ips
                         .iter()
                         .copied()
@@ -291,7 +313,7 @@ impl Agent {
                 }
             }
             // The last good answer stays in use; only never having had one is a gap.
-            Err(error) => self.problem(format!(
+            Err(error) => self.problem(Reason::ApiServer, format!(
                 "{error}; API server traffic to addresses not given by --apiserver-ip is not recognised"
             )),
         }
@@ -302,7 +324,10 @@ impl Agent {
             match Conntrack::open() {
                 Ok(conntrack) => self.conntrack = Some(conntrack),
                 Err(error) => {
-                    self.problem(format!("conntrack unavailable, NAT not observed: {error}"));
+                    self.problem(
+                        Reason::Conntrack,
+                        format!("conntrack unavailable, NAT not observed: {error}"),
+                    );
                     return NatTable::default();
                 }
             }
@@ -314,20 +339,32 @@ impl Agent {
             Ok(entries) => NatTable::new(entries),
             Err(error) => {
                 self.conntrack = None;
-                self.problem(format!("conntrack dump failed, NAT not observed: {error}"));
+                self.problem(
+                    Reason::Conntrack,
+                    format!("conntrack dump failed, NAT not observed: {error}"),
+                );
                 NatTable::default()
             }
         }
     }
 
-    fn problem(&mut self, problem: String) {
-        if self.problems.insert(problem.clone()) {
-            warn!("{problem}");
-        }
+    fn problem(&mut self, reason: Reason, message: String) {
+        self.problems.insert(Problem { reason, message });
     }
 
-    fn publish_readiness(&self) {
-        self.readiness.set(self.problems.iter().cloned().collect());
+    /// Publishes this poll's problems to /readyz and the metrics; logs those that appeared or
+    /// went away since the previous poll.
+    fn publish_readiness(&mut self) {
+        for appeared in self.problems.difference(&self.published) {
+            warn!("{}", appeared.message);
+        }
+        for resolved in self.published.difference(&self.problems) {
+            info!("resolved: {}", resolved.message);
+        }
+        let problems: Vec<Problem> = self.problems.iter().cloned().collect();
+        self.readiness.set(&problems);
+        self.metrics.record_readiness(&problems);
+        self.published = self.problems.clone();
     }
 }
 

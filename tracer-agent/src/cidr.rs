@@ -21,6 +21,20 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.addr.is_ipv4() && masked(ip, self.prefix_len) == self.addr
     }
+
+    /// The block's first address after the network address: in a service CIDR, the
+    /// `kubernetes` service's ClusterIP.
+    pub fn first_host(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(v4) => IpAddr::V4((u32::from(v4).wrapping_add(1)).into()),
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6).wrapping_add(1)).into()),
+        }
+    }
+
+    /// Whether some address lies in both blocks (one contains the other's network address).
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
 }
 
 /// `addr` with every bit past `prefix_len` cleared.
@@ -89,6 +103,23 @@ mod tests {
         let v6: Cidr = "2600:1f14::/56".parse().unwrap();
         assert!(v6.contains("2600:1f14:0:ff::1".parse().unwrap()));
         assert!(!v6.contains("2600:1f14:0:100::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn overlaps_only_within_one_family() {
+        let block = |text: &str| text.parse::<Cidr>().unwrap();
+        assert!(block("10.0.0.0/16").overlaps(&block("10.0.3.0/24")));
+        assert!(block("10.0.3.0/24").overlaps(&block("10.0.0.0/16")));
+        assert!(!block("10.0.0.0/16").overlaps(&block("10.100.0.0/16")));
+        assert!(!block("0.0.0.0/0").overlaps(&block("::/0")));
+        assert_eq!(
+            block("10.100.0.0/16").first_host().to_string(),
+            "10.100.0.1"
+        );
+        assert_eq!(
+            block("fd00:10::/108").first_host().to_string(),
+            "fd00:10::1"
+        );
     }
 
     #[test]

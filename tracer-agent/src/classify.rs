@@ -98,6 +98,8 @@ pub struct NodeContext {
     pub controlplane_ips: HashSet<IpAddr>,
     /// The kube-dns ClusterIP.
     pub cluster_dns: Option<IpAddr>,
+    /// The cluster's service CIDRs (ClusterIPs).
+    pub service_cidrs: Vec<Cidr>,
 }
 
 /// A classified connection.
@@ -109,8 +111,22 @@ pub struct Classification {
 }
 
 impl NodeContext {
-    fn in_vpc(&self, addr: IpAddr) -> bool {
-        self.vpc_cidrs.iter().any(|cidr| cidr.contains(addr))
+    fn vpc_cidr_of(&self, addr: IpAddr) -> Option<&Cidr> {
+        self.vpc_cidrs.iter().find(|cidr| cidr.contains(addr))
+    }
+
+    fn service_cidr_of(&self, addr: IpAddr) -> Option<&Cidr> {
+        self.service_cidrs.iter().find(|cidr| cidr.contains(addr))
+    }
+
+    /// The `kubernetes` service's ClusterIP: by Kubernetes convention the first address of the
+    /// service CIDR, DNATed by kube-proxy to the EKS-owned ENIs.
+    fn is_kubernetes_service(&self, end: SocketAddr) -> bool {
+        end.port() == APISERVER_PORT
+            && self
+                .service_cidrs
+                .iter()
+                .any(|cidr| cidr.first_host() == end.ip())
     }
 
     fn is_apiserver(&self, end: SocketAddr) -> bool {
@@ -125,21 +141,138 @@ impl NodeContext {
             Side::Node
         } else if addr.is_loopback() || is_link_local(addr) {
             Side::LinkLocal
+        } else if self.service_cidr_of(addr).is_some() {
+            Side::Service
         } else if self.vpc_cidrs.is_empty() {
             // Without the VPC's blocks, "remote" and "external" cannot be told apart.
             Side::Unclear
-        } else if self.in_vpc(addr) {
+        } else if self.vpc_cidr_of(addr).is_some() {
             Side::Vpc
         } else {
             Side::External
         }
     }
+
+    /// What the context knows about an address, in words: the facts `tracer explain` prints.
+    pub fn facts_about(&self, addr: IpAddr) -> Vec<String> {
+        let mut facts = Vec::new();
+        let mut fact = |text: String| facts.push(format!("{addr} {text}"));
+        if addr == IMDS_ADDR {
+            fact("is the instance metadata service (IMDS)".to_owned());
+        }
+        match self.side(addr) {
+            Side::LocalPod => {
+                fact("is a pod of this node (a /32 route leads to a pod interface)".to_owned())
+            }
+            Side::Node => {
+                fact("is an address of this node (an ENI address that is no pod's)".to_owned())
+            }
+            Side::LinkLocal => fact("is loopback or link-local".to_owned()),
+            Side::Service | Side::Unclear | Side::Vpc | Side::External => {}
+        }
+        if self.apiserver_ips.contains(&addr) {
+            fact("is an API server address".to_owned());
+        }
+        if self.controlplane_ips.contains(&addr) {
+            fact("is an EKS-owned control-plane ENI (serves the API server on :443, calls kubelet on :10250)".to_owned());
+        }
+        if self.cluster_dns == Some(addr) {
+            fact("is the cluster DNS service (kube-dns)".to_owned());
+        }
+        if let Some(cidr) = self.service_cidr_of(addr) {
+            fact(format!("is a ClusterIP (service CIDR {cidr})"));
+            if cidr.first_host() == addr {
+                fact("is the `kubernetes` service (first address of the service CIDR)".to_owned());
+            }
+        }
+        match self.vpc_cidr_of(addr) {
+            Some(cidr) => fact(format!("is inside VPC CIDR {cidr}")),
+            None if self.vpc_cidrs.is_empty() => fact(
+                "cannot be placed: no VPC CIDR is known, so in-VPC and external are not told apart"
+                    .to_owned(),
+            ),
+            None => fact(format!(
+                "is outside every VPC CIDR ({})",
+                comma_separated(&self.vpc_cidrs)
+            )),
+        }
+        facts
+    }
+
+    /// Facts that contradict each other, so that classifying with them would be a guess.
+    pub fn contradictions(&self) -> Vec<Contradiction> {
+        let mut found = Vec::new();
+        for (index, vpc) in self.vpc_cidrs.iter().enumerate() {
+            for other in &self.vpc_cidrs[index + 1..] {
+                if vpc.overlaps(other) {
+                    found.push(Contradiction::VpcOverlap(*vpc, *other));
+                }
+            }
+            for service in &self.service_cidrs {
+                if vpc.overlaps(service) {
+                    found.push(Contradiction::ServiceOverlapsVpc(*service, *vpc));
+                }
+            }
+        }
+        if let Some(dns) = self.cluster_dns
+            && !self.service_cidrs.is_empty()
+            && self.service_cidr_of(dns).is_none()
+        {
+            found.push(Contradiction::DnsOutsideServices(
+                dns,
+                comma_separated(&self.service_cidrs),
+            ));
+        }
+        if !self.vpc_cidrs.is_empty() {
+            let mut strays: Vec<&IpAddr> = self
+                .controlplane_ips
+                .iter()
+                .filter(|ip| self.vpc_cidr_of(**ip).is_none())
+                .collect();
+            strays.sort();
+            found.extend(strays.into_iter().map(|ip| {
+                Contradiction::ControlplaneOutsideVpc(*ip, comma_separated(&self.vpc_cidrs))
+            }));
+        }
+        found
+    }
+}
+
+/// `a, b, c`: how lists of addresses and blocks are written in messages.
+pub fn comma_separated<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|item| item.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Context facts that cannot all be true (DESIGN §2: a VPC's blocks never overlap, EKS keeps the
+/// service CIDR apart from the VPC, the EKS-owned ENIs live in the cluster's subnets). Each names
+/// the flags that set the facts involved.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Contradiction {
+    #[error("VPC CIDRs {0} and {1} overlap (--vpc-cidr): a VPC's blocks never do")]
+    VpcOverlap(Cidr, Cidr),
+    #[error(
+        "service CIDR {0} (--service-cidr) overlaps VPC CIDR {1} (--vpc-cidr): EKS requires them apart"
+    )]
+    ServiceOverlapsVpc(Cidr, Cidr),
+    #[error(
+        "cluster DNS {0} (--cluster-dns) lies outside every service CIDR ({1}, --service-cidr)"
+    )]
+    DnsOutsideServices(IpAddr, String),
+    #[error(
+        "control-plane ENI {0} (--controlplane-ip) lies outside every VPC CIDR ({1}): the EKS-owned ENIs are in the cluster's subnets"
+    )]
+    ControlplaneOutsideVpc(IpAddr, String),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
     LocalPod,
     Node,
+    Service,
     Vpc,
     External,
     LinkLocal,
@@ -153,8 +286,55 @@ fn is_link_local(addr: IpAddr) -> bool {
     }
 }
 
+/// The rule of the taxonomy that decided a classification: what `tracer explain` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    Imds,
+    Kubelet,
+    ApiServer,
+    Dns,
+    Dnat,
+    UntranslatedClusterIp,
+    KubernetesService,
+    Ends,
+    NoneFits,
+}
+
+impl Rule {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Rule::Imds => "the responder is the instance metadata service",
+            Rule::Kubelet => {
+                "an EKS-owned control-plane ENI calling this node's kubelet port 10250 is controlplane_to_kubelet"
+            }
+            Rule::ApiServer => {
+                "an API server address is the responder: endpoint private if it lies in a VPC CIDR, public otherwise"
+            }
+            Rule::Dns => {
+                "port 53 of the cluster DNS service, or of a pod or VPC address asked directly, is pod_to_dns"
+            }
+            Rule::Dnat => {
+                "the node's DNAT (a ClusterIP or NodePort) rewrote the destination to a backend of no more specific class"
+            }
+            Rule::UntranslatedClusterIp => {
+                "a ClusterIP that no DNAT rewrote (no ready backend, or a hypothetical flow): pod_to_service; live connections take the class of their backend"
+            }
+            Rule::KubernetesService => {
+                "the `kubernetes` ClusterIP on :443 is DNATed to the EKS-owned ENIs: pod_to_apiserver through the private endpoint"
+            }
+            Rule::Ends => "decided by what the two ends are",
+            Rule::NoneFits => "no rule of the taxonomy fits these two ends",
+        }
+    }
+}
+
 /// Classifies a connection from its initiator, most specific rule first.
 pub fn classify(connection: &Connection, context: &NodeContext) -> Classification {
+    decide(connection, context).0
+}
+
+/// The classification and the rule that decided it.
+pub fn decide(connection: &Connection, context: &NodeContext) -> (Classification, Rule) {
     use Side::*;
     let Connection {
         initiator,
@@ -165,51 +345,65 @@ pub fn classify(connection: &Connection, context: &NodeContext) -> Classificatio
     let from = context.side(initiator.ip());
     let to = context.side(responder.ip());
     let endpoint = |addr| {
-        Some(if context.in_vpc(addr) {
+        Some(if context.vpc_cidr_of(addr).is_some() {
             Endpoint::Private
         } else {
             Endpoint::Public
         })
     };
-    let (path, endpoint) = match (from, to) {
-        (LocalPod, _) if responder.ip() == IMDS_ADDR => (Path::PodToImds, None),
-        (Node, _) if responder.ip() == IMDS_ADDR => (Path::NodeToImds, None),
+    let by_ends = |path| (path, None, Rule::Ends);
+    let asked_dns = |end: SocketAddr| Some(end.ip()) == context.cluster_dns;
+    let (path, endpoint, rule) = match (from, to) {
+        (LocalPod, _) if responder.ip() == IMDS_ADDR => (Path::PodToImds, None, Rule::Imds),
+        (Node, _) if responder.ip() == IMDS_ADDR => (Path::NodeToImds, None, Rule::Imds),
         (Vpc, Node)
             if responder.port() == KUBELET_PORT
                 && context.controlplane_ips.contains(&initiator.ip()) =>
         {
-            (Path::ControlplaneToKubelet, None)
+            (Path::ControlplaneToKubelet, None, Rule::Kubelet)
         }
-        (LocalPod, _) if context.is_apiserver(responder) => {
-            (Path::PodToApiserver, endpoint(responder.ip()))
-        }
-        (Node, _) if context.is_apiserver(responder) => {
-            (Path::NodeToApiserver, endpoint(responder.ip()))
-        }
-        (LocalPod, LocalPod | Vpc)
+        (LocalPod, _) if context.is_apiserver(responder) => (
+            Path::PodToApiserver,
+            endpoint(responder.ip()),
+            Rule::ApiServer,
+        ),
+        (Node, _) if context.is_apiserver(responder) => (
+            Path::NodeToApiserver,
+            endpoint(responder.ip()),
+            Rule::ApiServer,
+        ),
+        (LocalPod, LocalPod | Vpc | Service)
             if responder.port() == DNS_PORT
-                && (requested.is_some_and(|r| Some(r.ip()) == context.cluster_dns)
-                    || requested.is_none()) =>
+                && (requested.is_none_or(asked_dns) || asked_dns(responder)) =>
         {
-            (Path::PodToDns, None)
+            (Path::PodToDns, None, Rule::Dns)
         }
-        (LocalPod, _) if nat == Nat::Dnat => (Path::PodToService, None),
-        (LocalPod, LocalPod) => (Path::PodToPodLocal, None),
-        (LocalPod, Vpc) => (Path::PodToPodRemote, None),
-        (LocalPod, External) => (Path::PodToExternal, None),
-        (Node, External) => (Path::NodeToExternal, None),
-        (Node, Vpc) => (Path::NodeToNode, None),
-        (Vpc, LocalPod) => (Path::PodToPodRemote, None),
-        (Vpc, Node) => (Path::NodeToNode, None),
-        (External, LocalPod) => (Path::ExternalToPod, None),
-        (External, Node) => (Path::ExternalToNode, None),
-        _ => (Path::Unknown, None),
+        (LocalPod, _) if nat == Nat::Dnat => (Path::PodToService, None, Rule::Dnat),
+        (LocalPod, Service) if context.is_kubernetes_service(responder) => (
+            Path::PodToApiserver,
+            Some(Endpoint::Private),
+            Rule::KubernetesService,
+        ),
+        (LocalPod, Service) => (Path::PodToService, None, Rule::UntranslatedClusterIp),
+        (LocalPod, LocalPod) => by_ends(Path::PodToPodLocal),
+        (LocalPod, Vpc) => by_ends(Path::PodToPodRemote),
+        (LocalPod, External) => by_ends(Path::PodToExternal),
+        (Node, External) => by_ends(Path::NodeToExternal),
+        (Node, Vpc) => by_ends(Path::NodeToNode),
+        (Vpc, LocalPod) => by_ends(Path::PodToPodRemote),
+        (Vpc, Node) => by_ends(Path::NodeToNode),
+        (External, LocalPod) => by_ends(Path::ExternalToPod),
+        (External, Node) => by_ends(Path::ExternalToNode),
+        _ => (Path::Unknown, None, Rule::NoneFits),
     };
-    Classification {
-        path,
-        endpoint,
-        nat,
-    }
+    (
+        Classification {
+            path,
+            endpoint,
+            nat,
+        },
+        rule,
+    )
 }
 
 #[cfg(test)]
@@ -242,6 +436,7 @@ mod tests {
             apiserver_ips: [ip("203.0.113.10"), ip("10.0.1.50")].into(),
             controlplane_ips: [ip("10.0.1.50"), ip("10.0.2.50")].into(),
             cluster_dns: Some(ip("10.100.0.10")),
+            service_cidrs: vec!["10.100.0.0/16".parse().unwrap()],
         }
     }
 
@@ -460,6 +655,36 @@ mod tests {
                 None,
                 (Unknown, None),
             ),
+            // A ClusterIP no DNAT rewrote (no ready backend): a service, not the internet.
+            (
+                "10.0.1.101:40000",
+                "10.100.20.20:80",
+                Nat::None,
+                None,
+                (PodToService, None),
+            ),
+            (
+                "10.0.1.101:40000",
+                "10.100.0.10:53",
+                Nat::None,
+                None,
+                (PodToDns, None),
+            ),
+            (
+                "10.0.1.101:40000",
+                "10.100.0.1:443",
+                Nat::None,
+                None,
+                (PodToApiserver, Some(Private)),
+            ),
+            // Pod → the VPC resolver directly (dnsPolicy: Default).
+            (
+                "10.0.1.101:40000",
+                "10.0.0.2:53",
+                Nat::None,
+                None,
+                (PodToDns, None),
+            ),
         ];
         for (from, to, nat, requested, expected) in cases {
             check(from, to, *nat, *requested, *expected);
@@ -483,6 +708,64 @@ mod tests {
             ..connection
         };
         assert_eq!(classify(&outside, &context).path, Path::PodToExternal);
+    }
+
+    #[test]
+    fn contradictions_name_the_flags_involved() {
+        assert_eq!(context().contradictions(), Vec::new());
+        let mut wrong = context();
+        wrong.vpc_cidrs.push("10.0.3.0/24".parse().unwrap());
+        wrong.service_cidrs = vec!["10.0.128.0/17".parse().unwrap()];
+        wrong.controlplane_ips.insert(ip("172.31.0.5"));
+        // An IPv6 cluster DNS with IPv4 service CIDRs: a family mismatch.
+        wrong.cluster_dns = Some(ip("fd00::a"));
+        let messages: Vec<String> = wrong
+            .contradictions()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(messages.len(), 4, "{messages:#?}");
+        for (message, flags) in messages.iter().zip([
+            &["--vpc-cidr"][..],
+            &["--service-cidr", "--vpc-cidr"],
+            &["--cluster-dns", "--service-cidr"],
+            &["--controlplane-ip"],
+        ]) {
+            for flag in flags {
+                assert!(message.contains(flag), "{flag} not in {message}");
+            }
+        }
+    }
+
+    #[test]
+    fn decisions_carry_their_rule_and_facts() {
+        let context = context();
+        let connection = Connection {
+            initiator: end("10.0.1.101:0"),
+            responder: end("10.0.2.50:443"),
+            nat: Nat::None,
+            requested: None,
+        };
+        let (classification, rule) = decide(&connection, &context);
+        assert_eq!(classification.path, Path::PodToApiserver);
+        assert_eq!(classification.endpoint, Some(Endpoint::Private));
+        assert_eq!(rule, Rule::ApiServer);
+        let facts = context.facts_about(ip("10.0.2.50")).join("\n");
+        assert!(facts.contains("control-plane ENI"), "{facts}");
+        assert!(facts.contains("inside VPC CIDR 10.0.0.0/16"), "{facts}");
+        let facts = context.facts_about(ip("10.0.1.101")).join("\n");
+        assert!(facts.contains("pod of this node"), "{facts}");
+        let facts = context.facts_about(ip("10.100.0.10")).join("\n");
+        assert!(
+            facts.contains("cluster DNS") && facts.contains("service CIDR"),
+            "{facts}"
+        );
+        let unplaced = NodeContext {
+            vpc_cidrs: Vec::new(),
+            ..context
+        };
+        let facts = unplaced.facts_about(ip("192.0.2.80")).join("\n");
+        assert!(facts.contains("no VPC CIDR is known"), "{facts}");
     }
 
     #[test]

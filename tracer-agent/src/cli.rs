@@ -23,6 +23,13 @@ pub struct Cli {
 pub enum Command {
     /// Attach to the node's interfaces, classify every connection, serve /metrics.
     Agent(AgentArgs),
+    /// Classify a hypothetical connection against this node's context, and say why.
+    ///
+    /// Runs the agent's classifier on SRC → DST[:PORT] with the context the agent would use
+    /// (local pods and node addresses from netlink, VPC CIDRs from IMDS or --vpc-cidr, API
+    /// server addresses from --cluster-endpoint, …) and prints the path, its labels and the
+    /// facts that decided it. Example: `tracer explain 10.0.1.101 10.0.1.50:443`.
+    Explain(ExplainArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -31,43 +38,12 @@ pub struct AgentArgs {
     #[arg(long, env = "TRACER_METRICS_ADDR", default_value = "0.0.0.0:9477")]
     pub metrics_addr: SocketAddr,
 
-    /// A CIDR block of the VPC (repeatable). Default: asked from IMDS.
-    #[arg(long = "vpc-cidr", value_name = "CIDR")]
-    pub vpc_cidrs: Vec<Cidr>,
-
-    /// Name pattern of pod interfaces (repeatable; `*` is a wildcard). VPC CNI: eni*, vlan*.
-    #[arg(long = "pod-iface", value_name = "PATTERN", default_values = ["eni*", "vlan*"])]
-    pub pod_ifaces: Vec<String>,
-
-    /// Name pattern of the node's ENIs (repeatable). AL2: eth*; AL2023: ens*.
-    #[arg(long = "node-iface", value_name = "PATTERN", default_values = ["eth*", "ens*"])]
-    pub node_ifaces: Vec<String>,
-
-    /// The cluster endpoint hostname (e.g. ABC.gr7.us-west-2.eks.amazonaws.com), resolved with
-    /// the node's resolver every --resolve-interval: its answer says which API server
-    /// addresses are in use, public NLB or private ENIs.
-    #[arg(long, env = "CLUSTER_ENDPOINT", value_name = "HOST")]
-    pub cluster_endpoint: Option<String>,
+    #[command(flatten)]
+    pub context: ContextArgs,
 
     /// How often the cluster endpoint is resolved again.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub resolve_interval: Duration,
-
-    /// An API server address (repeatable), in addition to the resolved cluster endpoint.
-    #[arg(long = "apiserver-ip", value_name = "IP")]
-    pub apiserver_ips: Vec<IpAddr>,
-
-    /// An EKS-owned control-plane ENI address (repeatable).
-    #[arg(long = "controlplane-ip", value_name = "IP")]
-    pub controlplane_ips: Vec<IpAddr>,
-
-    /// The kube-dns ClusterIP (e.g. 10.100.0.10).
-    #[arg(long, value_name = "IP")]
-    pub cluster_dns: Option<IpAddr>,
-
-    /// Where the instance metadata service answers.
-    #[arg(long, value_name = "ADDR", default_value = "169.254.169.254:80")]
-    pub imds_addr: SocketAddr,
 
     /// Capacity of the kernel flow table, in connections (about 150 bytes each).
     #[arg(long, value_name = "ENTRIES", default_value_t = tracer_common::DEFAULT_FLOW_TABLE_SIZE,
@@ -91,6 +67,101 @@ pub struct AgentArgs {
     /// This node's name, for logs (Kubernetes sets it through the downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+}
+
+/// What the node knows about itself and its cluster, as flags: shared by `agent` and `explain`
+/// so that both classify against the same context.
+#[derive(Args, Debug, Clone)]
+pub struct ContextArgs {
+    /// A CIDR block of the VPC (repeatable). Default: asked from IMDS.
+    #[arg(long = "vpc-cidr", value_name = "CIDR")]
+    pub vpc_cidrs: Vec<Cidr>,
+
+    /// The cluster's service CIDR (repeatable), e.g. 10.100.0.0/16 or 172.20.0.0/16: ClusterIP
+    /// traffic that no DNAT rewrote is `pod_to_service`, not mistaken for external.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    pub service_cidrs: Vec<Cidr>,
+
+    /// Name pattern of pod interfaces (repeatable; `*` is a wildcard). VPC CNI: eni*, vlan*.
+    #[arg(long = "pod-iface", value_name = "PATTERN", default_values = ["eni*", "vlan*"])]
+    pub pod_ifaces: Vec<String>,
+
+    /// Name pattern of the node's ENIs (repeatable). AL2: eth*; AL2023: ens*.
+    #[arg(long = "node-iface", value_name = "PATTERN", default_values = ["eth*", "ens*"])]
+    pub node_ifaces: Vec<String>,
+
+    /// The cluster endpoint hostname (e.g. ABC.gr7.us-west-2.eks.amazonaws.com), resolved with
+    /// the node's resolver: its answer says which API server addresses are in use, public NLB
+    /// or private ENIs.
+    #[arg(long, env = "CLUSTER_ENDPOINT", value_name = "HOST")]
+    pub cluster_endpoint: Option<String>,
+
+    /// An API server address (repeatable), in addition to the resolved cluster endpoint.
+    #[arg(long = "apiserver-ip", value_name = "IP")]
+    pub apiserver_ips: Vec<IpAddr>,
+
+    /// An EKS-owned control-plane ENI address (repeatable).
+    #[arg(long = "controlplane-ip", value_name = "IP")]
+    pub controlplane_ips: Vec<IpAddr>,
+
+    /// The kube-dns ClusterIP (e.g. 10.100.0.10).
+    #[arg(long, value_name = "IP")]
+    pub cluster_dns: Option<IpAddr>,
+
+    /// Where the instance metadata service answers.
+    #[arg(long, value_name = "ADDR", default_value = "169.254.169.254:80")]
+    pub imds_addr: SocketAddr,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExplainArgs {
+    /// The initiator's address (the side that sends the first packet).
+    #[arg(value_name = "SRC")]
+    pub source: IpAddr,
+
+    /// The responder: an address with an optional port (10.0.1.50:443, [fd00::1]:53, 10.0.2.7).
+    #[arg(value_name = "DST[:PORT]", value_parser = parse_destination)]
+    pub destination: Destination,
+
+    /// Transport protocol of the connection.
+    #[arg(long, value_enum, default_value_t = ProtoArg::Tcp)]
+    pub proto: ProtoArg,
+
+    /// Print one JSON object instead of text, for scripts.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub context: ContextArgs,
+}
+
+/// `DST[:PORT]`: the port is optional, since many paths do not depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Destination {
+    pub addr: IpAddr,
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+}
+
+fn parse_destination(text: &str) -> Result<Destination, String> {
+    if let Ok(addr) = text.parse::<IpAddr>() {
+        return Ok(Destination { addr, port: None });
+    }
+    text.parse::<SocketAddr>()
+        .map(|end| Destination {
+            addr: end.ip(),
+            port: Some(end.port()),
+        })
+        .map_err(|_| {
+            format!(
+                "{text:?} is not an address with an optional port (10.0.1.50:443, [fd00::1]:53)"
+            )
+        })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -136,6 +207,16 @@ mod tests {
     }
 
     #[test]
+    fn destinations_take_an_optional_port() {
+        let parse = |text| parse_destination(text).map(|d| (d.addr.to_string(), d.port));
+        assert_eq!(parse("10.0.1.50:443"), Ok(("10.0.1.50".into(), Some(443))));
+        assert_eq!(parse("10.0.1.50"), Ok(("10.0.1.50".into(), None)));
+        assert_eq!(parse("[fd00::a]:53"), Ok(("fd00::a".into(), Some(53))));
+        assert_eq!(parse("fd00::a"), Ok(("fd00::a".into(), None)));
+        assert!(parse("10.0.1.50:99999").is_err());
+    }
+
+    #[test]
     fn bad_flags_are_usage_errors() {
         for argv in [
             &["tracer", "agent", "--metrics-addr", "nonsense"][..],
@@ -143,6 +224,12 @@ mod tests {
             &["tracer", "agent", "--flow-table-size", "10"],
             &["tracer", "agent", "--poll-interval", "forever"],
             &["tracer", "agent", "--no-such-flag"],
+            &["tracer", "agent", "--service-cidr", "10.100.0.0"],
+            &["tracer", "explain", "10.0.1.1", "10.0.1.2:http"],
+            &[
+                "tracer", "explain", "10.0.1.1", "10.0.1.2", "--proto", "sctp",
+            ],
+            &["tracer", "explain", "pod-a", "10.0.1.2"],
         ] {
             let error = Cli::try_parse_from(argv).expect_err(&argv.join(" "));
             assert_eq!(error.exit_code(), 2, "{}", argv.join(" "));

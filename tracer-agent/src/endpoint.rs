@@ -32,7 +32,8 @@ pub fn spawn_resolver(host: String, period: Duration) -> watch::Receiver<Resolut
     receiver
 }
 
-fn resolve(host: &str) -> Resolution {
+/// Resolves `host` once, as the node's resolver answers now.
+pub fn resolve(host: &str) -> Resolution {
     (host, 443)
         .to_socket_addrs()
         .map(|addrs| addrs.map(|addr| addr.ip()).collect())

@@ -53,6 +53,55 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// What keeps the agent from being ready, as a bounded label value: every reason is exported,
+/// 0 or 1, so that an alert can name it and a dashboard can show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    Starting,
+    Interfaces,
+    VpcCidr,
+    ApiServer,
+    Contradiction,
+    Conntrack,
+    FlowTable,
+}
+
+impl Reason {
+    const ALL: [Reason; 7] = [
+        Reason::Starting,
+        Reason::Interfaces,
+        Reason::VpcCidr,
+        Reason::ApiServer,
+        Reason::Contradiction,
+        Reason::Conntrack,
+        Reason::FlowTable,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::Starting => "starting",
+            Reason::Interfaces => "interfaces",
+            Reason::VpcCidr => "vpc_cidr",
+            Reason::ApiServer => "apiserver_endpoint",
+            Reason::Contradiction => "contradiction",
+            Reason::Conntrack => "conntrack",
+            Reason::FlowTable => "flow_table",
+        }
+    }
+}
+
+/// A reason the agent is not ready, with the sentence that tells an operator what to do.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    pub reason: Reason,
+    pub message: String,
+}
+
 /// Every metric the agent exports; cheap to clone (the families are shared handles).
 #[derive(Clone)]
 pub struct Metrics {
@@ -67,6 +116,8 @@ pub struct Metrics {
     flow_table_entries: Gauge,
     evictions: Counter,
     datapath_packets: Family<OutcomeLabels, Counter>,
+    ready: Gauge,
+    problems: Family<ReasonLabels, Gauge>,
     /// Last value read from each per-CPU datapath counter, to turn totals into increments.
     datapath_last: Arc<[AtomicU64; DatapathCounter::COUNT as usize]>,
 }
@@ -87,6 +138,8 @@ impl Metrics {
         let flow_table_entries = Gauge::default();
         let evictions = Counter::default();
         let datapath_packets = Family::<OutcomeLabels, Counter>::default();
+        let ready = Gauge::default();
+        let problems = Family::<ReasonLabels, Gauge>::default();
         registry.register(
             "path_packets",
             "Packets by path of the EKS taxonomy, counted once per node",
@@ -138,6 +191,16 @@ impl Metrics {
             datapath_packets.clone(),
         );
         registry.register(
+            "ready",
+            "1 when the agent has every fact it needs to classify (what /readyz answers 200 to), else 0",
+            ready.clone(),
+        );
+        registry.register(
+            "readiness_problems",
+            "Problems keeping the agent from being ready, by reason (details in /readyz and the log)",
+            problems.clone(),
+        );
+        registry.register(
             "build",
             "Build information of the running agent",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -154,6 +217,8 @@ impl Metrics {
             flow_table_entries,
             evictions,
             datapath_packets,
+            ready,
+            problems,
             datapath_last: Arc::new(std::array::from_fn(|_| AtomicU64::new(0))),
         }
     }
@@ -223,6 +288,18 @@ impl Metrics {
         }
     }
 
+    pub fn record_readiness(&self, problems: &[Problem]) {
+        self.ready.set(i64::from(problems.is_empty()));
+        for reason in Reason::ALL {
+            let count = problems.iter().filter(|p| p.reason == reason).count();
+            self.problems
+                .get_or_create(&ReasonLabels {
+                    reason: reason.as_str(),
+                })
+                .set(count as i64);
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut text = String::new();
@@ -263,9 +340,9 @@ fn health_labels(classification: &Classification) -> HealthLabels {
 pub struct Readiness(Arc<Mutex<Vec<String>>>);
 
 impl Readiness {
-    pub fn set(&self, problems: Vec<String>) {
+    pub fn set(&self, problems: &[Problem]) {
         if let Ok(mut current) = self.0.lock() {
-            *current = problems;
+            *current = problems.iter().map(|p| p.message.clone()).collect();
         }
     }
 

@@ -1,27 +1,30 @@
 //! `tracer`: one binary, one subcommand per way of running (DESIGN §5).
+use anyhow::Context as _;
 use clap::Parser;
 use tracer_agent::{
-    agent,
+    agent::{self, AgentError},
     cli::{Cli, Command},
+    explain,
 };
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("tracer: cannot start the async runtime: {error}");
-            std::process::exit(1);
-        }
+    let result = match cli.command {
+        Command::Agent(args) => block_on(agent::run(args)),
+        Command::Explain(args) => explain::run(args),
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Agent(args) => agent::run(args).await,
-        }
-    });
     if let Err(error) = result {
         eprintln!("tracer: {error}");
         std::process::exit(error.exit_code());
     }
+}
+
+fn block_on(
+    work: impl std::future::Future<Output = Result<(), AgentError>>,
+) -> Result<(), AgentError> {
+    tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .map_err(AgentError::Runtime)?
+        .block_on(work)
 }

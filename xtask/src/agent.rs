@@ -24,6 +24,26 @@ pub const RESOLVE_INTERVAL: &str = "1s";
 /// Shorter than the default 3 s: the lab's dropped SYN is declared unanswered sooner.
 pub const SYN_TIMEOUT: &str = "1s";
 
+/// The context flags a real node's configuration would give (`agent` and `explain` take the
+/// same): control-plane ENIs, the cluster endpoint's name, kube-dns, the service CIDR. The VPC
+/// CIDR comes from the lab's IMDS and the API server addresses from the lab's resolver, as on
+/// EC2.
+pub fn context_flags(lab: &Lab) -> Vec<String> {
+    let facts = lab.facts();
+    let mut flags: Vec<String> = vec![
+        "--cluster-dns".into(),
+        facts.cluster_dns.to_string(),
+        "--service-cidr".into(),
+        facts.service_cidr.to_string(),
+        "--cluster-endpoint".into(),
+        facts.cluster_endpoint.clone(),
+    ];
+    for ip in &facts.controlplane_ips {
+        flags.extend(["--controlplane-ip".into(), ip.to_string()]);
+    }
+    flags
+}
+
 pub struct LabAgent {
     ns: String,
     child: Child,
@@ -33,18 +53,19 @@ pub struct LabAgent {
 }
 
 impl LabAgent {
-    /// Starts `tracer agent` in the lab's node namespace with the facts a real node would get
-    /// from its configuration (control-plane ENIs, the cluster endpoint's name, kube-dns); the
-    /// VPC CIDR comes from the lab's IMDS and the API server addresses from the lab's resolver,
-    /// as on EC2.
+    /// Starts `tracer agent` in the lab's node namespace with the lab's `context_flags`.
     pub fn start(lab: &Lab, tracer: &Path) -> anyhow::Result<LabAgent> {
+        LabAgent::start_with(lab, tracer, context_flags(lab))
+    }
+
+    /// Starts `tracer agent` with the given context flags instead of the lab's.
+    pub fn start_with(lab: &Lab, tracer: &Path, context: Vec<String>) -> anyhow::Result<LabAgent> {
         if !tracer.exists() {
             bail!(
                 "{} not found: build it first (`cargo build -p tracer-agent`)",
                 tracer.display()
             );
         }
-        let facts = lab.facts();
         let mut args: Vec<String> = vec![
             "agent".into(),
             "--metrics-addr".into(),
@@ -53,18 +74,10 @@ impl LabAgent {
             POLL_INTERVAL.into(),
             "--syn-timeout".into(),
             SYN_TIMEOUT.into(),
-            "--cluster-dns".into(),
-            facts.cluster_dns.to_string(),
-        ];
-        for ip in &facts.controlplane_ips {
-            args.extend(["--controlplane-ip".into(), ip.to_string()]);
-        }
-        args.extend([
-            "--cluster-endpoint".into(),
-            facts.cluster_endpoint.clone(),
             "--resolve-interval".into(),
             RESOLVE_INTERVAL.into(),
-        ]);
+        ];
+        args.extend(context);
         let log = std::env::temp_dir().join(format!("tracer-agent-{}.log", lab.id()));
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = lab.command_in("node", &tracer.to_string_lossy());
@@ -128,6 +141,11 @@ impl LabAgent {
     }
 
     /// Sends SIGTERM and waits for the exit; returns how long it took and the exit code.
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(mut self) -> anyhow::Result<(Duration, Option<i32>)> {
         let started = Instant::now();
         // SAFETY: signalling our own child process.

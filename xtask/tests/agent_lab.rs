@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use xtask::{
-    agent::LabAgent,
+    agent::{self, LabAgent},
     build,
     lab::{self, EndpointMode, Lab, LabOptions, Scenario},
     scrape::{self, Sample},
@@ -284,16 +284,99 @@ fn switching_the_endpoint_mode_moves_node_traffic_between_public_and_private() {
 }
 
 #[test]
+fn missing_context_is_reported_and_nothing_is_guessed() {
+    require_root();
+    let lab = Lab::up(&LabOptions {
+        mode: EndpointMode::Public,
+        external_snat: false,
+        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
+    })
+    .expect("lab up");
+    // IMDS on a closed port, a cluster endpoint no resolver knows.
+    let context = [
+        "--imds-addr",
+        "127.0.0.1:9",
+        "--cluster-endpoint",
+        "no-such-cluster.invalid",
+    ]
+    .map(String::from)
+    .to_vec();
+    let agent = LabAgent::start_with(&lab, &build::tracer_path(), context).expect("agent start");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, body) = scrape::http_get(
+        &lab.ns("node"),
+        agent::METRICS_ADDR.parse().unwrap(),
+        "/readyz",
+    )
+    .expect("readyz answers");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("VPC CIDR unknown"), "{body}");
+    assert!(body.contains("no-such-cluster.invalid"), "{body}");
+    let samples = agent.scrape().expect("scrape");
+    assert_eq!(scrape::sum(&samples, "tracer_ready", &[]), 0.0);
+    for reason in ["vpc_cidr", "apiserver_endpoint"] {
+        assert_eq!(
+            scrape::sum(&samples, "tracer_readiness_problems", &[("reason", reason)]),
+            1.0,
+            "{reason}"
+        );
+    }
+    assert!(
+        agent.log_tail().contains("VPC CIDR unknown"),
+        "{}",
+        agent.log_tail()
+    );
+
+    // It keeps counting: what needs no VPC CIDR is classified, the rest is not guessed.
+    let scenarios = lab::scenarios(EndpointMode::Public);
+    let pick = |name: &str| scenarios.iter().find(|s| s.name == name).unwrap().clone();
+    let (local, growth) = run_one(&lab, &agent, pick("pod_to_pod_local"));
+    let counted = growth[&series("pod_to_pod_local", "none", "")];
+    assert!(within_bounds(counted, local.payload_bytes), "{growth:#?}");
+    let (remote, growth) = run_one(&lab, &agent, pick("pod_to_pod_remote"));
+    assert!(
+        growth[&series("unknown", "none", "")] >= remote.payload_bytes as f64,
+        "remote traffic without a VPC CIDR must be unknown: {growth:#?}"
+    );
+    assert!(
+        growth
+            .get(&series("pod_to_pod_remote", "none", ""))
+            .is_none_or(|bytes| *bytes == 0.0),
+        "{growth:#?}"
+    );
+    drop(agent);
+    lab.down().expect("lab down");
+}
+
+#[test]
 fn sigterm_detaches_everything_within_two_seconds() {
     let (lab, agent) = start(EndpointMode::Public);
+    let ours = programs_held_by(agent.pid());
+    assert!(
+        ours.len() >= 2,
+        "the running agent holds no tracer programs: {ours:?}"
+    );
     let (took, code) = agent.stop().expect("stop");
     assert_eq!(code, Some(0), "the agent must exit 0 on SIGTERM");
     assert!(
         took < Duration::from_secs(2),
         "the agent took {took:?} to exit after SIGTERM"
     );
-    // Nothing is pinned, so once the agent's links are gone its programs are unloaded: a
-    // program still loaded means a link (tcx or clsact filter) still holds it.
+    // Nothing is pinned, so once the agent's links are gone its programs are unloaded: one of
+    // its programs still loaded means a link (tcx or clsact filter) still holds it.
+    let left: Vec<u64> = loaded_tracer_programs()
+        .into_iter()
+        .filter(|id| ours.contains(id))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "programs {left:?} of the stopped agent are still loaded"
+    );
+    lab.down().expect("lab down");
+}
+
+/// The ids of the loaded `tracer_*` programs.
+fn loaded_tracer_programs() -> Vec<u64> {
     let listing = std::process::Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
@@ -303,10 +386,28 @@ fn sigterm_detaches_everything_within_two_seconds() {
         "bpftool failed: {}",
         String::from_utf8_lossy(&listing.stderr)
     );
-    let programs = String::from_utf8_lossy(&listing.stdout);
-    assert!(
-        !programs.contains("\"tracer_ingress\"") && !programs.contains("\"tracer_egress\""),
-        "tracer programs still loaded after the agent exited (is another agent running on this machine?): {programs}"
-    );
-    lab.down().expect("lab down");
+    let programs: serde_json::Value =
+        serde_json::from_slice(&listing.stdout).expect("bpftool -j prints JSON");
+    programs
+        .as_array()
+        .expect("a list of programs")
+        .iter()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("tracer_")))
+        .map(|p| p["id"].as_u64().expect("program id"))
+        .collect()
+}
+
+/// The ids of the programs the process `pid` holds file descriptors to, from
+/// `/proc/PID/fdinfo` (other agents may run beside it: their programs are not ours).
+fn programs_held_by(pid: u32) -> Vec<u64> {
+    let fdinfo = format!("/proc/{pid}/fdinfo");
+    std::fs::read_dir(&fdinfo)
+        .unwrap_or_else(|error| panic!("{fdinfo}: {error}"))
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("prog_id:"))
+                .and_then(|id| id.trim().parse().ok())
+        })
+        .collect()
 }
