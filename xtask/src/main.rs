@@ -37,6 +37,15 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// iperf3 between two lab pods, no program vs the agent attached (tcx), interleaved rounds.
+    Veth {
+        /// Exit non-zero when the UDP packet-rate loss exceeds the goal (10 %).
+        #[arg(long)]
+        check: bool,
+        /// Also write the results as JSON.
+        #[arg(long, value_name = "PATH")]
+        json: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +56,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             which: Bench::Datapath { args },
         } => xtask::bench::datapath(&args),
+        Command::Bench {
+            which: Bench::Veth { check, json },
+        } => xtask::bench::veth(check, json.as_deref()),
         Command::Lab(cmd) => xtask::lab::run(cmd, std::env::current_exe()?),
     }
 }

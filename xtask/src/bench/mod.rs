@@ -3,6 +3,9 @@ use std::process::Command;
 
 use crate::{build::workspace_root, run::require_success};
 
+mod veth;
+pub use veth::veth;
+
 /// The ns per packet the kernel classifier adds over an empty one (BPF_PROG_TEST_RUN, needs
 /// root); `args` go to the benchmark (`--check` to fail on a missed goal, `--json PATH`).
 pub fn datapath(args: &[String]) -> anyhow::Result<()> {
