@@ -76,6 +76,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let datapath = Datapath::load(args.flow_table_size, mode)
         .context("loading the datapath")
         .map_err(AgentError::Runtime)?;
+    if let Some(path) = &args.context.config {
+        info!("configuration from {} and the command line", path.display());
+    }
     info!(
         "datapath loaded ({} entries, {} attach) on node {}",
         args.flow_table_size,

@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod cidr;
 pub mod classify;
 pub mod cli;
+pub mod config;
 pub mod conntrack;
 pub mod context;
 pub mod craft;
