@@ -1,12 +1,12 @@
 //! `tracer agent`: attach, poll, classify, serve — until SIGINT or SIGTERM.
-use std::{collections::BTreeSet, path::Path, time::Duration};
+use std::{collections::BTreeSet, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, anyhow};
 use log::{info, warn};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::{oneshot, watch},
+    sync::{Notify, oneshot, watch},
 };
 
 use crate::{
@@ -124,6 +124,8 @@ struct Agent {
     problems: BTreeSet<Problem>,
     /// The problems last published: only changes are logged.
     published: BTreeSet<Problem>,
+    /// Woken by netlink on every link, address or route change (hot-plug).
+    changes: Option<Arc<Notify>>,
 }
 
 impl Agent {
@@ -160,6 +162,7 @@ impl Agent {
             apiserver_from_dns,
             problems: BTreeSet::new(),
             published: BTreeSet::new(),
+            changes: None,
         }
     }
 
@@ -168,9 +171,18 @@ impl Agent {
         let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let mut ticker = tokio::time::interval(self.args.poll_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.changes = match discovery::watch_changes() {
+            Ok(changes) => Some(changes),
+            Err(error) => {
+                warn!("{error}: new interfaces are found at each poll instead");
+                None
+            }
+        };
+        let changes = self.changes.clone();
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.poll(),
+                _ = changed(changes.as_deref()) => self.rescan(),
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
@@ -186,10 +198,7 @@ impl Agent {
     /// One round: rescan interfaces, read the flow table, classify, publish.
     fn poll(&mut self) {
         self.problems.clear();
-        match discovery::scan(&self.patterns) {
-            Ok(scan) => self.apply_scan(scan),
-            Err(error) => self.problem(Reason::Interfaces, format!("netlink scan failed: {error}")),
-        }
+        self.rescan();
         self.receive_imds();
         self.receive_apiserver_addresses();
         if self.context.vpc_cidrs.is_empty() {
@@ -243,6 +252,14 @@ impl Agent {
         self.publish_readiness();
     }
 
+    /// Lists interfaces, addresses and routes again and applies what changed.
+    fn rescan(&mut self) {
+        match discovery::scan(&self.patterns) {
+            Ok(scan) => self.apply_scan(scan),
+            Err(error) => self.problem(Reason::Interfaces, format!("netlink scan failed: {error}")),
+        }
+    }
+
     /// Attaches to new interfaces, forgets vanished ones, refreshes node addresses and pods.
     fn apply_scan(&mut self, scan: Scan) {
         let Scan {
@@ -263,7 +280,7 @@ impl Agent {
         }
         let mut counts = [(InterfaceKind::Pod, 0), (InterfaceKind::Node, 0)];
         for interface in &interfaces {
-            match self.datapath.attach(&interface.name) {
+            match self.datapath.attach(&interface.name, interface.index) {
                 Ok(()) => {
                     if let Some(count) = counts.iter_mut().find(|(kind, _)| *kind == interface.kind)
                     {
@@ -368,6 +385,14 @@ impl Agent {
         self.readiness.set(&problems);
         self.metrics.record_readiness(&problems);
         self.published = self.problems.clone();
+    }
+}
+
+/// Resolves when netlink reports a change; never, without a watch.
+async fn changed(changes: Option<&Notify>) {
+    match changes {
+        Some(changes) => changes.notified().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -74,6 +74,9 @@ impl AttachMode {
 
 /// Both hooks of one interface.
 struct Attachment {
+    /// The interface's index: a pod deleted and re-created between two scans keeps its name
+    /// but not its index, and needs attaching again.
+    index: u32,
     ingress: SchedClassifierLinkId,
     egress: SchedClassifierLinkId,
 }
@@ -106,9 +109,11 @@ impl Datapath {
 
     /// Attaches the ingress and egress programs to `interface`, after whatever is already
     /// there (they hand every packet on, so order does not change other programs' verdicts).
-    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
-        if self.attached.contains_key(interface) {
-            return Ok(());
+    pub fn attach(&mut self, interface: &str, index: u32) -> Result<(), DatapathError> {
+        match self.attached.get(interface) {
+            Some(attachment) if attachment.index == index => return Ok(()),
+            Some(_) => self.detach(interface),
+            None => {}
         }
         if self.mode == AttachMode::Clsact {
             // Already present is fine: another tool (or the CNI) may have added it.
@@ -124,8 +129,14 @@ impl Datapath {
                 return Err(error);
             }
         };
-        self.attached
-            .insert(interface.to_owned(), Attachment { ingress, egress });
+        self.attached.insert(
+            interface.to_owned(),
+            Attachment {
+                index,
+                ingress,
+                egress,
+            },
+        );
         Ok(())
     }
 
@@ -150,7 +161,10 @@ impl Datapath {
 
     /// Detaches from an interface; a vanished interface is not an error.
     pub fn detach(&mut self, interface: &str) {
-        if let Some(Attachment { ingress, egress }) = self.attached.remove(interface) {
+        if let Some(Attachment {
+            ingress, egress, ..
+        }) = self.attached.remove(interface)
+        {
             if let Ok(program) = classifier(&mut self.ebpf, PROGRAM_INGRESS) {
                 let _ = program.detach(ingress);
             }

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod bench;
 pub mod build;
 pub mod demo;
+pub mod figures;
 pub mod lab;
 pub mod run;
 pub mod scrape;

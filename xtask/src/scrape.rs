@@ -2,41 +2,31 @@
 //! Prometheus text format into samples the demo and the tests can query.
 use std::{
     collections::BTreeMap,
-    fs::File,
     io::Write as _,
     net::{SocketAddr, TcpStream},
-    os::fd::AsRawFd,
     time::Duration,
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, anyhow};
 
-use crate::lab::http;
+use crate::lab::{exec, http};
 
 /// `GET path` on `addr` from inside network namespace `ns`; returns (status, body).
 ///
 /// The request runs on a dedicated thread that joins the namespace, so the caller's own
 /// namespace never changes.
 pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let ns_path = format!("/run/netns/{ns}");
     let path = path.to_owned();
-    std::thread::spawn(move || -> anyhow::Result<(u16, String)> {
-        let file = File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
-        // SAFETY: setns on a valid namespace fd; it changes only this thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("entering {ns_path}: {}", std::io::Error::last_os_error());
-        }
+    exec::within(ns, move || {
         let timeout = Duration::from_secs(5);
         let mut stream = TcpStream::connect_timeout(&addr, timeout)
-            .with_context(|| format!("connecting to {addr} in {ns_path}"))?;
+            .with_context(|| format!("connecting to {addr}"))?;
         stream.set_read_timeout(Some(timeout))?;
         write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
         let response = http::read_response(&mut stream)
             .with_context(|| format!("reading the answer of {addr}{path}"))?;
         Ok((response.status, response.body))
     })
-    .join()
-    .map_err(|_| anyhow!("the HTTP thread panicked"))?
 }
 
 /// One sample of the exposition: `name{labels} value`.
