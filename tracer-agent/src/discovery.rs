@@ -72,7 +72,11 @@ pub fn scan(patterns: &InterfacePatterns) -> Result<Scan, NetlinkError> {
             })
         })
         .collect();
-    interfaces.sort();
+    // Node ENIs first: every packet that enters or leaves the node crosses one, so counting
+    // starts there while the (many) pod veths are still being attached.
+    interfaces.sort_by(|a, b| {
+        (a.kind != InterfaceKind::Node, &a.name).cmp(&(b.kind != InterfaceKind::Node, &b.name))
+    });
     let indexes_of = |kind| -> HashSet<u32> {
         interfaces
             .iter()

@@ -44,6 +44,28 @@ pub fn context_flags(lab: &Lab) -> Vec<String> {
     flags
 }
 
+/// The interfaces (ifindex) process `pid` holds tcx links on, from `/proc/PID/fdinfo`; usable
+/// from a thread that watches the agent while the test drives it.
+pub fn linked_ifindexes(pid: u32) -> Vec<u64> {
+    fdinfo_values(pid, "ifindex:", |info| info.contains("link_type:\ttcx"))
+}
+
+/// The value of `field` in each of `pid`'s `fdinfo` files that `select` keeps.
+fn fdinfo_values(pid: u32, field: &str, select: impl Fn(&str) -> bool) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter(|info| select(info))
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(field))
+                .and_then(|value| value.trim().parse().ok())
+        })
+        .collect()
+}
+
 pub struct LabAgent {
     ns: String,
     child: Child,
@@ -144,6 +166,17 @@ impl LabAgent {
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The ids of the eBPF programs the agent holds, from `/proc/PID/fdinfo` (other agents
+    /// may run beside it: theirs are not in the list).
+    pub fn programs(&self) -> Vec<u64> {
+        fdinfo_values(self.pid(), "prog_id:", |_| true)
+    }
+
+    /// The interfaces (ifindex) the agent holds tcx links on.
+    pub fn linked_ifindexes(&self) -> Vec<u64> {
+        linked_ifindexes(self.pid())
     }
 
     pub fn stop(mut self) -> anyhow::Result<(Duration, Option<i32>)> {

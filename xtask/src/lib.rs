@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod bench;
 pub mod build;
+pub mod churn;
 pub mod demo;
 pub mod figures;
 pub mod lab;

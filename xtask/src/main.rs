@@ -37,6 +37,15 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// 250 pod veths attached at start-up, then 200 churned at 20/s: attach times.
+    Attach {
+        /// Exit non-zero when a goal is missed (≤ 2 s at start-up, p99 ≤ 100 ms in churn).
+        #[arg(long)]
+        check: bool,
+        /// Also write the results as JSON.
+        #[arg(long, value_name = "PATH")]
+        json: Option<std::path::PathBuf>,
+    },
     /// iperf3 between two lab pods, no program vs the agent attached (tcx), interleaved rounds.
     Veth {
         /// Exit non-zero when the UDP packet-rate loss exceeds the goal (10 %).
@@ -56,6 +65,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             which: Bench::Datapath { args },
         } => xtask::bench::datapath(&args),
+        Command::Bench {
+            which: Bench::Attach { check, json },
+        } => xtask::bench::attach(check, json.as_deref()),
         Command::Bench {
             which: Bench::Veth { check, json },
         } => xtask::bench::veth(check, json.as_deref()),

@@ -351,7 +351,7 @@ fn missing_context_is_reported_and_nothing_is_guessed() {
 #[test]
 fn sigterm_detaches_everything_within_two_seconds() {
     let (lab, agent) = start(EndpointMode::Public);
-    let ours = programs_held_by(agent.pid());
+    let ours = agent.programs();
     assert!(
         ours.len() >= 2,
         "the running agent holds no tracer programs: {ours:?}"
@@ -394,20 +394,5 @@ fn loaded_tracer_programs() -> Vec<u64> {
         .iter()
         .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("tracer_")))
         .map(|p| p["id"].as_u64().expect("program id"))
-        .collect()
-}
-
-/// The ids of the programs the process `pid` holds file descriptors to, from
-/// `/proc/PID/fdinfo` (other agents may run beside it: their programs are not ours).
-fn programs_held_by(pid: u32) -> Vec<u64> {
-    let fdinfo = format!("/proc/{pid}/fdinfo");
-    std::fs::read_dir(&fdinfo)
-        .unwrap_or_else(|error| panic!("{fdinfo}: {error}"))
-        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("prog_id:"))
-                .and_then(|id| id.trim().parse().ok())
-        })
         .collect()
 }
