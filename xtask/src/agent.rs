@@ -24,6 +24,21 @@ pub const RESOLVE_INTERVAL: &str = "1s";
 /// Shorter than the default 3 s: the lab's dropped SYN is declared unanswered sooner.
 pub const SYN_TIMEOUT: &str = "1s";
 
+/// Polling, SYN timeout and re-resolution shorter than the defaults, so that tests and the
+/// demo see their traffic within a fraction of a second.
+pub fn quick_flags() -> Vec<String> {
+    [
+        "--poll-interval",
+        POLL_INTERVAL,
+        "--syn-timeout",
+        SYN_TIMEOUT,
+        "--resolve-interval",
+        RESOLVE_INTERVAL,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// The context flags a real node's configuration would give (`agent` and `explain` take the
 /// same): control-plane ENIs, the cluster endpoint's name, kube-dns, the service CIDR. The VPC
 /// CIDR comes from the lab's IMDS and the API server addresses from the lab's resolver, as on
@@ -75,31 +90,25 @@ pub struct LabAgent {
 }
 
 impl LabAgent {
-    /// Starts `tracer agent` in the lab's node namespace with the lab's `context_flags`.
+    /// Starts `tracer agent` in the lab's node namespace with `quick_flags` and the lab's
+    /// `context_flags`.
     pub fn start(lab: &Lab, tracer: &Path) -> anyhow::Result<LabAgent> {
-        LabAgent::start_with(lab, tracer, context_flags(lab))
+        let mut flags = quick_flags();
+        flags.extend(context_flags(lab));
+        LabAgent::start_with(lab, tracer, flags)
     }
 
-    /// Starts `tracer agent` with the given context flags instead of the lab's.
-    pub fn start_with(lab: &Lab, tracer: &Path, context: Vec<String>) -> anyhow::Result<LabAgent> {
+    /// Starts `tracer agent --metrics-addr METRICS_ADDR` with `flags`.
+    pub fn start_with(lab: &Lab, tracer: &Path, flags: Vec<String>) -> anyhow::Result<LabAgent> {
         if !tracer.exists() {
             bail!(
                 "{} not found: build it first (`cargo build -p tracer-agent`)",
                 tracer.display()
             );
         }
-        let mut args: Vec<String> = vec![
-            "agent".into(),
-            "--metrics-addr".into(),
-            METRICS_ADDR.into(),
-            "--poll-interval".into(),
-            POLL_INTERVAL.into(),
-            "--syn-timeout".into(),
-            SYN_TIMEOUT.into(),
-            "--resolve-interval".into(),
-            RESOLVE_INTERVAL.into(),
-        ];
-        args.extend(context);
+        let mut args: Vec<String> =
+            vec!["agent".into(), "--metrics-addr".into(), METRICS_ADDR.into()];
+        args.extend(flags);
         let log = std::env::temp_dir().join(format!("tracer-agent-{}.log", lab.id()));
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = lab.command_in("node", &tracer.to_string_lossy());
@@ -172,6 +181,13 @@ impl LabAgent {
     /// may run beside it: theirs are not in the list).
     pub fn programs(&self) -> Vec<u64> {
         fdinfo_values(self.pid(), "prog_id:", |_| true)
+    }
+
+    /// The kernel memory charged for the agent's maps (the `memlock` of each map it holds).
+    pub fn map_memlock_bytes(&self) -> u64 {
+        fdinfo_values(self.pid(), "memlock:", |info| info.contains("map_type:"))
+            .iter()
+            .sum()
     }
 
     /// The interfaces (ifindex) the agent holds tcx links on.

@@ -46,6 +46,15 @@ enum Bench {
         #[arg(long, value_name = "PATH")]
         json: Option<std::path::PathBuf>,
     },
+    /// Agent CPU and memory at 0/1k/10k/100k active flows, and its kernel maps' memory.
+    Footprint {
+        /// Exit non-zero when a goal is missed.
+        #[arg(long)]
+        check: bool,
+        /// Also write the results as JSON.
+        #[arg(long, value_name = "PATH")]
+        json: Option<std::path::PathBuf>,
+    },
     /// iperf3 between two lab pods, no program vs the agent attached (tcx), interleaved rounds.
     Veth {
         /// Exit non-zero when the UDP packet-rate loss exceeds the goal (10 %).
@@ -68,6 +77,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             which: Bench::Attach { check, json },
         } => xtask::bench::attach(check, json.as_deref()),
+        Command::Bench {
+            which: Bench::Footprint { check, json },
+        } => xtask::bench::footprint(check, json.as_deref()),
         Command::Bench {
             which: Bench::Veth { check, json },
         } => xtask::bench::veth(check, json.as_deref()),

@@ -293,15 +293,17 @@ fn missing_context_is_reported_and_nothing_is_guessed() {
     })
     .expect("lab up");
     // IMDS on a closed port, a cluster endpoint no resolver knows.
-    let context = [
-        "--imds-addr",
-        "127.0.0.1:9",
-        "--cluster-endpoint",
-        "no-such-cluster.invalid",
-    ]
-    .map(String::from)
-    .to_vec();
-    let agent = LabAgent::start_with(&lab, &build::tracer_path(), context).expect("agent start");
+    let mut flags = agent::quick_flags();
+    flags.extend(
+        [
+            "--imds-addr",
+            "127.0.0.1:9",
+            "--cluster-endpoint",
+            "no-such-cluster.invalid",
+        ]
+        .map(String::from),
+    );
+    let agent = LabAgent::start_with(&lab, &build::tracer_path(), flags).expect("agent start");
     std::thread::sleep(Duration::from_millis(1500));
     let (status, body) = scrape::http_get(
         &lab.ns("node"),
