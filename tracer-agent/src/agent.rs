@@ -21,6 +21,7 @@ use crate::{
     endpoint::{self, Resolution},
     export::{self, Metrics, Problem, Readiness, Reason},
     imds::{self, ImdsClient},
+    privileges,
 };
 
 /// Why the agent stopped: the exit code tells usage/configuration (2) from runtime (1).
@@ -53,6 +54,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let node_context = context::from_flags(&args.context).map_err(|contradictions| {
         AgentError::Config(anyhow!(context::describe(&contradictions)))
     })?;
+    let privileges = privileges::acquire().map_err(AgentError::Runtime)?;
     let patterns = context::interface_patterns(&args.context);
     let scan = discovery::scan(&patterns)
         .context("listing interfaces over netlink")
@@ -75,7 +77,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
     let datapath = Datapath::load(args.flow_table_size, mode)
         .context("loading the datapath")
-        .map_err(AgentError::Runtime)?;
+        .map_err(|error| AgentError::Runtime(privileges.explain(error)))?;
     if let Some(path) = &args.context.config {
         info!("configuration from {} and the command line", path.display());
     }

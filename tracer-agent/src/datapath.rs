@@ -25,9 +25,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error(
-        "loading the eBPF object failed: {0} (the agent needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF)"
-    )]
+    #[error("loading the eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
     Program {

@@ -17,3 +17,4 @@ pub mod explain;
 pub mod export;
 pub mod imds;
 pub mod netlink;
+pub mod privileges;
