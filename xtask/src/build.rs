@@ -11,11 +11,15 @@ pub fn workspace_root() -> PathBuf {
         .map_or(manifest_dir.clone(), PathBuf::from)
 }
 
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
 /// Where cargo puts the `tracer` binary of `profile` ("debug" or "release").
 fn tracer_in(profile: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    target.join(profile).join("tracer")
+    target_dir().join(profile).join("tracer")
 }
 
 /// Where cargo puts the debug `tracer` binary (what the tests run).
@@ -28,7 +32,7 @@ pub fn agent() -> anyhow::Result<PathBuf> {
     build_agent(&[], "debug")
 }
 
-/// The optimized agent, for benchmarks of its own CPU and memory.
+/// The optimized agent, for benchmarks of its own CPU and memory and for the container image.
 pub fn agent_release() -> anyhow::Result<PathBuf> {
     build_agent(&["--release"], "release")
 }

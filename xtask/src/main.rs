@@ -13,8 +13,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what a fresh Debian 12 machine needs (packages, rust-src, bpf-linker); idempotent.
-    Setup,
+    /// Install what a fresh Debian 12 machine needs (packages, rust-src, bpf-linker, the
+    /// manifest tools); idempotent.
+    Setup {
+        /// Only what building the agent needs (LLVM 22, nightly rust-src, bpf-linker), as in
+        /// the container image's builder stage.
+        #[arg(long)]
+        toolchain_only: bool,
+    },
+    /// Build the `tracer` binary, kernel programs included; prints its path.
+    Build {
+        /// Optimised, as the container image ships it.
+        #[arg(long)]
+        release: bool,
+    },
     /// The main job: set-up, build, the lab node with the live agent, traffic on every path,
     /// and what the agent saw.
     Demo(xtask::demo::DemoArgs),
@@ -68,7 +80,21 @@ enum Bench {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Setup => xtask::setup::setup(),
+        Command::Setup {
+            toolchain_only: false,
+        } => xtask::setup::setup(),
+        Command::Setup {
+            toolchain_only: true,
+        } => xtask::setup::toolchain(),
+        Command::Build { release } => {
+            let tracer = if release {
+                xtask::build::agent_release()?
+            } else {
+                xtask::build::agent()?
+            };
+            println!("{}", tracer.display());
+            Ok(())
+        }
         Command::Demo(args) => xtask::demo::demo(args),
         Command::Test => xtask::test::test(),
         Command::Bench {
