@@ -4,6 +4,7 @@ pub mod bench;
 pub mod build;
 pub mod churn;
 pub mod demo;
+pub mod deploy;
 pub mod figures;
 pub mod lab;
 pub mod run;
