@@ -3,8 +3,9 @@
 use std::{
     fs::File,
     net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -12,6 +13,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     lab::Lab,
+    run::command_output,
     scrape::{self, Sample},
 };
 
@@ -81,12 +83,90 @@ fn fdinfo_values(pid: u32, field: &str, select: impl Fn(&str) -> bool) -> Vec<u6
         .collect()
 }
 
+/// The locked-memory limit a container gets from a runtime that sets none: the kernel's
+/// historical default, the smallest a node hands out.
+const CONTAINER_MEMLOCK_BYTES: u64 = 64 * 1024;
+
+/// How a container runtime runs the agent under the DaemonSet's security context: a non-root
+/// uid, the binary's file capabilities as the image sets them, only the granted capabilities
+/// in the bounding set, no_new_privs, and a small RLIMIT_MEMLOCK.
+#[derive(Clone, Debug)]
+pub struct Confinement {
+    pub uid: u32,
+    /// As Kubernetes writes them: `BPF`, `NET_ADMIN`, …
+    pub capabilities: Vec<String>,
+    /// As `setcap` takes them: `cap_bpf,cap_net_admin+p`.
+    pub file_capabilities: String,
+}
+
+impl Confinement {
+    /// The same, with one capability taken away.
+    pub fn without(&self, capability: &str) -> Confinement {
+        Confinement {
+            capabilities: self
+                .capabilities
+                .iter()
+                .filter(|cap| *cap != capability)
+                .cloned()
+                .collect(),
+            ..self.clone()
+        }
+    }
+
+    /// setpriv's `--bounding-set` argument: `-all,+bpf,+net_admin`.
+    fn bounding_set(&self) -> String {
+        std::iter::once("-all".to_owned())
+            .chain(
+                self.capabilities
+                    .iter()
+                    .map(|cap| format!("+{}", cap.to_lowercase())),
+            )
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Copies `tracer` where the unprivileged uid can run it and gives the copy the image's
+    /// file capabilities.
+    fn install(&self, tracer: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        let copy = dir.join("tracer");
+        std::fs::copy(tracer, &copy)
+            .with_context(|| format!("copying {} to {}", tracer.display(), copy.display()))?;
+        command_output(
+            Command::new("setcap")
+                .arg(&self.file_capabilities)
+                .arg(&copy),
+        )?;
+        Ok(copy)
+    }
+
+    /// The programs that run `binary` under this confinement, outermost first.
+    fn wrap(&self, binary: &Path) -> Vec<String> {
+        let uid = self.uid.to_string();
+        vec![
+            "prlimit".into(),
+            format!("--memlock={CONTAINER_MEMLOCK_BYTES}:{CONTAINER_MEMLOCK_BYTES}"),
+            "setpriv".into(),
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+            "--inh-caps=-all".into(),
+            format!("--bounding-set={}", self.bounding_set()),
+            "--no-new-privs".into(),
+            binary.to_string_lossy().into_owned(),
+        ]
+    }
+}
+
 pub struct LabAgent {
     ns: String,
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
     keep: bool,
+    /// The copy of the binary a confined agent runs, removed with the agent.
+    confined_copy: Option<PathBuf>,
 }
 
 impl LabAgent {
@@ -100,6 +180,26 @@ impl LabAgent {
 
     /// Starts `tracer agent --metrics-addr METRICS_ADDR` with `flags`.
     pub fn start_with(lab: &Lab, tracer: &Path, flags: Vec<String>) -> anyhow::Result<LabAgent> {
+        LabAgent::launch(lab, tracer, flags, None)
+    }
+
+    /// Like `start`, run as the DaemonSet runs the agent (see [`Confinement`]).
+    pub fn start_confined(
+        lab: &Lab,
+        tracer: &Path,
+        confinement: &Confinement,
+    ) -> anyhow::Result<LabAgent> {
+        let mut flags = quick_flags();
+        flags.extend(context_flags(lab));
+        LabAgent::launch(lab, tracer, flags, Some(confinement))
+    }
+
+    fn launch(
+        lab: &Lab,
+        tracer: &Path,
+        flags: Vec<String>,
+        confinement: Option<&Confinement>,
+    ) -> anyhow::Result<LabAgent> {
         if !tracer.exists() {
             bail!(
                 "{} not found: build it first (`cargo build -p tracer-agent`)",
@@ -111,8 +211,17 @@ impl LabAgent {
         args.extend(flags);
         let log = std::env::temp_dir().join(format!("tracer-agent-{}.log", lab.id()));
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut command = lab.command_in("node", &tracer.to_string_lossy());
+        let (argv, confined_copy) = match confinement {
+            None => (vec![tracer.to_string_lossy().into_owned()], None),
+            Some(confinement) => {
+                let dir = std::env::temp_dir().join(format!("tracer-confined-{}", lab.id()));
+                let copy = confinement.install(tracer, &dir)?;
+                (confinement.wrap(&copy), Some(dir))
+            }
+        };
+        let mut command = lab.command_in("node", &argv[0]);
         command
+            .args(&argv[1..])
             .args(&args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -120,7 +229,7 @@ impl LabAgent {
             .stderr(log_file);
         eprintln!(
             "agent: starting {} {} in {}",
-            tracer.display(),
+            argv.join(" "),
             args.join(" "),
             lab.ns("node")
         );
@@ -131,7 +240,24 @@ impl LabAgent {
             addr: METRICS_ADDR.parse()?,
             log,
             keep: false,
+            confined_copy,
         })
+    }
+
+    /// Waits for the agent to exit by itself; returns its exit code and log.
+    pub fn wait_exit(mut self, timeout: Duration) -> anyhow::Result<(Option<i32>, String)> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                return Ok((status.code(), log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "the agent still runs after {timeout:?}:\n{}",
+            self.log_tail()
+        )
     }
 
     /// Waits until `/readyz` answers 200, or fails with the agent's reasons and log.
@@ -235,6 +361,9 @@ impl Drop for LabAgent {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if let Some(dir) = &self.confined_copy {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

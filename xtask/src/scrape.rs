@@ -93,6 +93,12 @@ pub fn sum(samples: &[Sample], name: &str, matching: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Whether `counted` L3 bytes account for `payload` bytes sent: at least the payload, at most
+/// the payload plus generous header overhead (TCP/IP headers, handshakes, retransmissions).
+pub fn counts_payload(counted: f64, payload: u64) -> bool {
+    counted >= payload as f64 && counted <= payload as f64 * 1.25 + 20_000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
