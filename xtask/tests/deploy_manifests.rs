@@ -1,12 +1,14 @@
-//! The deployment as files: every kustomization renders with kubectl and validates strictly
-//! against the Kubernetes API schemas; the DaemonSet keeps to least privilege and agrees with
-//! the agent's flags, the PodMonitor and the image; the Dockerfile's `cargo xtask` steps exist.
+//! The deployment as files: the Helm chart lints, and every kustomization and chart option
+//! renders and validates strictly against the Kubernetes API schemas; the kustomize files are
+//! the chart rendered; the DaemonSet keeps to least privilege and agrees with the agent's
+//! flags, the PodMonitor and the image; the Dockerfile's `cargo xtask` steps exist.
 //!
-//! Tools come from `cargo xtask setup` (kubectl and kubernetes-validate in target/xtask-venv).
+//! Tools come from `cargo xtask setup` (helm, kubectl and kubernetes-validate in
+//! target/xtask-venv).
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use xtask::deploy::{self, KUBERNETES_VERSIONS, KUSTOMIZATIONS};
+use xtask::deploy::{self, GENERATED, KUBERNETES_VERSIONS, KUSTOMIZATIONS};
 
 fn rendered(kustomization: &str) -> (String, Vec<Value>) {
     let yaml = deploy::render(kustomization)
@@ -67,6 +69,56 @@ fn every_kustomization_renders_and_validates_against_the_api_schemas() {
             );
         }
     }
+}
+
+#[test]
+fn the_kustomize_files_are_the_chart_rendered() {
+    for (file, flags) in GENERATED {
+        let path = deploy::kubernetes_dir().join(file);
+        let committed = std::fs::read_to_string(&path).expect("read a generated file");
+        let rendered = deploy::generated(flags).expect("render the chart");
+        assert!(
+            committed == rendered,
+            "{} differs from the chart rendered with {flags:?}: run `cargo xtask manifests`",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn the_chart_lints_and_every_option_renders_valid_manifests() {
+    let lint = deploy::helm_lint().unwrap_or_else(|error| panic!("{error:#}"));
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    let endpoint = "EXAMPLED0C5A1A7E7D0.gr7.us-west-2.eks.amazonaws.com";
+    let yaml = deploy::helm_template(&[
+        "--set",
+        &format!("clusterEndpoint={endpoint}"),
+        "--set",
+        "extraCapabilities={SYS_RESOURCE}",
+        "--set",
+        "extraArgs={--cluster-dns=10.100.0.10}",
+        "--set",
+        "podMonitor.enabled=true",
+        "--set",
+        "image.repository=registry.example/tracer,image.tag=1.2.3",
+    ])
+    .expect("helm template");
+    for version in KUBERNETES_VERSIONS {
+        deploy::validate(&yaml, version).unwrap_or_else(|error| panic!("{error:#}"));
+    }
+    let objects = deploy::parse(&yaml).unwrap();
+    let config = deploy::find(&objects, "ConfigMap", "tracer-agent").unwrap();
+    assert_eq!(config["data"]["cluster-endpoint"], endpoint);
+    deploy::find(&objects, "PodMonitor", "tracer-agent").unwrap();
+    let container = &daemonset_pod(&objects)["containers"][0];
+    assert_eq!(container["image"], "registry.example/tracer:1.2.3");
+    assert!(strings(&container["args"]).contains(&"--cluster-dns=10.100.0.10"));
+    // The chart's option and the kustomize overlay for kernels before 5.11 agree.
+    let (_, overlay) = rendered("overlays/kernel-5.10");
+    let capabilities = |objects: &[Value]| {
+        daemonset_pod(objects)["containers"][0]["securityContext"]["capabilities"]["add"].clone()
+    };
+    assert_eq!(capabilities(&objects), capabilities(&overlay));
 }
 
 #[test]
