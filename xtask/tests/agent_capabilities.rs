@@ -113,6 +113,13 @@ fn the_manifests_capabilities_suffice_for_a_non_root_agent() {
         "the agent holds exactly the manifest's capabilities"
     );
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    assert!(
+        limits
+            .lines()
+            .any(|line| line.starts_with("Max locked memory") && line.contains(" 65536 ")),
+        "the agent runs with a 64 KiB RLIMIT_MEMLOCK, so this kernel charges its maps to the memory cgroup:\n{limits}"
+    );
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
     assert!(
         !mounts.lines().any(|line| line.contains(" - bpf ")),
