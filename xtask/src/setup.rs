@@ -42,6 +42,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "python3-venv",
         "a virtualenv for the manifest tools below (Debian's pip installs nothing system-wide)",
     ),
+    (
+        "prometheus",
+        "the dashboards and alerting-rules tests: a real Prometheus server and promtool",
+    ),
 ];
 
 /// A PyPI package the manifest tests use, pinned, installed in a virtualenv under target/.
