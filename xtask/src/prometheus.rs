@@ -8,7 +8,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -104,33 +104,9 @@ impl Prometheus {
             std::fs::remove_dir_all(&dir)
                 .with_context(|| format!("removing the stale {}", dir.display()))?;
         }
-        std::fs::create_dir_all(dir.join("data"))
-            .with_context(|| format!("creating {}", dir.display()))?;
-        // From here on, dropping the handle removes the directory.
-        let config_file = dir.join("prometheus.yml");
-        std::fs::write(&config_file, config.to_yaml())
-            .with_context(|| format!("writing {}", config_file.display()))?;
-        let log = File::create(dir.join("prometheus.log"))?;
-        let mut command = lab.command_in(role, "prometheus");
-        command
-            .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={LISTEN_ADDR}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let child = match command.spawn() {
-            Ok(child) => child,
-            Err(error) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(error).context(
-                    "starting prometheus (Debian package `prometheus`: run `cargo xtask setup`)",
-                );
-            }
-        };
+        let child = spawn(lab, role, config, &dir).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })?;
         eprintln!(
             "prometheus: started in {} on {LISTEN_ADDR}, files in {}",
             lab.ns(role),
@@ -149,7 +125,10 @@ impl Prometheus {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
-                bail!("prometheus exited ({status}):\n{}", self.log_tail());
+                bail!(
+                    "prometheus exited ({status}); is Debian's `prometheus` package installed (`cargo xtask setup`)?\n{}",
+                    self.log_tail()
+                );
             }
             if let Ok((200, _)) = scrape::http_get(&self.ns, self.addr, "/-/ready") {
                 return Ok(());
@@ -252,6 +231,27 @@ impl Drop for Prometheus {
             eprintln!("prometheus: removing {}: {error}", self.dir.display());
         }
     }
+}
+
+/// Writes the configuration into `dir` and starts the server, logging to `dir`.
+fn spawn(lab: &Lab, role: &str, config: &Config, dir: &Path) -> anyhow::Result<Child> {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let config_file = dir.join("prometheus.yml");
+    std::fs::write(&config_file, config.to_yaml())
+        .with_context(|| format!("writing {}", config_file.display()))?;
+    let log = File::create(dir.join("prometheus.log"))?;
+    let mut command = lab.command_in(role, "prometheus");
+    command
+        .arg(format!("--config.file={}", config_file.display()))
+        .arg(format!("--storage.tsdb.path={}", data.display()))
+        .arg(format!("--web.listen-address={LISTEN_ADDR}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    command
+        .spawn()
+        .with_context(|| format!("starting prometheus in {}", lab.ns(role)))
 }
 
 /// The series of a `vector` (values under `value`) or `matrix` (under `values`) answer.
