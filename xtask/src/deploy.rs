@@ -206,7 +206,13 @@ pub fn validate(yaml: &str, version: &str) -> anyhow::Result<String> {
         bail!("{} not found: run `cargo xtask setup`", validator.display());
     }
     // It reads files, not standard input.
-    let file = std::env::temp_dir().join(format!("tracer-manifests-{}.yaml", std::process::id()));
+    // One file per call: tests validate from several threads at once.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = std::env::temp_dir().join(format!(
+        "tracer-manifests-{}-{call}.yaml",
+        std::process::id()
+    ));
     std::fs::write(&file, yaml).with_context(|| format!("writing {}", file.display()))?;
     let output = Command::new(&validator)
         .args(["--strict", "--kubernetes-version", version])
