@@ -41,7 +41,7 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// stop when every receiver is dropped. Fails only on a configuration the client cannot use.
 pub fn start(connection: Connection) -> Result<watch::Receiver<ClusterFacts>, kube::Error> {
     let Connection { config, node_name } = connection;
-    let (answers_sender, answers) = mpsc::unbounded_channel();
+    let (answers_sender, mut answers) = mpsc::unbounded_channel();
     let client = |source| client_for(&config, source, &answers_sender);
     let watches = [
         watch_of(
@@ -70,7 +70,6 @@ pub fn start(connection: Connection) -> Result<watch::Receiver<ClusterFacts>, ku
             Update::Nodes,
         ),
     ];
-    let mut answers = answers;
     let answered = stream::poll_fn(move |context| answers.poll_recv(context))
         .map(|(source, at)| Update::Answered(source, at));
     let mut updates = stream::select_all(watches.into_iter().chain([answered.boxed()]));
@@ -107,12 +106,13 @@ enum Source {
     Nodes,
 }
 
+/// An update, boxed: API objects are large and the updates many.
 enum Update {
-    Pods(watcher::Result<Event<Pod>>),
-    ControlPlane(watcher::Result<Event<EndpointSlice>>),
-    DnsService(watcher::Result<Event<Service>>),
-    DnsEndpoints(watcher::Result<Event<EndpointSlice>>),
-    Nodes(watcher::Result<Event<Node>>),
+    Pods(Box<watcher::Result<Event<Pod>>>),
+    ControlPlane(Box<watcher::Result<Event<EndpointSlice>>>),
+    DnsService(Box<watcher::Result<Event<Service>>>),
+    DnsEndpoints(Box<watcher::Result<Event<EndpointSlice>>>),
+    Nodes(Box<watcher::Result<Event<Node>>>),
     /// The API server answered a request of this watch successfully at this instant.
     Answered(Source, Instant),
 }
@@ -120,14 +120,14 @@ enum Update {
 fn watch_of<K>(
     api: Api<K>,
     config: watcher::Config,
-    wrap: fn(watcher::Result<Event<K>>) -> Update,
+    wrap: fn(Box<watcher::Result<Event<K>>>) -> Update,
 ) -> BoxStream<'static, Update>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     watcher::watcher(api, config)
         .default_backoff()
-        .map(wrap)
+        .map(move |result| wrap(Box::new(result)))
         .boxed()
 }
 
@@ -176,13 +176,15 @@ impl Tracker {
     /// Applies one update; true when the facts may have changed.
     fn apply(&mut self, update: Update) -> bool {
         match update {
-            Update::Pods(result) => self.pods.apply(result, facts::pod_addresses),
-            Update::ControlPlane(result) => self.controlplane.apply(result, facts::slice_addresses),
-            Update::DnsService(result) => self.dns_service.apply(result, facts::cluster_ip),
-            Update::DnsEndpoints(result) => {
-                self.dns_endpoints.apply(result, facts::slice_addresses)
+            Update::Pods(result) => self.pods.apply(*result, facts::pod_addresses),
+            Update::ControlPlane(result) => {
+                self.controlplane.apply(*result, facts::slice_addresses)
             }
-            Update::Nodes(result) => self.nodes.apply(result, facts::node_info),
+            Update::DnsService(result) => self.dns_service.apply(*result, facts::cluster_ip),
+            Update::DnsEndpoints(result) => {
+                self.dns_endpoints.apply(*result, facts::slice_addresses)
+            }
+            Update::Nodes(result) => self.nodes.apply(*result, facts::node_info),
             Update::Answered(source, at) => match source {
                 Source::Pods => self.pods.answered(at),
                 Source::ControlPlane => self.controlplane.answered(at),
