@@ -64,7 +64,8 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value_t = AttachModeArg::Auto)]
     pub attach_mode: AttachModeArg,
 
-    /// This node's name, for logs (Kubernetes sets it through the downward API).
+    /// This node's name, for logs and to select its pods in the Kubernetes API (Kubernetes
+    /// sets it through the downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
 

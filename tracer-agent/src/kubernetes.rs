@@ -105,4 +105,15 @@ mod tests {
 
         assert!(connection(Off, node).unwrap().is_none());
     }
+
+    /// The in-cluster configuration is https: its TLS stack (rustls with ring) must build.
+    #[tokio::test]
+    async fn watches_start_over_tls() {
+        let connection = Connection {
+            config: kube::Config::new("https://127.0.0.1:1".parse().unwrap()),
+            node_name: "ip-10-0-1-1".into(),
+        };
+        let facts = start(connection).expect("an https client");
+        assert!(!facts.borrow().synced);
+    }
 }

@@ -271,6 +271,8 @@ impl<V: PartialEq> Projection<V> {
         project: fn(&K) -> V,
     ) -> bool {
         match result {
+            // `Init` comes before the list is asked for: it proves nothing about the server.
+            Ok(Event::Init) => self.apply_event(Event::Init, project),
             Ok(event) => self.failure.take().is_some() | self.apply_event(event, project),
             // Gone is how the API server asks for a re-list, which the watcher does next.
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
