@@ -64,9 +64,35 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value_t = AttachModeArg::Auto)]
     pub attach_mode: AttachModeArg,
 
-    /// This node's name, for logs (Kubernetes sets it through the downward API).
+    /// This node's name, for logs and to select its pods in the Kubernetes API (Kubernetes
+    /// sets it through the downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
+}
+
+/// The Kubernetes context: pod names, control-plane ENIs, cluster DNS, zones.
+#[derive(Args, Debug, Clone)]
+pub struct KubernetesArgs {
+    /// Watch the API server for this node's pods, the control-plane ENIs, kube-dns and the
+    /// nodes' zones: with the in-cluster configuration when there is one (auto), always (on:
+    /// its absence is an error), or never (off). Needs --node-name.
+    #[arg(long = "kubernetes", value_enum, value_name = "MODE", default_value_t = KubernetesMode::Auto)]
+    pub mode: KubernetesMode,
+
+    /// Export tracer_workload_bytes_total{namespace,workload,path} for the TOP_K series with
+    /// the most bytes, plus one namespace="_other" series per path. Off when absent.
+    #[arg(long, value_name = "TOP_K", value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub workload_metrics: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KubernetesMode {
+    Auto,
+    On,
+    Off,
 }
 
 /// What the node knows about itself and its cluster, as flags: shared by `agent` and `explain`
@@ -229,6 +255,9 @@ mod tests {
             &["tracer", "agent", "--flow-table-size", "10"],
             &["tracer", "agent", "--poll-interval", "forever"],
             &["tracer", "agent", "--no-such-flag"],
+            &["tracer", "agent", "--kubernetes", "maybe"],
+            &["tracer", "agent", "--workload-metrics", "0"],
+            &["tracer", "agent", "--workload-metrics", "many"],
             &["tracer", "agent", "--service-cidr", "10.100.0.0"],
             &["tracer", "explain", "10.0.1.1", "10.0.1.2:http"],
             &[

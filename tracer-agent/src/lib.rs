@@ -16,5 +16,6 @@ pub mod endpoint;
 pub mod explain;
 pub mod export;
 pub mod imds;
+pub mod kubernetes;
 pub mod netlink;
 pub mod privileges;

@@ -1,0 +1,316 @@
+//! Bytes per workload (`tracer_workload_bytes_total{namespace,workload,path}`), opt-in and
+//! capped: the `top_k` series with the most bytes are named, everything else is summed into
+//! one `_other` series per path, so the number of series stays bounded.
+//!
+//! Every series only ever grows, as Prometheus counters must: each poll's bytes go to the
+//! workload's series if it ranks in the top K after the poll, to `_other` otherwise. A
+//! workload that climbs into the top K resumes its named series where it left off (zero the
+//! first time) while the bytes it moved outside stay in `_other`; one that drops out keeps its
+//! count for when it returns. Workloads that no longer have a pod on this node are forgotten.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+};
+
+use super::PodRef;
+use crate::classify::Path;
+
+/// The namespace and workload of the series that sums everything outside the top K.
+pub const OVERFLOW: &str = "_other";
+
+/// One series' labels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadSeries {
+    pub namespace: String,
+    pub workload: String,
+    pub path: Path,
+}
+
+/// A connection's new bytes since the last poll (both directions), its ends and its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionBytes {
+    pub initiator: IpAddr,
+    pub responder: IpAddr,
+    pub path: Path,
+    pub bytes: u64,
+}
+
+/// The per-workload counters, across polls.
+#[derive(Debug)]
+pub struct WorkloadBytes {
+    top_k: usize,
+    tallies: HashMap<WorkloadSeries, Tally>,
+    /// The series named now: the `top_k` with the most bytes in total.
+    named: HashSet<WorkloadSeries>,
+    overflow: BTreeMap<Path, u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    /// Every byte the workload moved on this path: what it is ranked by.
+    total: u64,
+    /// The bytes counted in its named series.
+    counted: u64,
+}
+
+impl WorkloadBytes {
+    pub fn new(top_k: usize) -> Self {
+        WorkloadBytes {
+            top_k,
+            tallies: HashMap::new(),
+            named: HashSet::new(),
+            overflow: BTreeMap::new(),
+        }
+    }
+
+    /// Adds one poll's bytes. A connection belongs to its initiator's pod when the initiator is
+    /// a pod of this node, otherwise to its responder's; connections with neither (the node's
+    /// own) belong to no workload.
+    pub fn record(
+        &mut self,
+        connections: impl IntoIterator<Item = ConnectionBytes>,
+        pods: &HashMap<IpAddr, PodRef>,
+    ) {
+        let mut polled: HashMap<WorkloadSeries, u64> = HashMap::new();
+        for connection in connections {
+            let pod = pods
+                .get(&connection.initiator)
+                .or_else(|| pods.get(&connection.responder));
+            if let Some(pod) = pod {
+                let series = WorkloadSeries {
+                    namespace: pod.namespace.clone(),
+                    workload: pod.workload.name.clone(),
+                    path: connection.path,
+                };
+                *polled.entry(series).or_default() += connection.bytes;
+            }
+        }
+        for (series, bytes) in &polled {
+            self.tallies.entry(series.clone()).or_default().total += bytes;
+        }
+        let present: HashSet<(&str, &str)> = pods
+            .values()
+            .map(|pod| (pod.namespace.as_str(), pod.workload.name.as_str()))
+            .collect();
+        self.tallies.retain(|series, _| {
+            polled.contains_key(series)
+                || present.contains(&(series.namespace.as_str(), series.workload.as_str()))
+        });
+        self.rank();
+        for (series, bytes) in polled {
+            if self.named.contains(&series) {
+                self.tallies.entry(series).or_default().counted += bytes;
+            } else {
+                *self.overflow.entry(series.path).or_default() += bytes;
+            }
+        }
+    }
+
+    fn rank(&mut self) {
+        let mut ranked: Vec<(&WorkloadSeries, u64)> = self
+            .tallies
+            .iter()
+            .map(|(series, tally)| (series, tally.total))
+            .collect();
+        ranked.sort_by(|(a, a_total), (b, b_total)| b_total.cmp(a_total).then_with(|| a.cmp(b)));
+        self.named = ranked
+            .into_iter()
+            .take(self.top_k)
+            .map(|(series, _)| series.clone())
+            .collect();
+    }
+
+    /// The series to export, in label order: at most `top_k` named ones, and an `_other` one
+    /// per path that has overflowed.
+    pub fn series(&self) -> Vec<(WorkloadSeries, u64)> {
+        let named = self
+            .named
+            .iter()
+            .map(|series| (series.clone(), self.tallies[series].counted));
+        let overflow = self.overflow.iter().map(|(path, bytes)| {
+            let series = WorkloadSeries {
+                namespace: OVERFLOW.into(),
+                workload: OVERFLOW.into(),
+                path: *path,
+            };
+            (series, *bytes)
+        });
+        let mut series: Vec<_> = named.chain(overflow).collect();
+        series.sort();
+        series
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kubernetes::Workload;
+
+    const WEB: &str = "10.0.1.10";
+    const API: &str = "10.0.1.11";
+    const BATCH: &str = "10.0.1.12";
+    const REMOTE: &str = "10.0.40.7";
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn pods(present: &[(&str, &str)]) -> HashMap<IpAddr, PodRef> {
+        present
+            .iter()
+            .map(|(address, workload)| {
+                let pod = PodRef {
+                    namespace: "shop".into(),
+                    name: format!("{workload}-pod"),
+                    workload: Workload {
+                        kind: "Deployment".into(),
+                        name: workload.to_string(),
+                    },
+                };
+                (ip(address), pod)
+            })
+            .collect()
+    }
+
+    fn sent(from: &str, path: Path, bytes: u64) -> ConnectionBytes {
+        ConnectionBytes {
+            initiator: ip(from),
+            responder: ip(REMOTE),
+            path,
+            bytes,
+        }
+    }
+
+    fn named(workload: &str, path: Path, bytes: u64) -> (WorkloadSeries, u64) {
+        let series = WorkloadSeries {
+            namespace: "shop".into(),
+            workload: workload.into(),
+            path,
+        };
+        (series, bytes)
+    }
+
+    fn other(path: Path, bytes: u64) -> (WorkloadSeries, u64) {
+        let series = WorkloadSeries {
+            namespace: OVERFLOW.into(),
+            workload: OVERFLOW.into(),
+            path,
+        };
+        (series, bytes)
+    }
+
+    fn sorted(mut series: Vec<(WorkloadSeries, u64)>) -> Vec<(WorkloadSeries, u64)> {
+        series.sort();
+        series
+    }
+
+    #[test]
+    fn the_top_k_are_named_the_rest_overflows_and_counters_only_grow() {
+        use Path::*;
+        let all = pods(&[(WEB, "web"), (API, "api"), (BATCH, "batch")]);
+        let mut bytes = WorkloadBytes::new(2);
+        bytes.record(
+            [
+                sent(WEB, PodToPodRemote, 500),
+                sent(API, PodToPodRemote, 300),
+                sent(BATCH, PodToExternal, 100),
+            ],
+            &all,
+        );
+        assert_eq!(
+            bytes.series(),
+            sorted(vec![
+                named("web", PodToPodRemote, 500),
+                named("api", PodToPodRemote, 300),
+                other(PodToExternal, 100),
+            ])
+        );
+        // batch overtakes api: api's count is kept for its return, batch's starts now.
+        bytes.record(
+            [
+                sent(API, PodToPodRemote, 30),
+                sent(BATCH, PodToExternal, 1000),
+            ],
+            &all,
+        );
+        assert_eq!(
+            bytes.series(),
+            sorted(vec![
+                named("web", PodToPodRemote, 500),
+                named("batch", PodToExternal, 1000),
+                other(PodToPodRemote, 30),
+                other(PodToExternal, 100),
+            ])
+        );
+        // api comes back past both, web drops out; bytes of the unnamed go to _other.
+        bytes.record(
+            [
+                sent(API, PodToPodRemote, 2000),
+                sent(WEB, PodToPodRemote, 7),
+            ],
+            &all,
+        );
+        assert_eq!(
+            bytes.series(),
+            sorted(vec![
+                named("api", PodToPodRemote, 2300),
+                named("batch", PodToExternal, 1000),
+                other(PodToPodRemote, 37),
+                other(PodToExternal, 100),
+            ])
+        );
+    }
+
+    #[test]
+    fn connections_belong_to_the_initiating_pod_else_the_responding_one() {
+        use Path::*;
+        let all = pods(&[(WEB, "web"), (API, "api")]);
+        let mut bytes = WorkloadBytes::new(10);
+        let local = |bytes| ConnectionBytes {
+            initiator: ip(WEB),
+            responder: ip(API),
+            path: PodToPodLocal,
+            bytes,
+        };
+        let inbound = |bytes| ConnectionBytes {
+            initiator: ip("203.0.113.9"),
+            responder: ip(API),
+            path: ExternalToPod,
+            bytes,
+        };
+        let node = |bytes| ConnectionBytes {
+            initiator: ip("10.0.1.1"),
+            responder: ip("198.51.100.1"),
+            path: NodeToExternal,
+            bytes,
+        };
+        bytes.record([local(1), inbound(2), node(4)], &all);
+        bytes.record([local(7), inbound(9), node(11)], &all);
+        assert_eq!(
+            bytes.series(),
+            sorted(vec![
+                named("web", PodToPodLocal, 8),
+                named("api", ExternalToPod, 11),
+            ])
+        );
+    }
+
+    #[test]
+    fn workloads_gone_from_the_node_are_forgotten() {
+        use Path::*;
+        let mut bytes = WorkloadBytes::new(1);
+        let before = pods(&[(WEB, "web"), (API, "api")]);
+        bytes.record([sent(WEB, PodToDns, 10), sent(API, PodToDns, 3)], &before);
+        assert_eq!(
+            bytes.series(),
+            sorted(vec![named("web", PodToDns, 10), other(PodToDns, 3)])
+        );
+        // web's last pod left: its series goes, and api takes the free place.
+        let after = pods(&[(API, "api")]);
+        bytes.record([sent(API, PodToDns, 1)], &after);
+        assert_eq!(
+            bytes.series(),
+            sorted(vec![named("api", PodToDns, 1), other(PodToDns, 3)])
+        );
+    }
+}
