@@ -27,6 +27,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "bpftool",
         "checking that nothing stays attached after the agent exits",
     ),
+    (
+        "prometheus",
+        "promtool checks the agent's /metrics; the server scrapes it in tests",
+    ),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
