@@ -5,7 +5,10 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
     hash::Hash,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use tracer_common::DatapathCounter;
@@ -28,6 +31,9 @@ pub const DEFAULT_MAX_SERIES: u32 = 10_000;
 #[derive(Clone)]
 pub struct Metrics {
     workload_bytes: CappedCounters<WorkloadLabels>,
+    /// Length of the last exposition: the next one reserves about as much at once rather than
+    /// growing (and copying) its buffer step by step.
+    last_length: Arc<AtomicUsize>,
 }
 
 impl Metrics {
@@ -35,6 +41,7 @@ impl Metrics {
     pub fn new(max_series: usize) -> Metrics {
         Metrics {
             workload_bytes: CappedCounters::new(max_series),
+            last_length: Arc::default(),
         }
     }
 
@@ -47,7 +54,8 @@ impl Metrics {
     /// The exposition: every family of `snapshot`, the capped families, the process.
     pub fn render(&self, snapshot: &Snapshot) -> String {
         let workloads = self.workload_bytes.lock();
-        let mut out = Exposition::with_capacity(4096 + workloads.series.len() * 96);
+        let last_length = self.last_length.load(Ordering::Relaxed);
+        let mut out = Exposition::with_capacity(last_length + last_length / 8 + 4096);
         render_paths(&mut out, &snapshot.paths.paths);
         render_health(&mut out, snapshot);
         out.family(
@@ -73,6 +81,7 @@ impl Metrics {
             1,
         );
         render_process(&mut out);
+        self.last_length.store(out.text.len(), Ordering::Relaxed);
         out.text
     }
 }

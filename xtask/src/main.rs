@@ -37,6 +37,12 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Render time and heap per series of /metrics at 1k, 10k and 100k series.
+    Scrape {
+        /// Passed on to the benchmark (e.g. --check, --json PATH).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// iperf3 between two lab pods, no program vs the agent attached (tcx), interleaved rounds.
     Veth {
         /// Exit non-zero when the UDP packet-rate loss exceeds the goal (10 %).
@@ -56,6 +62,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             which: Bench::Datapath { args },
         } => xtask::bench::datapath(&args),
+        Command::Bench {
+            which: Bench::Scrape { args },
+        } => xtask::bench::scrape(&args),
         Command::Bench {
             which: Bench::Veth { check, json },
         } => xtask::bench::veth(check, json.as_deref()),
