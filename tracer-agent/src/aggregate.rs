@@ -299,6 +299,30 @@ pub struct PollResult {
     pub new_entries: u64,
 }
 
+/// Kernel entries created that the agent never read: connections that came and went (the LRU
+/// table evicted them) between two polls, their counts and handshakes lost. With no ring
+/// buffer, these are the events the agent loses (`tracer_events_lost_total`).
+#[derive(Debug, Default)]
+pub struct Unread {
+    read: u64,
+    lost: u64,
+}
+
+impl Unread {
+    /// `created` is the kernel's count of entries created, read before the flow table that
+    /// `result` comes from: each of them was read by now, or is lost. Entries created after
+    /// that count and already read make the difference an underestimate until the next poll,
+    /// never an overestimate; the running maximum keeps it a counter.
+    pub fn update(&mut self, created: u64, result: &PollResult) {
+        self.read += result.new_entries;
+        self.lost = self.lost.max(created.saturating_sub(self.read));
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.lost
+    }
+}
+
 impl Aggregator {
     pub fn new(syn_timeout: std::time::Duration) -> Aggregator {
         Aggregator {
@@ -781,6 +805,27 @@ mod tests {
         // Mid-stream: the sender of the first packet used the lower port, so it is the server.
         first.first_tcp_flags = TCP_ACK;
         assert_eq!(forward_dir(&view, &first), 1 - server_dir);
+    }
+
+    #[test]
+    fn entries_created_and_never_read_are_lost_once() {
+        let read = |new_entries| PollResult {
+            new_entries,
+            ..PollResult::default()
+        };
+        let mut unread = Unread::default();
+        let mut lost_after = |created, new_entries| {
+            unread.update(created, &read(new_entries));
+            unread.lost()
+        };
+        assert_eq!(lost_after(10, 10), 0);
+        // Of 5 entries counted, 3 are read and 2 came and went; one created just after the
+        // count is read too, hiding one loss until the next count includes it.
+        assert_eq!(lost_after(15, 4), 1);
+        assert_eq!(lost_after(16, 0), 2);
+        assert_eq!(lost_after(20, 4), 2);
+        // Again one read before it is counted: the difference dips, the counter does not.
+        assert_eq!(lost_after(21, 2), 2);
     }
 
     #[test]

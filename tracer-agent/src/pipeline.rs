@@ -33,7 +33,7 @@ use tracer_common::DatapathCounter;
 
 use crate::{
     agent::AgentError,
-    aggregate::{Aggregator, NatTable},
+    aggregate::{Aggregator, NatTable, Unread},
     api::{self, AttachedInterfaces, FlowTableStats, PathsResponse},
     cidr::Cidr,
     classify::NodeContext,
@@ -68,9 +68,7 @@ pub struct Pipeline {
     flow_table: FlowTableStats,
     /// The datapath's counters as last read.
     datapath_counters: [u64; DatapathCounter::COUNT as usize],
-    /// Kernel entries the aggregator has read, since the start.
-    entries_read: u64,
-    events_lost: u64,
+    unread: Unread,
     problems: BTreeSet<Problem>,
     /// The problems last published: only changes are logged.
     published: BTreeSet<Problem>,
@@ -142,8 +140,7 @@ impl Pipeline {
                 ..FlowTableStats::default()
             },
             datapath_counters: [0; DatapathCounter::COUNT as usize],
-            entries_read: 0,
-            events_lost: 0,
+            unread: Unread::default(),
             problems: BTreeSet::new(),
             published: BTreeSet::new(),
             latest: Arc::default(),
@@ -227,14 +224,8 @@ impl Pipeline {
         self.history.record(&result);
         self.flow_table.entries = flows.len() as u64;
         self.flow_table.evictions += result.evicted;
-        self.entries_read += result.new_entries;
-        // Entries created (as counted before the table was read) and never read: gone between
-        // two polls. The running maximum keeps it a counter while creations just after the
-        // count are read before being counted.
         let created = self.datapath_counters[DatapathCounter::FlowsCreated as usize];
-        self.events_lost = self
-            .events_lost
-            .max(created.saturating_sub(self.entries_read));
+        self.unread.update(created, &result);
         if let Err(error) = self.datapath.forget(&result.idle) {
             self.problem(
                 Reason::FlowTable,
@@ -384,7 +375,7 @@ impl Pipeline {
             flows: snapshot::top_flows(self.aggregator.connections(), api::MAX_FLOWS_LIMIT),
             health: Health {
                 datapath: self.datapath_counters,
-                events_lost: self.events_lost,
+                events_lost: self.unread.lost(),
                 problems,
             },
         };
