@@ -3,7 +3,7 @@
 //! build info — and the capped families, whose label values the taxonomy does not bound.
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt::Write as _,
+    fmt::{Display, Write as _},
     hash::Hash,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -86,7 +86,7 @@ impl Metrics {
     }
 }
 
-fn labels(row: &PathRow) -> [(&'static str, &str); 3] {
+fn path_labels(row: &PathRow) -> [(&'static str, &str); 3] {
     [
         ("path", row.path.as_str()),
         ("endpoint", row.endpoint.as_deref().unwrap_or("")),
@@ -94,88 +94,106 @@ fn labels(row: &PathRow) -> [(&'static str, &str); 3] {
     ]
 }
 
+/// TCP health of a (path, endpoint): its metrics have no `nat` label, so rows add up.
+#[derive(Default)]
+struct TcpHealth {
+    unanswered_syns: u64,
+    resets: u64,
+    handshakes: Handshakes,
+}
+
 fn render_paths(out: &mut Exposition, rows: &[PathRow]) {
-    let per_direction = [
-        (
-            "tracer_path_packets_total",
-            "Packets by path of the EKS taxonomy, counted once per node",
-            (|row: &PathRow| (row.forward_packets, row.reply_packets)) as fn(&PathRow) -> _,
-        ),
-        (
-            "tracer_path_bytes_total",
-            "L3 bytes (IP header included) by path, counted once per node",
-            |row: &PathRow| (row.forward_bytes, row.reply_bytes),
-        ),
-    ];
-    for (name, help, values) in per_direction {
-        out.family(name, "counter", help);
-        for row in rows {
-            let [path, endpoint, nat] = labels(row);
-            let (forward, reply) = values(row);
-            for (direction, value) in [("forward", forward), ("reply", reply)] {
-                out.sample(
-                    name,
-                    &[path, endpoint, nat, ("direction", direction)],
-                    value,
-                );
-            }
-        }
-    }
+    render_directed(
+        out,
+        rows,
+        "tracer_path_packets_total",
+        "Packets by path of the EKS taxonomy, counted once per node",
+        |row| (row.forward_packets, row.reply_packets),
+    );
+    render_directed(
+        out,
+        rows,
+        "tracer_path_bytes_total",
+        "L3 bytes (IP header included) by path, counted once per node",
+        |row| (row.forward_bytes, row.reply_bytes),
+    );
     out.family(
         "tracer_path_flows_total",
         "counter",
         "Connections seen to start, by path",
     );
     for row in rows {
-        out.sample("tracer_path_flows_total", &labels(row), row.flows);
+        out.sample("tracer_path_flows_total", &path_labels(row), row.flows);
     }
 
-    // TCP health is labelled by path and endpoint only: rows that differ by NAT add up.
-    let mut health: BTreeMap<(&str, &str), (u64, u64, Handshakes)> = BTreeMap::new();
+    let mut health: BTreeMap<(&str, &str), TcpHealth> = BTreeMap::new();
     for row in rows {
         let key = (row.path.as_str(), row.endpoint.as_deref().unwrap_or(""));
-        let (unanswered, resets, handshakes) = health.entry(key).or_default();
-        *unanswered += row.unanswered_syns;
-        *resets += row.resets;
-        add_handshakes(handshakes, &row.handshakes);
+        let sum = health.entry(key).or_default();
+        sum.unanswered_syns += row.unanswered_syns;
+        sum.resets += row.resets;
+        add_handshakes(&mut sum.handshakes, &row.handshakes);
     }
     out.family(
         "tracer_path_handshake_seconds",
         "histogram",
         "TCP SYN to SYN-ACK time seen at the node, by path",
     );
-    for ((path, endpoint), (_, _, handshakes)) in &health {
-        if handshakes.count > 0 {
+    for (key, sum) in &health {
+        if sum.handshakes.count > 0 {
             out.histogram(
                 "tracer_path_handshake_seconds",
-                &[("path", path), ("endpoint", endpoint)],
-                handshakes,
+                &health_labels(*key),
+                &sum.handshakes,
             );
         }
     }
-    let counters = [
-        (
+    out.family(
+        "tracer_path_unanswered_syn_total",
+        "counter",
+        "TCP connection attempts with no SYN-ACK within the SYN timeout (silent drops)",
+    );
+    for (key, sum) in &health {
+        out.sample(
             "tracer_path_unanswered_syn_total",
-            "TCP connection attempts with no SYN-ACK within the SYN timeout (silent drops)",
-            (|(unanswered, _, _): &(u64, u64, Handshakes)| *unanswered)
-                as fn(&(u64, u64, Handshakes)) -> u64,
-        ),
-        (
-            "tracer_path_resets_total",
-            "TCP connections that saw a RST (refused or aborted)",
-            |(_, resets, _)| *resets,
-        ),
-    ];
-    for (name, help, value) in counters {
-        out.family(name, "counter", help);
-        for ((path, endpoint), totals) in &health {
+            &health_labels(*key),
+            sum.unanswered_syns,
+        );
+    }
+    out.family(
+        "tracer_path_resets_total",
+        "counter",
+        "TCP connections that saw a RST (refused or aborted)",
+    );
+    for (key, sum) in &health {
+        out.sample("tracer_path_resets_total", &health_labels(*key), sum.resets);
+    }
+}
+
+/// A counter per row and direction (`forward`, `reply`).
+fn render_directed(
+    out: &mut Exposition,
+    rows: &[PathRow],
+    name: &str,
+    help: &str,
+    values: impl Fn(&PathRow) -> (u64, u64),
+) {
+    out.family(name, "counter", help);
+    for row in rows {
+        let [path, endpoint, nat] = path_labels(row);
+        let (forward, reply) = values(row);
+        for (direction, value) in [("forward", forward), ("reply", reply)] {
             out.sample(
                 name,
-                &[("path", path), ("endpoint", endpoint)],
-                value(totals),
+                &[path, endpoint, nat, ("direction", direction)],
+                value,
             );
         }
     }
+}
+
+fn health_labels<'a>((path, endpoint): (&'a str, &'a str)) -> [(&'static str, &'a str); 2] {
+    [("path", path), ("endpoint", endpoint)]
 }
 
 /// Adds `other`'s observations to `sum` (same buckets, cumulative counts add up).
@@ -320,7 +338,9 @@ impl Exposition {
         self.text.push('\n');
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Value) {
+    /// `value`: integers exactly, floats in Rust's shortest round-trip form (never an
+    /// exponent), both as the text format reads them.
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
         self.text.push_str(name);
         if !labels.is_empty() {
             self.text.push('{');
@@ -332,9 +352,7 @@ impl Exposition {
             }
             self.text.push('}');
         }
-        self.text.push(' ');
-        value.write(&mut self.text);
-        self.text.push('\n');
+        let _ = writeln!(self.text, " {value}");
     }
 
     fn histogram(&mut self, name: &str, labels: &[(&str, &str)], handshakes: &Handshakes) {
@@ -374,23 +392,6 @@ fn escape(out: &mut String, text: &str, quote: bool) {
             '"' if quote => out.push_str("\\\""),
             c => out.push(c),
         }
-    }
-}
-
-/// A sample value: integers exactly, floats in Rust's shortest round-trip form.
-trait Value {
-    fn write(self, out: &mut String);
-}
-
-impl Value for u64 {
-    fn write(self, out: &mut String) {
-        let _ = write!(out, "{self}");
-    }
-}
-
-impl Value for f64 {
-    fn write(self, out: &mut String) {
-        let _ = write!(out, "{self}");
     }
 }
 
@@ -498,9 +499,7 @@ impl<L: LabelSet> Capped<L> {
             out.text.push_str(name);
             out.text.push('{');
             labels.write_labels(&mut out.text);
-            out.text.push_str("} ");
-            total.write(&mut out.text);
-            out.text.push('\n');
+            let _ = writeln!(out.text, "}} {total}");
         }
     }
 }

@@ -372,7 +372,7 @@ impl Pipeline {
                 problems: problems.iter().map(|p| p.message.clone()).collect(),
                 paths: self.history.rows(self.aggregator.connections()),
             },
-            flows: snapshot::top_flows(self.aggregator.connections(), api::MAX_FLOWS_LIMIT),
+            largest_flows: snapshot::top_flows(self.aggregator.connections(), api::MAX_FLOWS_LIMIT),
             health: Health {
                 datapath: self.datapath_counters,
                 events_lost: self.unread.lost(),

@@ -147,7 +147,7 @@ pub struct Snapshot {
     pub paths: PathsResponse,
     /// The largest connections in the flow table, at most `api::MAX_FLOWS_LIMIT`, largest
     /// first: `GET /api/v1/flows` serves the first `limit`.
-    pub flows: Vec<FlowRow>,
+    pub largest_flows: Vec<FlowRow>,
     pub health: Health,
 }
 
@@ -156,7 +156,7 @@ impl Snapshot {
     pub fn flows(&self, limit: usize) -> FlowsResponse {
         FlowsResponse {
             time_unix_ms: self.paths.time_unix_ms,
-            flows: self.flows.iter().take(limit).cloned().collect(),
+            flows: self.largest_flows.iter().take(limit).cloned().collect(),
         }
     }
 }
@@ -335,7 +335,7 @@ mod tests {
         );
         assert_eq!(top_flows(aggregator.connections(), 1000).len(), 50);
         let snapshot = Snapshot {
-            flows: rows,
+            largest_flows: rows,
             ..Snapshot::default()
         };
         assert_eq!(snapshot.flows(2).flows.len(), 2);
