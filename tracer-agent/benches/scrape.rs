@@ -170,11 +170,11 @@ fn measure(case: &Case, snapshot: &Snapshot) -> anyhow::Result<Row> {
     let metrics = Metrics::new(case.series);
     let family = metrics.workload_bytes();
     for index in 0..case.series {
-        family.add(workload(index), 1_500 * index as u64);
+        family.add(&workload(index), 1_500 * index as u64);
     }
     let held = HELD.load(Ordering::Relaxed) - before;
     // The cap holds: the family is full, and one more series is refused and counted.
-    family.add(workload(case.series), 1);
+    family.add(&workload(case.series), 1);
     if family.len() != case.series || family.refused() != 1 {
         bail!(
             "{} series: the family holds {} and refused {} (expected {} and 1)",

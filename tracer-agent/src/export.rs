@@ -2,15 +2,16 @@
 //! time from the latest `Snapshot`: path counters, agent health, the process's CPU and memory,
 //! build info — and the capped families, whose label values the taxonomy does not bound.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fmt::{Display, Write as _},
-    hash::Hash,
+    marker::PhantomData,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering},
     },
 };
 
+use indexmap::IndexMap;
 use tracer_common::DatapathCounter;
 
 use crate::{
@@ -381,7 +382,11 @@ fn write_label(out: &mut String, name: &str, value: &str) {
 
 /// Escapes `\` and newlines (and `"` in label values), as the text format requires.
 fn escape(out: &mut String, text: &str, quote: bool) {
-    if !text.contains(['\\', '\n', '"']) {
+    // A byte scan: the common case (nothing to escape) is a plain copy.
+    if !text
+        .bytes()
+        .any(|byte| matches!(byte, b'\\' | b'\n' | b'"'))
+    {
         out.push_str(text);
         return;
     }
@@ -402,7 +407,7 @@ pub trait LabelSet {
 }
 
 /// `{namespace, workload, path}`: bytes of a workload (Deployment, DaemonSet, …) by path.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadLabels {
     pub namespace: Box<str>,
     pub workload: Box<str>,
@@ -424,43 +429,55 @@ impl LabelSet for WorkloadLabels {
 /// (`tracer_series_overflow_total`), so memory and scrape size stay bounded whatever the
 /// cluster runs. Cheap to clone (a shared handle).
 pub struct CappedCounters<L> {
-    inner: Arc<Mutex<Capped<L>>>,
+    inner: Arc<Mutex<Capped>>,
+    labels: PhantomData<fn(&L)>,
 }
 
 impl<L> Clone for CappedCounters<L> {
     fn clone(&self) -> Self {
         CappedCounters {
             inner: Arc::clone(&self.inner),
+            labels: PhantomData,
         }
     }
 }
 
-struct Capped<L> {
-    series: HashMap<L, u64>,
+struct Capped {
+    /// Series keyed by their labels as the exposition writes them (escaped), in the order
+    /// they were created: a render copies each line's labels as they are, walking memory in
+    /// order rather than chasing label strings in hash order.
+    series: IndexMap<Box<str>, u64>,
     max_series: usize,
     refused: u64,
+    /// Where an update writes its labels to look them up.
+    scratch: String,
 }
 
-impl<L: LabelSet + Hash + Eq> CappedCounters<L> {
+impl<L: LabelSet> CappedCounters<L> {
     pub fn new(max_series: usize) -> CappedCounters<L> {
         CappedCounters {
             inner: Arc::new(Mutex::new(Capped {
-                series: HashMap::new(),
+                series: IndexMap::new(),
                 max_series,
                 refused: 0,
+                scratch: String::new(),
             })),
+            labels: PhantomData,
         }
     }
 
     /// Adds `by` to the series `labels`; refused (and counted) when that series would be one
     /// more than the cap.
-    pub fn add(&self, labels: L, by: u64) {
-        let mut capped = self.lock();
+    pub fn add(&self, labels: &L, by: u64) {
+        let mut guard = self.lock();
+        let capped = &mut *guard;
+        capped.scratch.clear();
+        labels.write_labels(&mut capped.scratch);
         let has_room = capped.series.len() < capped.max_series;
-        match capped.series.get_mut(&labels) {
+        match capped.series.get_mut(capped.scratch.as_str()) {
             Some(total) => *total += by,
             None if has_room => {
-                capped.series.insert(labels, by);
+                capped.series.insert(capped.scratch.as_str().into(), by);
             }
             None => capped.refused += 1,
         }
@@ -480,7 +497,7 @@ impl<L: LabelSet + Hash + Eq> CappedCounters<L> {
         self.lock().refused
     }
 
-    fn lock(&self) -> MutexGuard<'_, Capped<L>> {
+    fn lock(&self) -> MutexGuard<'_, Capped> {
         // A panic while holding the lock leaves counters that are still valid numbers.
         self.inner
             .lock()
@@ -488,7 +505,7 @@ impl<L: LabelSet + Hash + Eq> CappedCounters<L> {
     }
 }
 
-impl<L: LabelSet> Capped<L> {
+impl Capped {
     /// HELP and TYPE, then one line per series; nothing while the family is empty.
     fn render(&self, out: &mut Exposition, name: &str, help: &str) {
         if self.series.is_empty() {
@@ -496,10 +513,7 @@ impl<L: LabelSet> Capped<L> {
         }
         out.family(name, "counter", help);
         for (labels, total) in &self.series {
-            out.text.push_str(name);
-            out.text.push('{');
-            labels.write_labels(&mut out.text);
-            let _ = writeln!(out.text, "}} {total}");
+            let _ = writeln!(out.text, "{name}{{{labels}}} {total}");
         }
     }
 }
@@ -634,10 +648,10 @@ mod tests {
             path: Path::PodToExternal,
         };
         let family = metrics.workload_bytes();
-        family.add(workload("cart"), 10);
-        family.add(workload("web"), 5);
-        family.add(workload("ledger"), 7);
-        family.add(workload("cart"), 1);
+        family.add(&workload("cart"), 10);
+        family.add(&workload("web"), 5);
+        family.add(&workload("ledger"), 7);
+        family.add(&workload("cart"), 1);
         assert_eq!((family.len(), family.refused()), (2, 1));
         let text = metrics.render(&Snapshot::default());
         assert_eq!(
