@@ -148,11 +148,11 @@ enum View {
 
 /// A destination rewrite seen in conntrack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Dnat {
+struct Dnat {
     /// The address the initiator asked for (a ClusterIP, a NodePort).
-    pub requested: SocketAddr,
+    requested: SocketAddr,
     /// The backend the packets reached.
-    pub responder: SocketAddr,
+    responder: SocketAddr,
 }
 
 /// A classified connection in the flow table, as the flow listing shows it.

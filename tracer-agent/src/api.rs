@@ -110,13 +110,6 @@ pub struct FlowRow {
     pub responder_pod: Option<String>,
 }
 
-impl FlowRow {
-    /// What the list is sorted by.
-    pub fn total_bytes(&self) -> u64 {
-        self.forward_bytes + self.reply_bytes
-    }
-}
-
 /// The body of a 400 answer: `{"error": "..."}`, naming the parameter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ErrorResponse {

@@ -73,9 +73,9 @@ impl HandshakeHistogram {
 
 /// What a path accumulated since the agent started.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct PathHistory {
-    pub totals: Totals,
-    pub handshakes: HandshakeHistogram,
+struct PathHistory {
+    totals: Totals,
+    handshakes: HandshakeHistogram,
 }
 
 /// Every path's history: the sum of the aggregator's per-poll growth.
@@ -314,7 +314,10 @@ mod tests {
         aggregator.poll(&flows, &context, &none, 0);
         aggregator.poll(&flows, &context, &none, 0);
         let rows = top_flows(aggregator.connections(), 5);
-        let sizes: Vec<u64> = rows.iter().map(FlowRow::total_bytes).collect();
+        let sizes: Vec<u64> = rows
+            .iter()
+            .map(|row| row.forward_bytes + row.reply_bytes)
+            .collect();
         assert_eq!(sizes, [49_000, 48_000, 47_000, 46_000, 45_000]);
         let first = &rows[0];
         // 37 × i ≡ 49 (mod 50) for i = 27.
