@@ -6,10 +6,12 @@ use log::{info, warn};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{Notify, watch},
 };
 
-use crate::{cli::AgentArgs, export::Metrics, pipeline::Pipeline, server, snapshot::Snapshot};
+use crate::{
+    cli::AgentArgs, discovery, export::Metrics, pipeline::Pipeline, server, snapshot::Snapshot,
+};
 
 /// Why the agent stopped: the exit code tells usage/configuration (2) from runtime (1).
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +56,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Polls every `--poll-interval` and publishes each snapshot to the server.
+/// Polls every `--poll-interval` and publishes each snapshot to the server; rescans at once
+/// when netlink reports a change, so that a new pod's veth is attached within milliseconds.
 async fn poll_until_signal(
     pipeline: &mut Pipeline,
     snapshots: &watch::Sender<Arc<Snapshot>>,
@@ -63,13 +66,29 @@ async fn poll_until_signal(
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut ticker = tokio::time::interval(pipeline.poll_interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let changes = match discovery::watch_changes() {
+        Ok(changes) => Some(changes),
+        Err(error) => {
+            warn!("{error}: new interfaces are found at each poll instead");
+            None
+        }
+    };
     loop {
         tokio::select! {
             _ = ticker.tick() => {
                 snapshots.send_replace(pipeline.poll());
             }
+            _ = changed(changes.as_deref()) => pipeline.rescan(),
             _ = terminate.recv() => return Ok(()),
             _ = interrupt.recv() => return Ok(()),
         }
+    }
+}
+
+/// Resolves when netlink reports a change; never, without a watch.
+async fn changed(changes: Option<&Notify>) {
+    match changes {
+        Some(changes) => changes.notified().await,
+        None => std::future::pending().await,
     }
 }

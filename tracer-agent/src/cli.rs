@@ -91,6 +91,11 @@ pub struct PipelineArgs {
 /// so that both classify against the same context.
 #[derive(Args, Debug, Clone)]
 pub struct ContextArgs {
+    /// A TOML file setting any of these flags by their long name (`vpc-cidr = ["10.0.0.0/16"]`,
+    /// `poll-interval = "1s"`); a flag given on the command line replaces the file's value.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
     /// A CIDR block of the VPC (repeatable). Default: asked from IMDS.
     #[arg(long = "vpc-cidr", value_name = "CIDR")]
     pub vpc_cidrs: Vec<Cidr>,

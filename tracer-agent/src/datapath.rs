@@ -1,6 +1,9 @@
 //! The kernel side as user space sees it: load the programs, attach them to interfaces, and
 //! read the flow table and the datapath counters.
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -22,9 +25,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error(
-        "loading the eBPF object failed: {0} (the agent needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF)"
-    )]
+    #[error("loading the eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
     Program {
@@ -36,6 +37,8 @@ pub enum DatapathError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("reading the flow table (BPF_MAP_LOOKUP_BATCH, kernel ≥ 5.6): {0}")]
+    Batch(std::io::Error),
     #[error("the eBPF object has no {0}: it does not match this agent")]
     Missing(&'static str),
     #[error("attaching to {interface} ({hook:?}): {source}")]
@@ -72,8 +75,90 @@ impl AttachMode {
     }
 }
 
+/// `BPF_MAP_LOOKUP_BATCH`, the `bpf(2)` command aya 0.14 does not wrap.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Entries per batch: far more than a hash bucket ever holds (a batch never splits one).
+const BATCH: usize = 4096;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Copies the flow table out with one syscall per `BATCH` entries, instead of two per entry
+/// (next key, then lookup) with aya's iterator: reading the table is the agent's main cost
+/// at tens of thousands of flows. Entries added or evicted meanwhile may or may not be seen,
+/// as with any walk of a live table.
+fn read_batched(map: BorrowedFd<'_>) -> std::io::Result<Vec<(FlowKey, FlowStats)>> {
+    let mut keys = vec![FlowKey::default(); BATCH];
+    let mut values = vec![FlowStats::default(); BATCH];
+    let mut flows = Vec::new();
+    // The position in the table: for hash maps, a bucket index the kernel hands back.
+    let (mut position, mut next) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                (&raw const position) as u64
+            },
+            out_batch: (&raw mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the attribute points at live buffers of `count` keys and values of the map's
+        // key and value types, and at two u32 batch tokens; the kernel writes nothing else.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let done = if result < 0 {
+            let error = std::io::Error::last_os_error();
+            // ENOENT: the walk reached the end (the last entries are in this batch).
+            if error.raw_os_error() != Some(libc::ENOENT) {
+                return Err(error);
+            }
+            true
+        } else {
+            false
+        };
+        let filled = (attr.count as usize).min(BATCH);
+        flows.extend(
+            keys[..filled]
+                .iter()
+                .copied()
+                .zip(values[..filled].iter().copied()),
+        );
+        if done {
+            return Ok(flows);
+        }
+        position = next;
+        first = false;
+    }
+}
+
 /// Both hooks of one interface.
 struct Attachment {
+    /// The interface's index: a pod deleted and re-created between two scans keeps its name
+    /// but not its index, and needs attaching again.
+    index: u32,
     ingress: SchedClassifierLinkId,
     egress: SchedClassifierLinkId,
 }
@@ -106,9 +191,11 @@ impl Datapath {
 
     /// Attaches the ingress and egress programs to `interface`, after whatever is already
     /// there (they hand every packet on, so order does not change other programs' verdicts).
-    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
-        if self.attached.contains_key(interface) {
-            return Ok(());
+    pub fn attach(&mut self, interface: &str, index: u32) -> Result<(), DatapathError> {
+        match self.attached.get(interface) {
+            Some(attachment) if attachment.index == index => return Ok(()),
+            Some(_) => self.detach(interface),
+            None => {}
         }
         if self.mode == AttachMode::Clsact {
             // Already present is fine: another tool (or the CNI) may have added it.
@@ -124,8 +211,14 @@ impl Datapath {
                 return Err(error);
             }
         };
-        self.attached
-            .insert(interface.to_owned(), Attachment { ingress, egress });
+        self.attached.insert(
+            interface.to_owned(),
+            Attachment {
+                index,
+                ingress,
+                egress,
+            },
+        );
         Ok(())
     }
 
@@ -150,7 +243,10 @@ impl Datapath {
 
     /// Detaches from an interface; a vanished interface is not an error.
     pub fn detach(&mut self, interface: &str) {
-        if let Some(Attachment { ingress, egress }) = self.attached.remove(interface) {
+        if let Some(Attachment {
+            ingress, egress, ..
+        }) = self.attached.remove(interface)
+        {
             if let Ok(program) = classifier(&mut self.ebpf, PROGRAM_INGRESS) {
                 let _ = program.detach(ingress);
             }
@@ -175,22 +271,14 @@ impl Datapath {
 
     /// A copy of the flow table.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowStats)>, DatapathError> {
-        let map = self.flow_map()?;
-        let mut flows = Vec::new();
-        for entry in map.iter() {
-            match entry {
-                Ok(entry) => flows.push(entry),
-                // The entry was evicted or deleted while iterating: skip it.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(source) => {
-                    return Err(DatapathError::Map {
-                        name: FLOWS_MAP,
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(flows)
+        let map = self
+            .ebpf
+            .map(FLOWS_MAP)
+            .ok_or(DatapathError::Missing(FLOWS_MAP))?;
+        let aya::maps::Map::LruHashMap(data) = map else {
+            return Err(DatapathError::Missing(FLOWS_MAP));
+        };
+        read_batched(data.fd().as_fd()).map_err(DatapathError::Batch)
     }
 
     /// Removes connections from the flow table (after their last counts were read).
@@ -216,17 +304,6 @@ impl Datapath {
             }
         }
         Ok(())
-    }
-
-    fn flow_map(&self) -> Result<BpfHashMap<&MapData, FlowKey, FlowStats>, DatapathError> {
-        let map = self
-            .ebpf
-            .map(FLOWS_MAP)
-            .ok_or(DatapathError::Missing(FLOWS_MAP))?;
-        BpfHashMap::try_from(map).map_err(|source| DatapathError::Map {
-            name: FLOWS_MAP,
-            source,
-        })
     }
 
     /// The datapath counters, summed over CPUs, indexed by `DatapathCounter`.

@@ -1,7 +1,9 @@
 //! Which interfaces to attach to, and what the node's routes and addresses say about it.
-use std::{collections::HashSet, net::IpAddr};
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
 
-use crate::netlink::{self, NetlinkError};
+use tokio::sync::Notify;
+
+use crate::netlink::{self, NetlinkError, Protocol, Socket};
 
 /// The role an interface plays on an EKS node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,7 +72,11 @@ pub fn scan(patterns: &InterfacePatterns) -> Result<Scan, NetlinkError> {
             })
         })
         .collect();
-    interfaces.sort();
+    // Node ENIs first: every packet that enters or leaves the node crosses one, so counting
+    // starts there while the (many) pod veths are still being attached.
+    interfaces.sort_by(|a, b| {
+        (a.kind != InterfaceKind::Node, &a.name).cmp(&(b.kind != InterfaceKind::Node, &b.name))
+    });
     let indexes_of = |kind| -> HashSet<u32> {
         interfaces
             .iter()
@@ -100,6 +106,43 @@ pub fn scan(patterns: &InterfacePatterns) -> Result<Scan, NetlinkError> {
         node_ips,
         local_pods,
     })
+}
+
+/// Links coming and going, addresses, and routes (a pod's /32 route is added after its veth).
+const CHANGE_GROUPS: u32 = (libc::RTMGRP_LINK
+    | libc::RTMGRP_IPV4_IFADDR
+    | libc::RTMGRP_IPV6_IFADDR
+    | libc::RTMGRP_IPV4_ROUTE
+    | libc::RTMGRP_IPV6_ROUTE) as u32;
+
+/// Watches this namespace's links, addresses and routes over netlink, in a thread of its own,
+/// and wakes the returned `Notify` on every change: the agent scans again at once instead of
+/// waiting for its next poll, so a new pod's veth is attached within milliseconds. The thread
+/// ends when the agent drops the `Notify`.
+pub fn watch_changes() -> Result<Arc<Notify>, NetlinkError> {
+    let mut socket = Socket::open(Protocol::Route)?;
+    socket.subscribe(CHANGE_GROUPS)?;
+    let changed = Arc::new(Notify::new());
+    let notify = Arc::downgrade(&changed);
+    std::thread::spawn(move || {
+        loop {
+            let result = socket.wait_change();
+            let Some(notify) = notify.upgrade() else {
+                return;
+            };
+            match result {
+                Ok(true) => notify.notify_one(),
+                Ok(false) => {}
+                Err(error) => {
+                    log::warn!(
+                        "netlink change notifications stopped ({error}); new interfaces are found at the next poll"
+                    );
+                    return;
+                }
+            }
+        }
+    });
+    Ok(changed)
 }
 
 /// Shell-style matching with `*` only: what interface patterns need, nothing more.

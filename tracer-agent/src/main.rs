@@ -4,12 +4,31 @@ use clap::Parser;
 use tracer_agent::{
     agent::{self, AgentError},
     cli::{Cli, Command},
-    explain,
+    config, explain,
 };
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    let (argv, config) = match config::expand(std::env::args_os().collect()) {
+        Ok(expanded) => expanded,
+        Err(error) => {
+            eprintln!("tracer: {error}");
+            std::process::exit(2);
+        }
+    };
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            if let Some(path) = config.filter(|_| error.use_stderr()) {
+                eprintln!(
+                    "note: the flags above include those set in --config {}",
+                    path.display()
+                );
+            }
+            std::process::exit(error.exit_code());
+        }
+    };
     let result = match cli.command {
         Command::Agent(args) => block_on(agent::run(args)),
         Command::Explain(args) => explain::run(args),

@@ -20,6 +20,8 @@ pub enum NetlinkError {
         protocol: &'static str,
         source: io::Error,
     },
+    #[error("cannot subscribe to netlink change notifications: {0}")]
+    Subscribe(io::Error),
     #[error("cannot send the netlink request: {0}")]
     Send(io::Error),
     #[error("cannot receive the netlink answer: {0}")]
@@ -163,6 +165,37 @@ impl Socket {
             return Err(NetlinkError::Send(io::Error::last_os_error()));
         }
         Ok(())
+    }
+
+    /// Joins multicast `groups` (`RTMGRP_*` bits): the kernel then sends a message on every
+    /// change of what they cover, which [`Socket::wait_change`] waits for.
+    pub fn subscribe(&self, groups: u32) -> Result<(), NetlinkError> {
+        // SAFETY: a zeroed sockaddr_nl with the family and groups set is a valid address.
+        let bound = unsafe {
+            let mut local: libc::sockaddr_nl = std::mem::zeroed();
+            local.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            local.nl_groups = groups;
+            libc::bind(
+                self.socket.as_raw_fd(),
+                (&local as *const libc::sockaddr_nl).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if bound < 0 {
+            return Err(NetlinkError::Subscribe(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Waits up to the receive timeout for a message of a subscribed group: true when one (or
+    /// an overrun, which means several were lost) arrived, false on timeout. What the message
+    /// says does not matter to the caller, which re-reads the whole state.
+    pub fn wait_change(&mut self) -> Result<bool, NetlinkError> {
+        match self.recv() {
+            Ok(_) | Err(NetlinkError::Overrun) => Ok(true),
+            Err(NetlinkError::Timeout(_)) => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 
     /// Receives one datagram into the buffer and returns its length.

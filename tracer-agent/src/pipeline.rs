@@ -44,6 +44,7 @@ use crate::{
     discovery::{self, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
     imds::{self, ImdsClient},
+    privileges,
     readiness::{Problem, Reason},
     snapshot::{self, Health, History, Snapshot},
 };
@@ -88,6 +89,7 @@ impl Pipeline {
         let context = context::from_flags(&args.context).map_err(|contradictions| {
             AgentError::Config(anyhow!(context::describe(&contradictions)))
         })?;
+        let privileges = privileges::acquire().map_err(AgentError::Runtime)?;
         let patterns = context::interface_patterns(&args.context);
         let scan = discovery::scan(&patterns)
             .context("listing interfaces over netlink")
@@ -106,7 +108,10 @@ impl Pipeline {
         };
         let datapath = Datapath::load(args.flow_table_size, mode)
             .context("loading the datapath")
-            .map_err(AgentError::Runtime)?;
+            .map_err(|error| AgentError::Runtime(privileges.explain(error)))?;
+        if let Some(path) = &args.context.config {
+            info!("configuration from {} and the command line", path.display());
+        }
         info!(
             "datapath loaded ({} entries, {} attach) on node {}",
             args.flow_table_size,
@@ -164,10 +169,7 @@ impl Pipeline {
     /// new snapshot. Problems along the way do not stop it: they make the snapshot not ready.
     pub fn poll(&mut self) -> Arc<Snapshot> {
         self.problems.clear();
-        match discovery::scan(&self.patterns) {
-            Ok(scan) => self.apply_scan(scan),
-            Err(error) => self.problem(Reason::Interfaces, format!("netlink scan failed: {error}")),
-        }
+        self.rescan();
         self.receive_imds();
         self.receive_apiserver_addresses();
         if self.context.vpc_cidrs.is_empty() {
@@ -201,6 +203,15 @@ impl Pipeline {
             ),
         }
         self.publish()
+    }
+
+    /// Lists interfaces, addresses and routes again and applies what changed: between polls,
+    /// when netlink reports a change, a new pod's veth is attached at once.
+    pub fn rescan(&mut self) {
+        match discovery::scan(&self.patterns) {
+            Ok(scan) => self.apply_scan(scan),
+            Err(error) => self.problem(Reason::Interfaces, format!("netlink scan failed: {error}")),
+        }
     }
 
     /// Detaches from every interface (dropping the pipeline does too).
@@ -254,7 +265,7 @@ impl Pipeline {
         }
         let mut attached = AttachedInterfaces::default();
         for interface in &interfaces {
-            match self.datapath.attach(&interface.name) {
+            match self.datapath.attach(&interface.name, interface.index) {
                 Ok(()) => match interface.kind {
                     InterfaceKind::Pod => attached.pod += 1,
                     InterfaceKind::Node => attached.node += 1,

@@ -69,3 +69,40 @@ fn missing_privileges_are_a_runtime_error_that_says_what_is_needed() {
     );
     assert_failure(&output, 1, "CAP_BPF");
 }
+
+#[test]
+fn a_config_file_sets_flags_and_its_mistakes_are_named() {
+    let dir = std::env::temp_dir().join(format!("tracer-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "vpc-cidr = [\"10.0.0.0/16\"]\nservice-cidr = \"10.100.0.0/16\"\njson = true\n",
+    )
+    .expect("write config");
+    let output = in_fresh_netns(&format!(
+        "$TRACER explain 10.0.1.7 10.100.0.1:443 --config {}",
+        good.display()
+    ));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("10.0.0.0/16 (--vpc-cidr)"), "{stdout}");
+    assert!(stdout.contains("\"path\": \"unknown\""), "{stdout}");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "vpc-cidr = [\"10.0.0.1/16\"]\n").expect("write config");
+    let output = in_fresh_netns(&format!("$TRACER agent --config {}", bad.display()));
+    assert_failure(&output, 2, "--vpc-cidr");
+    assert_failure(&output, 2, &format!("--config {}", bad.display()));
+
+    let output = in_fresh_netns(&format!(
+        "$TRACER agent --config {}",
+        dir.join("none.toml").display()
+    ));
+    assert_failure(&output, 2, "cannot read --config");
+    std::fs::remove_dir_all(&dir).expect("remove temp dir");
+}

@@ -3,8 +3,9 @@
 use std::{
     fs::File,
     net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -12,6 +13,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     lab::Lab,
+    run::command_output,
     scrape::{self, Sample},
 };
 
@@ -23,6 +25,21 @@ pub const POLL_INTERVAL: &str = "200ms";
 pub const RESOLVE_INTERVAL: &str = "1s";
 /// Shorter than the default 3 s: the lab's dropped SYN is declared unanswered sooner.
 pub const SYN_TIMEOUT: &str = "1s";
+
+/// Polling, SYN timeout and re-resolution shorter than the defaults, so that tests and the
+/// demo see their traffic within a fraction of a second.
+pub fn quick_flags() -> Vec<String> {
+    [
+        "--poll-interval",
+        POLL_INTERVAL,
+        "--syn-timeout",
+        SYN_TIMEOUT,
+        "--resolve-interval",
+        RESOLVE_INTERVAL,
+    ]
+    .map(String::from)
+    .to_vec()
+}
 
 /// The context flags a real node's configuration would give (`agent` and `explain` take the
 /// same): control-plane ENIs, the cluster endpoint's name, kube-dns, the service CIDR. The VPC
@@ -44,44 +61,167 @@ pub fn context_flags(lab: &Lab) -> Vec<String> {
     flags
 }
 
+/// The interfaces (ifindex) process `pid` holds tcx links on, from `/proc/PID/fdinfo`; usable
+/// from a thread that watches the agent while the test drives it.
+pub fn linked_ifindexes(pid: u32) -> Vec<u64> {
+    fdinfo_values(pid, "ifindex:", |info| info.contains("link_type:\ttcx"))
+}
+
+/// The value of `field` in each of `pid`'s `fdinfo` files that `select` keeps.
+fn fdinfo_values(pid: u32, field: &str, select: impl Fn(&str) -> bool) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter(|info| select(info))
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(field))
+                .and_then(|value| value.trim().parse().ok())
+        })
+        .collect()
+}
+
+/// The locked-memory limit a container gets from a runtime that sets none: the kernel's
+/// historical default, the smallest a node hands out.
+const CONTAINER_MEMLOCK_BYTES: u64 = 64 * 1024;
+
+/// How a container runtime runs the agent under the DaemonSet's security context: a non-root
+/// uid, the binary's file capabilities as the image sets them, only the granted capabilities
+/// in the bounding set, no_new_privs, and a small RLIMIT_MEMLOCK.
+#[derive(Clone, Debug)]
+pub struct Confinement {
+    pub uid: u32,
+    /// As Kubernetes writes them: `BPF`, `NET_ADMIN`, …
+    pub capabilities: Vec<String>,
+    /// As `setcap` takes them: `cap_bpf,cap_net_admin+p`.
+    pub file_capabilities: String,
+}
+
+impl Confinement {
+    /// The same, with one capability taken away.
+    pub fn without(&self, capability: &str) -> Confinement {
+        Confinement {
+            capabilities: self
+                .capabilities
+                .iter()
+                .filter(|cap| *cap != capability)
+                .cloned()
+                .collect(),
+            ..self.clone()
+        }
+    }
+
+    /// setpriv's `--bounding-set` argument: `-all,+bpf,+net_admin`.
+    fn bounding_set(&self) -> String {
+        std::iter::once("-all".to_owned())
+            .chain(
+                self.capabilities
+                    .iter()
+                    .map(|cap| format!("+{}", cap.to_lowercase())),
+            )
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Copies `tracer` where the unprivileged uid can run it and gives the copy the image's
+    /// file capabilities.
+    fn install(&self, tracer: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        let copy = dir.join("tracer");
+        std::fs::copy(tracer, &copy)
+            .with_context(|| format!("copying {} to {}", tracer.display(), copy.display()))?;
+        command_output(
+            Command::new("setcap")
+                .arg(&self.file_capabilities)
+                .arg(&copy),
+        )?;
+        Ok(copy)
+    }
+
+    /// The programs that run `binary` under this confinement, outermost first.
+    fn wrap(&self, binary: &Path) -> Vec<String> {
+        let uid = self.uid.to_string();
+        vec![
+            "prlimit".into(),
+            format!("--memlock={CONTAINER_MEMLOCK_BYTES}:{CONTAINER_MEMLOCK_BYTES}"),
+            "setpriv".into(),
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+            "--inh-caps=-all".into(),
+            format!("--bounding-set={}", self.bounding_set()),
+            "--no-new-privs".into(),
+            binary.to_string_lossy().into_owned(),
+        ]
+    }
+}
+
 pub struct LabAgent {
     ns: String,
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
     keep: bool,
+    /// The copy of the binary a confined agent runs, removed with the agent.
+    confined_copy: Option<PathBuf>,
 }
 
 impl LabAgent {
-    /// Starts `tracer agent` in the lab's node namespace with the lab's `context_flags`.
+    /// Starts `tracer agent` in the lab's node namespace with `quick_flags` and the lab's
+    /// `context_flags`.
     pub fn start(lab: &Lab, tracer: &Path) -> anyhow::Result<LabAgent> {
-        LabAgent::start_with(lab, tracer, context_flags(lab))
+        let mut flags = quick_flags();
+        flags.extend(context_flags(lab));
+        LabAgent::start_with(lab, tracer, flags)
     }
 
-    /// Starts `tracer agent` with the given context flags instead of the lab's.
-    pub fn start_with(lab: &Lab, tracer: &Path, context: Vec<String>) -> anyhow::Result<LabAgent> {
+    /// Starts `tracer agent --metrics-addr METRICS_ADDR` with `flags`.
+    pub fn start_with(lab: &Lab, tracer: &Path, flags: Vec<String>) -> anyhow::Result<LabAgent> {
+        LabAgent::launch(lab, tracer, flags, None)
+    }
+
+    /// Like `start`, run as the DaemonSet runs the agent (see [`Confinement`]).
+    pub fn start_confined(
+        lab: &Lab,
+        tracer: &Path,
+        confinement: &Confinement,
+    ) -> anyhow::Result<LabAgent> {
+        let mut flags = quick_flags();
+        flags.extend(context_flags(lab));
+        LabAgent::launch(lab, tracer, flags, Some(confinement))
+    }
+
+    fn launch(
+        lab: &Lab,
+        tracer: &Path,
+        flags: Vec<String>,
+        confinement: Option<&Confinement>,
+    ) -> anyhow::Result<LabAgent> {
         if !tracer.exists() {
             bail!(
                 "{} not found: build it first (`cargo build -p tracer-agent`)",
                 tracer.display()
             );
         }
-        let mut args: Vec<String> = vec![
-            "agent".into(),
-            "--metrics-addr".into(),
-            METRICS_ADDR.into(),
-            "--poll-interval".into(),
-            POLL_INTERVAL.into(),
-            "--syn-timeout".into(),
-            SYN_TIMEOUT.into(),
-            "--resolve-interval".into(),
-            RESOLVE_INTERVAL.into(),
-        ];
-        args.extend(context);
+        let mut args: Vec<String> =
+            vec!["agent".into(), "--metrics-addr".into(), METRICS_ADDR.into()];
+        args.extend(flags);
         let log = std::env::temp_dir().join(format!("tracer-agent-{}.log", lab.id()));
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut command = lab.command_in("node", &tracer.to_string_lossy());
+        let (argv, confined_copy) = match confinement {
+            None => (vec![tracer.to_string_lossy().into_owned()], None),
+            Some(confinement) => {
+                let dir = std::env::temp_dir().join(format!("tracer-confined-{}", lab.id()));
+                let copy = confinement.install(tracer, &dir)?;
+                (confinement.wrap(&copy), Some(dir))
+            }
+        };
+        let mut command = lab.command_in("node", &argv[0]);
         command
+            .args(&argv[1..])
             .args(&args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -89,7 +229,7 @@ impl LabAgent {
             .stderr(log_file);
         eprintln!(
             "agent: starting {} {} in {}",
-            tracer.display(),
+            argv.join(" "),
             args.join(" "),
             lab.ns("node")
         );
@@ -100,7 +240,24 @@ impl LabAgent {
             addr: METRICS_ADDR.parse()?,
             log,
             keep: false,
+            confined_copy,
         })
+    }
+
+    /// Waits for the agent to exit by itself; returns its exit code and log.
+    pub fn wait_exit(mut self, timeout: Duration) -> anyhow::Result<(Option<i32>, String)> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                return Ok((status.code(), log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "the agent still runs after {timeout:?}:\n{}",
+            self.log_tail()
+        )
     }
 
     /// Waits until `/readyz` answers 200, or fails with the agent's reasons and log.
@@ -151,6 +308,24 @@ impl LabAgent {
         self.child.id()
     }
 
+    /// The ids of the eBPF programs the agent holds, from `/proc/PID/fdinfo` (other agents
+    /// may run beside it: theirs are not in the list).
+    pub fn programs(&self) -> Vec<u64> {
+        fdinfo_values(self.pid(), "prog_id:", |_| true)
+    }
+
+    /// The kernel memory charged for the agent's maps (the `memlock` of each map it holds).
+    pub fn map_memlock_bytes(&self) -> u64 {
+        fdinfo_values(self.pid(), "memlock:", |info| info.contains("map_type:"))
+            .iter()
+            .sum()
+    }
+
+    /// The interfaces (ifindex) the agent holds tcx links on.
+    pub fn linked_ifindexes(&self) -> Vec<u64> {
+        linked_ifindexes(self.pid())
+    }
+
     pub fn stop(mut self) -> anyhow::Result<(Duration, Option<i32>)> {
         let started = Instant::now();
         // SAFETY: signalling our own child process.
@@ -191,6 +366,9 @@ impl Drop for LabAgent {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if let Some(dir) = &self.confined_copy {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

@@ -11,20 +11,42 @@ pub fn workspace_root() -> PathBuf {
         .map_or(manifest_dir.clone(), PathBuf::from)
 }
 
-/// Where cargo puts the debug `tracer` binary.
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+/// Where cargo puts the `tracer` binary of `profile` ("debug" or "release").
+fn tracer_in(profile: &str) -> PathBuf {
+    target_dir().join(profile).join("tracer")
+}
+
+/// Where cargo puts the debug `tracer` binary (what the tests run).
 pub fn tracer_path() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    target.join("debug").join("tracer")
+    tracer_in("debug")
 }
 
 /// Builds the agent (kernel programs included) and returns the binary's path.
 pub fn agent() -> anyhow::Result<PathBuf> {
-    eprintln!("build: cargo build -p tracer-agent (kernel programs via aya-build)");
+    build_agent(&[], "debug")
+}
+
+/// The optimized agent, for benchmarks of its own CPU and memory and for the container image.
+pub fn agent_release() -> anyhow::Result<PathBuf> {
+    build_agent(&["--release"], "release")
+}
+
+fn build_agent(flags: &[&str], profile: &str) -> anyhow::Result<PathBuf> {
+    eprintln!(
+        "build: cargo build -p tracer-agent {} (kernel programs via aya-build)",
+        flags.join(" ")
+    );
     require_success(
         Command::new(env!("CARGO"))
             .args(["build", "-p", "tracer-agent"])
+            .args(flags)
             .current_dir(workspace_root()),
     )?;
-    Ok(tracer_path())
+    Ok(tracer_in(profile))
 }

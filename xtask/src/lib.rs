@@ -2,8 +2,13 @@
 pub mod agent;
 pub mod bench;
 pub mod build;
+pub mod churn;
+pub mod dashboards;
 pub mod demo;
+pub mod deploy;
+pub mod figures;
 pub mod lab;
+pub mod prometheus;
 pub mod run;
 pub mod scrape;
 pub mod setup;

@@ -13,8 +13,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what a fresh Debian 12 machine needs (packages, rust-src, bpf-linker); idempotent.
-    Setup,
+    /// Install what a fresh Debian 12 machine needs (packages, rust-src, bpf-linker, the
+    /// manifest tools); idempotent.
+    Setup {
+        /// Only what building the agent needs (LLVM 22, nightly rust-src, bpf-linker), as in
+        /// the container image's builder stage.
+        #[arg(long)]
+        toolchain_only: bool,
+    },
+    /// Build the `tracer` binary, kernel programs included; prints its path.
+    Build {
+        /// Optimised, as the container image ships it.
+        #[arg(long)]
+        release: bool,
+    },
     /// The main job: set-up, build, the lab node with the live agent, traffic on every path,
     /// and what the agent saw.
     Demo(xtask::demo::DemoArgs),
@@ -25,6 +37,8 @@ enum Command {
         #[command(subcommand)]
         which: Bench,
     },
+    /// Regenerate the kustomize manifests under deploy/kubernetes from the Helm chart.
+    Manifests,
     /// The EKS-node lab: network namespaces, veths and iptables that reproduce every path.
     Lab(xtask::lab::LabCommand),
 }
@@ -43,6 +57,24 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// 250 pod veths attached at start-up, then 200 churned at 20/s: attach times.
+    Attach {
+        /// Exit non-zero when a goal is missed (≤ 2 s at start-up, p99 ≤ 100 ms in churn).
+        #[arg(long)]
+        check: bool,
+        /// Also write the results as JSON.
+        #[arg(long, value_name = "PATH")]
+        json: Option<std::path::PathBuf>,
+    },
+    /// Agent CPU and memory at 0/1k/10k/100k active flows, and its kernel maps' memory.
+    Footprint {
+        /// Exit non-zero when a goal is missed.
+        #[arg(long)]
+        check: bool,
+        /// Also write the results as JSON.
+        #[arg(long, value_name = "PATH")]
+        json: Option<std::path::PathBuf>,
+    },
     /// iperf3 between two lab pods, no program vs the agent attached (tcx), interleaved rounds.
     Veth {
         /// Exit non-zero when the UDP packet-rate loss exceeds the goal (10 %).
@@ -56,7 +88,21 @@ enum Bench {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Setup => xtask::setup::setup(),
+        Command::Setup {
+            toolchain_only: false,
+        } => xtask::setup::setup(),
+        Command::Setup {
+            toolchain_only: true,
+        } => xtask::setup::toolchain(),
+        Command::Build { release } => {
+            let tracer = if release {
+                xtask::build::agent_release()?
+            } else {
+                xtask::build::agent()?
+            };
+            println!("{}", tracer.display());
+            Ok(())
+        }
         Command::Demo(args) => xtask::demo::demo(args),
         Command::Test => xtask::test::test(),
         Command::Bench {
@@ -66,8 +112,15 @@ fn main() -> anyhow::Result<()> {
             which: Bench::Scrape { args },
         } => xtask::bench::scrape(&args),
         Command::Bench {
+            which: Bench::Attach { check, json },
+        } => xtask::bench::attach(check, json.as_deref()),
+        Command::Bench {
+            which: Bench::Footprint { check, json },
+        } => xtask::bench::footprint(check, json.as_deref()),
+        Command::Bench {
             which: Bench::Veth { check, json },
         } => xtask::bench::veth(check, json.as_deref()),
+        Command::Manifests => xtask::deploy::write_generated(),
         Command::Lab(cmd) => xtask::lab::run(cmd, std::env::current_exe()?),
     }
 }

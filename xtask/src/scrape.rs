@@ -2,41 +2,31 @@
 //! Prometheus text format into samples the demo and the tests can query.
 use std::{
     collections::BTreeMap,
-    fs::File,
     io::Write as _,
     net::{SocketAddr, TcpStream},
-    os::fd::AsRawFd,
     time::Duration,
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, anyhow};
 
-use crate::lab::http;
+use crate::lab::{exec, http};
 
 /// `GET path` on `addr` from inside network namespace `ns`; returns (status, body).
 ///
 /// The request runs on a dedicated thread that joins the namespace, so the caller's own
 /// namespace never changes.
 pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let ns_path = format!("/run/netns/{ns}");
     let path = path.to_owned();
-    std::thread::spawn(move || -> anyhow::Result<(u16, String)> {
-        let file = File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
-        // SAFETY: setns on a valid namespace fd; it changes only this thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("entering {ns_path}: {}", std::io::Error::last_os_error());
-        }
+    exec::within(ns, move || {
         let timeout = Duration::from_secs(5);
         let mut stream = TcpStream::connect_timeout(&addr, timeout)
-            .with_context(|| format!("connecting to {addr} in {ns_path}"))?;
+            .with_context(|| format!("connecting to {addr}"))?;
         stream.set_read_timeout(Some(timeout))?;
         write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
         let response = http::read_response(&mut stream)
             .with_context(|| format!("reading the answer of {addr}{path}"))?;
         Ok((response.status, response.body))
     })
-    .join()
-    .map_err(|_| anyhow!("the HTTP thread panicked"))?
 }
 
 /// One sample of the exposition: `name{labels} value`.
@@ -101,6 +91,12 @@ pub fn sum(samples: &[Sample], name: &str, matching: &[(&str, &str)]) -> f64 {
         })
         .map(|sample| sample.value)
         .sum()
+}
+
+/// Whether `counted` L3 bytes account for `payload` bytes sent: at least the payload, at most
+/// the payload plus generous header overhead (TCP/IP headers, handshakes, retransmissions).
+pub fn counts_payload(counted: f64, payload: u64) -> bool {
+    counted >= payload as f64 && counted <= payload as f64 * 1.25 + 20_000.0
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@ use std::{process::Command, time::Instant};
 
 use anyhow::bail;
 
-use crate::{build, run, setup};
+use crate::{build, figures, run, setup};
 
 pub fn test() -> anyhow::Result<()> {
     if !run::is_root() {
@@ -49,11 +49,15 @@ pub fn test() -> anyhow::Result<()> {
             user_space(&["test", "--", "--test-threads=1"]),
         ),
     ];
+    figures::clear()?;
     for (name, mut command) in steps {
         let started = Instant::now();
         eprintln!("test: {name}: {}", run::describe(&command));
         run::require_success(command.current_dir(build::workspace_root()))?;
         eprintln!("test: {name} passed in {:.1?}", started.elapsed());
+    }
+    for (name, text) in figures::all()? {
+        eprintln!("test: figure {name}:\n{}", text.trim_end());
     }
     Ok(())
 }

@@ -11,12 +11,6 @@ use xtask::{
     scrape::{self, Sample},
 };
 
-/// Forward bytes the agent must report for `sent` payload bytes: at least the payload, at most
-/// the payload plus generous header overhead (TCP/IP headers, handshakes, retransmissions).
-fn within_bounds(counted: f64, sent: u64) -> bool {
-    counted >= sent as f64 && counted <= sent as f64 * 1.25 + 20_000.0
-}
-
 /// Growth of forward bytes allowed on series a scenario does not use (and on `unknown`).
 const NOISE_BYTES: f64 = 5_000.0;
 
@@ -109,7 +103,7 @@ fn every_scenario_counts_what_was_sent(mode: EndpointMode) {
                 sent.scenario, sent.connected, sent.connections
             ));
         }
-        if !within_bounds(counted, sent.payload_bytes) {
+        if !scrape::counts_payload(counted, sent.payload_bytes) {
             failures.push(format!(
                 "{}: {expected} forward bytes {counted} outside [{}, {} × 1.25 + 20 kB]",
                 sent.scenario, sent.payload_bytes, sent.payload_bytes
@@ -178,7 +172,7 @@ fn a_flow_across_a_veth_and_an_eni_is_counted_once() {
         "no packet was seen at a second interface: the flow did not cross the veth and the ENI"
     );
     assert!(
-        within_bounds(counted, sent.payload_bytes),
+        scrape::counts_payload(counted, sent.payload_bytes),
         "counted {counted} B for {} B sent: a double count would be about twice the payload\n{}",
         sent.payload_bytes,
         agent.log_tail()
@@ -273,7 +267,7 @@ fn switching_the_endpoint_mode_moves_node_traffic_between_public_and_private() {
             _ => (grew.1, grew.0),
         };
         assert!(
-            within_bounds(on, sent.payload_bytes) && off == 0.0,
+            scrape::counts_payload(on, sent.payload_bytes) && off == 0.0,
             "{}\n{}",
             seen.join("\n"),
             agent.log_tail()
@@ -293,15 +287,17 @@ fn missing_context_is_reported_and_nothing_is_guessed() {
     })
     .expect("lab up");
     // IMDS on a closed port, a cluster endpoint no resolver knows.
-    let context = [
-        "--imds-addr",
-        "127.0.0.1:9",
-        "--cluster-endpoint",
-        "no-such-cluster.invalid",
-    ]
-    .map(String::from)
-    .to_vec();
-    let agent = LabAgent::start_with(&lab, &build::tracer_path(), context).expect("agent start");
+    let mut flags = agent::quick_flags();
+    flags.extend(
+        [
+            "--imds-addr",
+            "127.0.0.1:9",
+            "--cluster-endpoint",
+            "no-such-cluster.invalid",
+        ]
+        .map(String::from),
+    );
+    let agent = LabAgent::start_with(&lab, &build::tracer_path(), flags).expect("agent start");
     std::thread::sleep(Duration::from_millis(1500));
     let (status, body) = scrape::http_get(
         &lab.ns("node"),
@@ -332,7 +328,10 @@ fn missing_context_is_reported_and_nothing_is_guessed() {
     let pick = |name: &str| scenarios.iter().find(|s| s.name == name).unwrap().clone();
     let (local, growth) = run_one(&lab, &agent, pick("pod_to_pod_local"));
     let counted = growth[&series("pod_to_pod_local", "none", "")];
-    assert!(within_bounds(counted, local.payload_bytes), "{growth:#?}");
+    assert!(
+        scrape::counts_payload(counted, local.payload_bytes),
+        "{growth:#?}"
+    );
     let (remote, growth) = run_one(&lab, &agent, pick("pod_to_pod_remote"));
     assert!(
         growth[&series("unknown", "none", "")] >= remote.payload_bytes as f64,
@@ -351,7 +350,7 @@ fn missing_context_is_reported_and_nothing_is_guessed() {
 #[test]
 fn sigterm_detaches_everything_within_two_seconds() {
     let (lab, agent) = start(EndpointMode::Public);
-    let ours = programs_held_by(agent.pid());
+    let ours = agent.programs();
     assert!(
         ours.len() >= 2,
         "the running agent holds no tracer programs: {ours:?}"
@@ -394,20 +393,5 @@ fn loaded_tracer_programs() -> Vec<u64> {
         .iter()
         .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("tracer_")))
         .map(|p| p["id"].as_u64().expect("program id"))
-        .collect()
-}
-
-/// The ids of the programs the process `pid` holds file descriptors to, from
-/// `/proc/PID/fdinfo` (other agents may run beside it: their programs are not ours).
-fn programs_held_by(pid: u32) -> Vec<u64> {
-    let fdinfo = format!("/proc/{pid}/fdinfo");
-    std::fs::read_dir(&fdinfo)
-        .unwrap_or_else(|error| panic!("{fdinfo}: {error}"))
-        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("prog_id:"))
-                .and_then(|id| id.trim().parse().ok())
-        })
         .collect()
 }

@@ -3,7 +3,11 @@ use std::process::Command;
 
 use crate::{build::workspace_root, run::require_success};
 
+mod attach;
+mod footprint;
 mod veth;
+pub use attach::attach;
+pub use footprint::footprint;
 pub use veth::veth;
 
 /// The ns per packet the kernel classifier adds over an empty one (BPF_PROG_TEST_RUN, needs

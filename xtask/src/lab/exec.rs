@@ -1,13 +1,15 @@
 //! Running `ip`, `sysctl` and `iptables-restore` inside lab namespaces, with errors that name
 //! the command and what it said.
 use std::{
+    fs::File,
     io::Write as _,
+    os::fd::AsRawFd as _,
     os::unix::process::CommandExt as _,
     path::Path,
     process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 
 use crate::run::{command_output, describe};
 
@@ -36,6 +38,26 @@ pub fn preflight() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `work` on a thread of its own that has joined network namespace `ns`: sockets it
+/// opens belong to `ns` (and stay there after the thread ends); the caller's namespace never
+/// changes.
+pub fn within<T: Send + 'static>(
+    ns: &str,
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let ns_path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        let file = File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
+        // SAFETY: setns on a valid namespace fd; it changes only this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("entering {ns_path}: {}", std::io::Error::last_os_error());
+        }
+        work().with_context(|| format!("in {ns_path}"))
+    })
+    .join()
+    .map_err(|_| anyhow!("the thread working in {ns} panicked"))?
 }
 
 /// `ip netns exec <ns> program`.

@@ -60,15 +60,15 @@ pub(crate) const ROLES: [&str; 10] = [
 ];
 
 /// A pod behind a VPC-CNI-style veth: its IP is a secondary IP of `eni` on `node`.
-pub(crate) struct PodSpec {
-    pub name: &'static str,
+pub(crate) struct PodSpec<'a> {
+    pub name: &'a str,
     pub ip: Ipv4Addr,
     /// The role of the node namespace the pod runs on.
-    pub node: &'static str,
-    pub eni: &'static str,
+    pub node: &'a str,
+    pub eni: &'a str,
 }
 
-pub(crate) const PODS: [PodSpec; 5] = [
+pub(crate) const PODS: [PodSpec<'static>; 5] = [
     PodSpec {
         name: "pod-a",
         ip: Ipv4Addr::new(10, 0, 1, 101),

@@ -10,7 +10,7 @@
 
 mod cli;
 mod dns;
-mod exec;
+pub mod exec;
 mod facts;
 pub(crate) mod http;
 mod imds;
@@ -140,7 +140,7 @@ impl Lab {
 
     fn build(&self, mode: EndpointMode) -> anyhow::Result<()> {
         state::create(&self.dir, &self.saved, mode)?;
-        topology::build(&self.id, &self.saved.facts)?;
+        topology::build(&self.id)?;
         iptables::apply(self, mode)?;
         servers::start(self)
     }
@@ -211,6 +211,22 @@ impl Lab {
     /// `ip netns exec <ns> program`, to add arguments to and run.
     pub fn command_in(&self, role: &str, program: &str) -> Command {
         exec::in_ns(&self.ns(role), program)
+    }
+
+    /// Schedules a new pod `name` (a namespace of its own) with address `ip` on the node, as
+    /// the VPC CNI plumbs one; returns its host-side veth and when the veth appeared.
+    /// `unplug_pod` removes it, and so does `down`.
+    pub fn plug_pod(
+        &self,
+        name: &str,
+        ip: std::net::Ipv4Addr,
+    ) -> anyhow::Result<(String, std::time::Instant)> {
+        topology::plug_pod(&self.id, name, ip)
+    }
+
+    /// Deletes a pod made by `plug_pod`: its namespace, and with it the veth pair.
+    pub fn unplug_pod(&self, name: &str) -> anyhow::Result<()> {
+        exec::netns(&format!("del {}", self.ns(name))).map(drop)
     }
 
     /// Starts `argv` in the background in `role`'s namespace, in its own session (it outlives

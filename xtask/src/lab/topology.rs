@@ -8,11 +8,11 @@ use std::fmt;
 use anyhow::Context as _;
 
 use super::{
-    LabFacts, exec,
+    exec,
     facts::{
         CONTROLPLANE_IPS, EXTERNAL_HOST, GATEWAY_A, GATEWAY_B, IGW_INET_SIDE, IGW_VPC_SIDE, IMDS,
         NLB_IPS, NODE_IP, NODE2_IP, POD_GATEWAY, PODS, PodSpec, RESOLVER, ROLES, SECONDARY_ENI_IP,
-        SUBNET_A, SUBNET_B, VPC_CIDR, lab_mac,
+        SUBNET_A, SUBNET_B, VPC_CIDR, host_veth_name, lab_mac,
     },
     state,
 };
@@ -24,8 +24,8 @@ const SECONDARY_TABLE: u32 = 2;
 const MAIN_ENI_MARK: &str = "0x80/0x80";
 
 /// Builds the whole topology of lab `id`.
-pub fn build(id: &str, facts: &LabFacts) -> anyhow::Result<()> {
-    let lab = Builder { id, facts };
+pub fn build(id: &str) -> anyhow::Result<()> {
+    let lab = Builder { id };
     for role in ROLES {
         lab.namespace(role)?;
     }
@@ -38,6 +38,27 @@ pub fn build(id: &str, facts: &LabFacts) -> anyhow::Result<()> {
         lab.pod(pod)?;
     }
     lab.fabric_neighbours()
+}
+
+/// Adds pod `name` with address `ip` to the node of lab `id`, behind a veth named like the
+/// VPC CNI's, as a new pod gets when it is scheduled; returns the host-side veth's name and
+/// when it appeared.
+/// Deleting the pod's namespace (`trc-<id>-<name>`) removes the veth with it.
+pub fn plug_pod(
+    id: &str,
+    name: &str,
+    ip: std::net::Ipv4Addr,
+) -> anyhow::Result<(String, std::time::Instant)> {
+    let lab = Builder { id };
+    lab.namespace(name)?;
+    let pod = PodSpec {
+        name,
+        ip,
+        node: "node",
+        eni: "eth0",
+    };
+    let created = lab.pod(&pod)?;
+    Ok((host_veth_name(id, name), created))
 }
 
 /// One lab namespace, to run `ip` and `sysctl` in.
@@ -62,7 +83,6 @@ impl fmt::Display for Ns {
 
 struct Builder<'a> {
     id: &'a str,
-    facts: &'a LabFacts,
 }
 
 impl Builder<'_> {
@@ -229,9 +249,10 @@ impl Builder<'_> {
     /// a /32 route to the pod; in the pod `eth0` with the /32, a default route through
     /// 169.254.1.1 and a permanent ARP entry for it. Pods whose IP belongs to a secondary ENI
     /// get the CNI's policy rules, so that their traffic leaves through that ENI.
-    fn pod(&self, pod: &PodSpec) -> anyhow::Result<()> {
+    /// Plumbs `pod`; returns when its host-side veth came into existence.
+    fn pod(&self, pod: &PodSpec) -> anyhow::Result<std::time::Instant> {
         let (node, ns, ip) = (self.ns(pod.node), self.ns(pod.name), pod.ip);
-        let veth = &self.facts.pod_veths[pod.name];
+        let veth = &host_veth_name(self.id, pod.name);
         eprintln!(
             "lab: plumbing {} {ip} behind {veth} on {} (IP of {})",
             pod.name, pod.node, pod.eni
@@ -240,6 +261,7 @@ impl Builder<'_> {
         node.ip(format!(
             "link add {veth} address {mac} type veth peer name eth0 netns {ns}"
         ))?;
+        let created = std::time::Instant::now();
         node.ip(format!("link set {veth} up"))?;
         node.ip(format!("route add {ip}/32 dev {veth} scope link"))?;
         node.ip(format!("rule add to {ip} lookup main prio 512"))?;
@@ -254,7 +276,8 @@ impl Builder<'_> {
         ns.ip(format!("route add default via {POD_GATEWAY} dev eth0"))?;
         ns.ip(format!(
             "neigh add {POD_GATEWAY} lladdr {mac} dev eth0 nud permanent"
-        ))
+        ))?;
+        Ok(created)
     }
 
     /// The VPC fabric knows which ENI holds each secondary IP: the router and the EKS-owned

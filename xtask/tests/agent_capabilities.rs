@@ -1,0 +1,240 @@
+//! The agent as the DaemonSet runs it, for real, in the lab node: uid and capabilities read
+//! from the rendered manifest, file capabilities from the Dockerfile's `setcap`, only those
+//! capabilities in the bounding set, no_new_privs, a 64 KiB RLIMIT_MEMLOCK and no bpffs. It
+//! attaches, becomes ready, counts traffic (NAT observed through conntrack) and detaches on
+//! SIGTERM; without any one of its capabilities the kernel refuses it and the agent exits 1
+//! naming the missing one.
+use std::{collections::BTreeSet, process::Command, time::Duration};
+
+use xtask::{
+    agent::{Confinement, LabAgent},
+    build, deploy,
+    lab::{self, EndpointMode, Lab, LabOptions},
+    run::command_output,
+    scrape,
+};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root to build the lab and to drop to the DaemonSet's uid and capabilities"
+    );
+}
+
+/// The DaemonSet's confinement, from the rendered base and the Dockerfile.
+fn manifest_confinement() -> Confinement {
+    let yaml = deploy::render("base").expect("render the base manifests");
+    let objects = deploy::parse(&yaml).expect("parse them");
+    let dockerfile = deploy::dockerfile().expect("read the Dockerfile");
+    deploy::confinement(&objects, &dockerfile).expect("the DaemonSet's security context")
+}
+
+fn lab_up() -> Lab {
+    require_root();
+    Lab::up(&LabOptions {
+        mode: EndpointMode::PublicPrivate,
+        external_snat: false,
+        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
+    })
+    .expect("lab up")
+}
+
+/// A line of /proc/PID/status, e.g. `CapEff`.
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// Capability names of a hex mask, as `capsh --decode` spells them (`cap_bpf`).
+fn decode_capabilities(mask: &str) -> BTreeSet<String> {
+    let decoded = command_output(Command::new("capsh").arg(format!("--decode={mask}")))
+        .expect("capsh (libcap2-bin, installed by cargo xtask setup)");
+    let names = decoded
+        .trim()
+        .split_once('=')
+        .map_or("", |(_, names)| names);
+    names
+        .split(',')
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// tracer programs loaded by `uid` (bpftool reports the loader's uid).
+fn tracer_programs_loaded_by(uid: u32) -> usize {
+    let listing = command_output(Command::new("bpftool").args(["-j", "prog", "show"]))
+        .expect("bpftool prog show");
+    let programs: Vec<serde_json::Value> = serde_json::from_str(&listing).expect("bpftool JSON");
+    programs
+        .iter()
+        .filter(|program| {
+            program["uid"] == uid
+                && program["name"]
+                    .as_str()
+                    .is_some_and(|name| name.starts_with("tracer_"))
+        })
+        .count()
+}
+
+#[test]
+fn the_manifests_capabilities_suffice_for_a_non_root_agent() {
+    let confinement = manifest_confinement();
+    assert_ne!(confinement.uid, 0, "the DaemonSet runs the agent as root");
+    let lab = lab_up();
+    let mut agent = LabAgent::start_confined(&lab, &build::tracer_path(), &confinement)
+        .expect("start the confined agent");
+    agent
+        .wait_ready(Duration::from_secs(15))
+        .expect("the confined agent becomes ready");
+
+    let pid = agent.pid();
+    let uids = status_field(pid, "Uid");
+    assert!(
+        uids.split_whitespace()
+            .all(|uid| uid == confinement.uid.to_string()),
+        "the agent runs as uid {}: Uid {uids}",
+        confinement.uid
+    );
+    let granted: BTreeSet<String> = confinement
+        .capabilities
+        .iter()
+        .map(|cap| format!("cap_{}", cap.to_lowercase()))
+        .collect();
+    assert_eq!(
+        decode_capabilities(&status_field(pid, "CapEff")),
+        granted,
+        "the agent holds exactly the manifest's capabilities"
+    );
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    assert!(
+        limits
+            .lines()
+            .any(|line| line.starts_with("Max locked memory") && line.contains(" 65536 ")),
+        "the agent runs with a 64 KiB RLIMIT_MEMLOCK, so this kernel charges its maps to the memory cgroup:\n{limits}"
+    );
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    assert!(
+        !mounts.lines().any(|line| line.contains(" - bpf ")),
+        "the agent must run without a bpffs mount, as the DaemonSet has none"
+    );
+    let loaded = tracer_programs_loaded_by(confinement.uid);
+    assert!(
+        loaded >= 2,
+        "bpftool shows {loaded} tracer programs loaded by uid {}",
+        confinement.uid
+    );
+
+    // Plain, DNATed and SNATed traffic: NAT is observed through conntrack (CAP_NET_ADMIN).
+    let wanted = ["pod_to_pod_local", "pod_to_service", "pod_to_external"];
+    let scenarios: Vec<lab::Scenario> = lab::scenarios(EndpointMode::PublicPrivate)
+        .into_iter()
+        .filter(|s| wanted.contains(&s.name))
+        .collect();
+    assert_eq!(
+        scenarios.len(),
+        wanted.len(),
+        "the lab lacks one of {wanted:?}"
+    );
+    let sent = lab.run_traffic(&scenarios).expect("traffic");
+    std::thread::sleep(Duration::from_millis(900));
+    let samples = agent.scrape().expect("scrape /metrics");
+    for sent in &sent {
+        let counted = scrape::sum(
+            &samples,
+            "tracer_path_bytes_total",
+            &[
+                ("path", sent.expected_path),
+                ("nat", sent.expected_nat),
+                ("direction", "forward"),
+            ],
+        );
+        eprintln!(
+            "confined agent: {:<18} nat={:<5} sent {:>7} B, counted {:>7} B",
+            sent.expected_path, sent.expected_nat, sent.payload_bytes, counted
+        );
+        assert!(
+            sent.connected == sent.connections
+                && scrape::counts_payload(counted, sent.payload_bytes),
+            "{}: {}/{} connections, {counted} B counted for {} B sent\n{}",
+            sent.scenario,
+            sent.connected,
+            sent.connections,
+            sent.payload_bytes,
+            agent.log_tail()
+        );
+    }
+
+    let (took, code) = agent.stop().expect("stop");
+    assert_eq!(code, Some(0), "exit code after SIGTERM");
+    assert!(took < Duration::from_secs(2), "took {took:?} to exit");
+    // The links die with the agent's file descriptors; the programs follow.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while tracer_programs_loaded_by(confinement.uid) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        tracer_programs_loaded_by(confinement.uid),
+        0,
+        "tracer programs loaded by uid {} outlive the agent",
+        confinement.uid
+    );
+    lab.down().expect("lab down");
+}
+
+#[test]
+fn without_any_one_capability_the_agent_exits_naming_it() {
+    let confinement = manifest_confinement();
+    let lab = lab_up();
+    for cap in &confinement.capabilities {
+        let agent =
+            LabAgent::start_confined(&lab, &build::tracer_path(), &confinement.without(cap))
+                .expect("start the agent");
+        let (code, log) = agent
+            .wait_exit(Duration::from_secs(10))
+            .unwrap_or_else(|error| panic!("without {cap}: {error:#}"));
+        eprintln!(
+            "without {cap}: exit {code:?}: {}",
+            log.lines()
+                .last()
+                .unwrap_or("")
+                .chars()
+                .take(240)
+                .collect::<String>()
+        );
+        assert_eq!(code, Some(1), "without {cap}:\n{log}");
+        assert!(
+            !log.contains("panicked"),
+            "without {cap} the agent panicked:\n{log}"
+        );
+        let (diagnosis, kernel) = log.split_once("The kernel said").unwrap_or_else(|| {
+            panic!("without {cap}, no diagnosis before the kernel's error:\n{log}")
+        });
+        assert!(
+            diagnosis.contains(&format!("missing capabilities: CAP_{cap} (")),
+            "without {cap}:\n{log}"
+        );
+        for other in confinement
+            .capabilities
+            .iter()
+            .filter(|other| *other != cap)
+        {
+            assert!(
+                !diagnosis.contains(&format!("CAP_{other} (")),
+                "without {cap}, {other} is named missing too:\n{log}"
+            );
+        }
+        assert!(
+            kernel.contains("loading the datapath"),
+            "the kernel refused the datapath itself:\n{log}"
+        );
+    }
+    lab.down().expect("lab down");
+}

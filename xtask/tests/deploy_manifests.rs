@@ -1,0 +1,297 @@
+//! The deployment as files: the Helm chart lints, and every kustomization and chart option
+//! renders and validates strictly against the Kubernetes API schemas; the kustomize files are
+//! the chart rendered; the DaemonSet keeps to least privilege and agrees with the agent's
+//! flags, the PodMonitor and the image; the Dockerfile's `cargo xtask` steps exist.
+//!
+//! Tools come from `cargo xtask setup` (helm, kubectl and kubernetes-validate in
+//! target/xtask-venv).
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+use xtask::deploy::{self, GENERATED, KUBERNETES_VERSIONS, KUSTOMIZATIONS};
+
+fn rendered(kustomization: &str) -> (String, Vec<Value>) {
+    let yaml = deploy::render(kustomization)
+        .unwrap_or_else(|error| panic!("rendering {kustomization}: {error:#}"));
+    let objects = deploy::parse(&yaml).expect("parse the rendered YAML");
+    (yaml, objects)
+}
+
+fn daemonset_pod(objects: &[Value]) -> &Value {
+    &deploy::find(objects, "DaemonSet", "tracer-agent").expect("the DaemonSet")["spec"]["template"]
+        ["spec"]
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .map(|items| items.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// Kinds the validator had no schema for, from its warnings.
+fn unvalidated_kinds(report: &str) -> BTreeSet<String> {
+    report
+        .lines()
+        .filter_map(|line| line.split("Couldn't find schema for kind ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_kustomization_renders_and_validates_against_the_api_schemas() {
+    for kustomization in KUSTOMIZATIONS {
+        let (yaml, objects) = rendered(kustomization);
+        assert!(
+            objects.len() >= 6,
+            "{kustomization}: only {} objects",
+            objects.len()
+        );
+        for version in KUBERNETES_VERSIONS {
+            let report = deploy::validate(&yaml, version)
+                .unwrap_or_else(|error| panic!("{kustomization}: {error:#}"));
+            // Only the Prometheus Operator's CRD may go unchecked: a core kind with a mistyped
+            // apiVersion would otherwise slip through as "no schema".
+            let unchecked = unvalidated_kinds(&report);
+            let expected: BTreeSet<String> = objects
+                .iter()
+                .filter(|object| object["apiVersion"] == "monitoring.coreos.com/v1")
+                .filter_map(|object| object["kind"].as_str().map(str::to_owned))
+                .collect();
+            assert_eq!(
+                unchecked, expected,
+                "{kustomization} against {version}: kinds without a schema\n{report}"
+            );
+            eprintln!(
+                "{kustomization}: {} objects valid against Kubernetes {version}; not schema-checked: {unchecked:?}",
+                objects.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_kustomize_files_are_the_chart_rendered() {
+    for (file, flags) in GENERATED {
+        let path = deploy::kubernetes_dir().join(file);
+        let committed = std::fs::read_to_string(&path).expect("read a generated file");
+        let rendered = deploy::generated(flags).expect("render the chart");
+        assert!(
+            committed == rendered,
+            "{} differs from the chart rendered with {flags:?}: run `cargo xtask manifests`",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn the_chart_lints_and_every_option_renders_valid_manifests() {
+    let lint = deploy::helm_lint().unwrap_or_else(|error| panic!("{error:#}"));
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    let endpoint = "EXAMPLED0C5A1A7E7D0.gr7.us-west-2.eks.amazonaws.com";
+    let yaml = deploy::helm_template(&[
+        "--set",
+        &format!("clusterEndpoint={endpoint}"),
+        "--set",
+        "extraCapabilities={SYS_RESOURCE}",
+        "--set",
+        "extraArgs={--cluster-dns=10.100.0.10}",
+        "--set",
+        "podMonitor.enabled=true",
+        "--set",
+        "image.repository=registry.example/tracer,image.tag=1.2.3",
+    ])
+    .expect("helm template");
+    for version in KUBERNETES_VERSIONS {
+        deploy::validate(&yaml, version).unwrap_or_else(|error| panic!("{error:#}"));
+    }
+    let objects = deploy::parse(&yaml).unwrap();
+    let config = deploy::find(&objects, "ConfigMap", "tracer-agent").unwrap();
+    assert_eq!(config["data"]["cluster-endpoint"], endpoint);
+    deploy::find(&objects, "PodMonitor", "tracer-agent").unwrap();
+    let container = &daemonset_pod(&objects)["containers"][0];
+    assert_eq!(container["image"], "registry.example/tracer:1.2.3");
+    assert!(strings(&container["args"]).contains(&"--cluster-dns=10.100.0.10"));
+    // The chart's option and the kustomize overlay for kernels before 5.11 agree.
+    let (_, overlay) = rendered("overlays/kernel-5.10");
+    let capabilities = |objects: &[Value]| {
+        daemonset_pod(objects)["containers"][0]["securityContext"]["capabilities"]["add"].clone()
+    };
+    assert_eq!(capabilities(&objects), capabilities(&overlay));
+}
+
+#[test]
+fn the_validator_rejects_a_broken_manifest() {
+    let (yaml, _) = rendered("base");
+    for (from, to) in [
+        ("hostNetwork: true", "hostNetwrok: true"),
+        ("containerPort: 9477", "containerPort: \"9477\""),
+    ] {
+        assert!(yaml.contains(from), "the rendered base lacks {from:?}");
+        let broken = yaml.replace(from, to);
+        assert!(
+            deploy::validate(&broken, KUBERNETES_VERSIONS[1]).is_err(),
+            "{to:?} passed validation"
+        );
+    }
+}
+
+#[test]
+fn the_daemonset_keeps_to_least_privilege() {
+    let (_, objects) = rendered("base");
+    let pod = daemonset_pod(&objects);
+    let container = &pod["containers"][0];
+    let security = &container["securityContext"];
+    assert_eq!(
+        security["privileged"],
+        Value::Null,
+        "no privileged field at all"
+    );
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(
+        strings(&security["capabilities"]["add"]),
+        ["BPF", "NET_ADMIN", "PERFMON"],
+        "the capabilities the lab test proves necessary and sufficient"
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_ne!(pod["securityContext"]["runAsUser"], 0);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(pod["hostPID"], Value::Null);
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert!(
+        pod["tolerations"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t["key"].is_null())),
+        "a toleration of every taint, so that every node runs the agent"
+    );
+    // Nothing from the host's filesystem: no pinning (bpffs), BTF is in the container's sysfs.
+    assert_eq!(pod["volumes"], Value::Null, "no volumes");
+
+    let resources = &container["resources"];
+    for field in ["requests/cpu", "requests/memory", "limits/memory"] {
+        let (kind, what) = field.split_once('/').unwrap();
+        assert!(resources[kind][what].is_string(), "resources.{kind}.{what}");
+    }
+
+    let node_name = container["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|var| var["name"] == "NODE_NAME"))
+        .expect("NODE_NAME in the environment");
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+}
+
+#[test]
+fn probes_ports_and_the_podmonitor_agree_with_the_agent() {
+    let (_, objects) = rendered("overlays/prometheus-operator");
+    let daemonset = deploy::find(&objects, "DaemonSet", "tracer-agent").unwrap();
+    let pod = daemonset_pod(&objects);
+    let container = &pod["containers"][0];
+    let port = &container["ports"][0];
+    let listen = strings(&container["args"])
+        .into_iter()
+        .find_map(|arg| arg.strip_prefix("--metrics-addr="))
+        .expect("--metrics-addr in the args");
+    assert!(
+        listen.ends_with(&format!(":{}", port["containerPort"])),
+        "--metrics-addr={listen} but containerPort {}",
+        port["containerPort"]
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(container[probe]["httpGet"]["port"], port["name"], "{probe}");
+    }
+
+    let monitor = deploy::find(&objects, "PodMonitor", "tracer-agent").unwrap();
+    assert_eq!(
+        monitor["metadata"]["namespace"],
+        daemonset["metadata"]["namespace"]
+    );
+    let labels = &daemonset["spec"]["template"]["metadata"]["labels"];
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("PodMonitor matchLabels");
+    for (key, value) in selector {
+        assert_eq!(&labels[key], value, "the PodMonitor selects label {key}");
+    }
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["port"], port["name"]);
+    assert_eq!(endpoint["path"], "/metrics");
+}
+
+#[test]
+fn the_cluster_role_only_reads() {
+    let (_, objects) = rendered("base");
+    let role = deploy::find(&objects, "ClusterRole", "tracer-agent").unwrap();
+    let mut resources = BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        assert_eq!(strings(&rule["verbs"]), ["get", "list", "watch"]);
+        resources.extend(strings(&rule["resources"]));
+    }
+    assert_eq!(
+        resources,
+        BTreeSet::from(["endpointslices", "nodes", "pods", "services"])
+    );
+}
+
+#[test]
+fn the_dockerfile_runs_real_xtask_steps_and_matches_the_manifests() {
+    let dockerfile = deploy::dockerfile().expect("Dockerfile");
+    let invocations = deploy::xtask_invocations(&dockerfile);
+    assert!(
+        invocations.iter().any(|args| args[0] == "setup")
+            && invocations.iter().any(|args| args[0] == "build"),
+        "the builder sets up the toolchain and builds with xtask: {invocations:?}"
+    );
+    // clap rejects an unknown subcommand or flag before it honours --help.
+    for args in &invocations {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(args)
+            .arg("--help")
+            .output()
+            .expect("run xtask");
+        assert!(
+            output.status.success(),
+            "`cargo xtask {}` is not a valid xtask command: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(
+        dockerfile.contains(r#"ENTRYPOINT ["/tracer", "agent"]"#),
+        "the image runs the agent"
+    );
+
+    let file_caps = deploy::file_capabilities(&dockerfile).unwrap();
+    let granted_by_file: BTreeSet<&str> = file_caps.trim_end_matches("+p").split(',').collect();
+    assert!(
+        file_caps.ends_with("+p"),
+        "permitted only, no effective bit: {file_caps}"
+    );
+    for kustomization in KUSTOMIZATIONS {
+        let (_, objects) = rendered(kustomization);
+        let confinement = deploy::confinement(&objects, &dockerfile).unwrap();
+        assert!(
+            dockerfile.contains(&format!("USER {0}:{0}", confinement.uid)),
+            "the image's USER is the DaemonSet's runAsUser {}",
+            confinement.uid
+        );
+        for cap in &confinement.capabilities {
+            let file_name = format!("cap_{}", cap.to_lowercase());
+            assert!(
+                granted_by_file.contains(file_name.as_str()),
+                "{kustomization} grants {cap}, which the image's file capabilities ({file_caps}) lack"
+            );
+        }
+    }
+}
