@@ -33,7 +33,7 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, other: &Totals) {
+    pub fn add(&mut self, other: &Totals) {
         self.forward_packets += other.forward_packets;
         self.forward_bytes += other.forward_bytes;
         self.reply_packets += other.reply_packets;
@@ -49,9 +49,20 @@ struct Tracked {
     last: FlowStats,
     view: View,
     idle_polls: u32,
-    /// The handshake was timed, refused or declared unanswered: nothing more to report.
-    handshake_settled: bool,
+    handshake: Handshake,
     reset_counted: bool,
+}
+
+/// How a TCP connection's handshake ended, as far as the datapath saw it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Handshake {
+    /// No SYN seen (not TCP, or under way before the agent started), or no answer yet.
+    Open,
+    Timed(std::time::Duration),
+    /// Answered with a RST: not a silent drop.
+    Refused,
+    /// No SYN-ACK nor RST within the SYN timeout.
+    Unanswered,
 }
 
 impl Tracked {
@@ -70,27 +81,57 @@ impl Tracked {
             self.reset_counted = true;
             delta.resets = 1;
         }
-        if self.handshake_settled || stats.syn_ns == 0 {
+        if self.handshake != Handshake::Open || stats.syn_ns == 0 {
             return None;
         }
         if stats.synack_ns >= stats.syn_ns {
-            self.handshake_settled = true;
-            return Some(std::time::Duration::from_nanos(
-                stats.synack_ns - stats.syn_ns,
-            ));
+            let took = std::time::Duration::from_nanos(stats.synack_ns - stats.syn_ns);
+            self.handshake = Handshake::Timed(took);
+            return Some(took);
         }
         if reset {
-            // Refused: answered, with a RST; not a silent drop.
-            self.handshake_settled = true;
+            self.handshake = Handshake::Refused;
         } else if now_ns.saturating_sub(stats.syn_ns) > syn_timeout_ns {
             delta.unanswered_syns = 1;
-            self.handshake_settled = true;
+            self.handshake = Handshake::Unanswered;
         }
         None
     }
+
+    /// The state a listing shows: what went wrong first, else how far the handshake got.
+    fn tcp_state(&self) -> TcpState {
+        match self.handshake {
+            _ if self.reset_counted => TcpState::Reset,
+            Handshake::Unanswered => TcpState::Unanswered,
+            Handshake::Open if self.last.syn_ns != 0 => TcpState::SynSent,
+            _ => TcpState::Established,
+        }
+    }
 }
 
-#[derive(Clone, Copy)]
+/// A TCP connection's state as the flow listing shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpState {
+    /// Handshake done, or under way before the agent started.
+    Established,
+    /// A SYN waiting for its SYN-ACK, within the SYN timeout.
+    SynSent,
+    Unanswered,
+    Reset,
+}
+
+impl TcpState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TcpState::Established => "established",
+            TcpState::SynSent => "syn_sent",
+            TcpState::Unanswered => "unanswered",
+            TcpState::Reset => "reset",
+        }
+    }
+}
+
+#[derive(Clone)]
 enum View {
     /// Not classified yet: waiting (one poll at most) for its conntrack entry.
     Pending { polls: u32 },
@@ -98,9 +139,43 @@ enum View {
         classification: Classification,
         /// Index of the initiator → responder direction in the kernel's counters.
         forward_dir: usize,
+        /// What the node's DNAT did, when it did (boxed: most connections have none).
+        dnat: Option<Box<Dnat>>,
     },
     /// The post-NAT view of a connection already counted under its pre-NAT key.
     Alias,
+}
+
+/// A destination rewrite seen in conntrack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Dnat {
+    /// The address the initiator asked for (a ClusterIP, a NodePort).
+    requested: SocketAddr,
+    /// The backend the packets reached.
+    responder: SocketAddr,
+}
+
+/// A classified connection in the flow table, as the flow listing shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionView<'a> {
+    pub proto: u8,
+    pub initiator: SocketAddr,
+    pub responder: SocketAddr,
+    pub requested: Option<SocketAddr>,
+    pub classification: Classification,
+    /// Counters from the last poll, by direction relative to the initiator.
+    pub forward: (u64, u64),
+    pub reply: (u64, u64),
+    pub handshake: Option<std::time::Duration>,
+    /// None for protocols other than TCP.
+    pub tcp_state: Option<TcpState>,
+    pub key: &'a FlowKey,
+}
+
+impl ConnectionView<'_> {
+    pub fn total_bytes(&self) -> u64 {
+        self.forward.1 + self.reply.1
+    }
 }
 
 /// The NAT facts conntrack holds, keyed like the kernel's flow table.
@@ -218,6 +293,34 @@ pub struct PollResult {
     pub evicted: u64,
     /// SYN → SYN-ACK times of the handshakes completed since the previous poll.
     pub handshakes: Vec<(Classification, std::time::Duration)>,
+    /// Kernel entries read for the first time (new connections, and connections evicted and
+    /// created again in between): compared with the kernel's count of entries created, it
+    /// tells the connections that came and went between two polls unread.
+    pub new_entries: u64,
+}
+
+/// Kernel entries created that the agent never read: connections that came and went (the LRU
+/// table evicted them) between two polls, their counts and handshakes lost. With no ring
+/// buffer, these are the events the agent loses (`tracer_events_lost_total`).
+#[derive(Debug, Default)]
+pub struct Unread {
+    read: u64,
+    lost: u64,
+}
+
+impl Unread {
+    /// `created` is the kernel's count of entries created, read before the flow table that
+    /// `result` comes from: each of them was read by now, or is lost. Entries created after
+    /// that count and already read make the difference an underestimate until the next poll,
+    /// never an overestimate; the running maximum keeps it a counter.
+    pub fn update(&mut self, created: u64, result: &PollResult) {
+        self.read += result.new_entries;
+        self.lost = self.lost.max(created.saturating_sub(self.read));
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.lost
+    }
 }
 
 impl Aggregator {
@@ -239,6 +342,40 @@ impl Aggregator {
         })
     }
 
+    /// The classified connections in the flow table as of the last poll (pending ones and
+    /// post-NAT aliases are not connections of their own).
+    pub fn connections(&self) -> impl Iterator<Item = ConnectionView<'_>> {
+        self.tracked.iter().filter_map(|(key, tracked)| {
+            let View::Counted {
+                classification,
+                forward_dir,
+                dnat,
+            } = &tracked.view
+            else {
+                return None;
+            };
+            let (fwd, rev) = (*forward_dir, 1 - forward_dir);
+            let ends = ends(key);
+            let stats = &tracked.last;
+            let tcp = key.proto == PROTO_TCP;
+            Some(ConnectionView {
+                proto: key.proto,
+                initiator: ends[fwd],
+                responder: dnat.as_ref().map_or(ends[rev], |dnat| dnat.responder),
+                requested: dnat.as_ref().map(|dnat| dnat.requested),
+                classification: *classification,
+                forward: (stats.packets[fwd], stats.bytes[fwd]),
+                reply: (stats.packets[rev], stats.bytes[rev]),
+                handshake: match tracked.handshake {
+                    Handshake::Timed(took) => Some(took),
+                    _ => None,
+                },
+                tcp_state: tcp.then(|| tracked.tcp_state()),
+                key,
+            })
+        })
+    }
+
     pub fn poll(
         &mut self,
         flows: &[(FlowKey, FlowStats)],
@@ -249,16 +386,21 @@ impl Aggregator {
         let mut result = PollResult::default();
         let present: HashSet<FlowKey> = flows.iter().map(|(key, _)| *key).collect();
         for (key, stats) in flows {
-            let tracked = self.tracked.entry(*key).or_insert_with(|| Tracked {
-                last: FlowStats::default(),
-                view: View::Pending { polls: 0 },
-                idle_polls: 0,
-                handshake_settled: false,
-                reset_counted: false,
+            let mut new_entry = false;
+            let tracked = self.tracked.entry(*key).or_insert_with(|| {
+                new_entry = true;
+                Tracked {
+                    last: FlowStats::default(),
+                    view: View::Pending { polls: 0 },
+                    idle_polls: 0,
+                    handshake: Handshake::Open,
+                    reset_counted: false,
+                }
             });
             // Counters that went down mean the entry was evicted and re-created in between.
             let restarted = stats.packets[0] < tracked.last.packets[0]
                 || stats.packets[1] < tracked.last.packets[1];
+            result.new_entries += u64::from(new_entry || restarted);
             let base = if restarted {
                 FlowStats::default()
             } else {
@@ -275,6 +417,7 @@ impl Aggregator {
             if let View::Counted {
                 classification,
                 forward_dir,
+                ..
             } = tracked.view
             {
                 let (fwd, rev) = (forward_dir, 1 - forward_dir);
@@ -353,6 +496,7 @@ fn resolve(
     View::Counted {
         classification: classify(&connection, context),
         forward_dir,
+        dnat: None,
     }
 }
 
@@ -388,6 +532,12 @@ fn counted_from_conntrack(
     View::Counted {
         classification: classify(&connection, context),
         forward_dir,
+        dnat: connection.requested.map(|requested| {
+            Box::new(Dnat {
+                requested,
+                responder,
+            })
+        }),
     }
 }
 
@@ -517,6 +667,97 @@ mod tests {
     }
 
     #[test]
+    fn the_listing_shows_the_backend_and_the_address_asked_for_once() {
+        let entry = conntrack::Entry {
+            original: tuple("10.0.1.101:40000", "10.100.20.20:80"),
+            reply: tuple("10.0.2.101:8080", "10.0.1.101:40000"),
+        };
+        let (pod_view, pod_dir) = key("10.0.1.101:40000", "10.100.20.20:80");
+        let (eni_view, eni_dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
+        let flows = [
+            (pod_view, stats(pod_dir, 9_000, 3_000)),
+            (eni_view, stats(eni_dir, 9_000, 3_000)),
+        ];
+        let mut aggregator = Aggregator::default();
+        aggregator.poll(&flows, &context(), &NatTable::new(vec![entry]), 0);
+        let listed: Vec<ConnectionView> = aggregator.connections().collect();
+        assert_eq!(
+            listed.len(),
+            1,
+            "the post-NAT alias is not a connection of its own"
+        );
+        let connection = listed[0];
+        assert_eq!(connection.initiator, "10.0.1.101:40000".parse().unwrap());
+        assert_eq!(connection.responder, "10.0.2.101:8080".parse().unwrap());
+        assert_eq!(
+            connection.requested,
+            Some("10.100.20.20:80".parse().unwrap())
+        );
+        assert_eq!(
+            (connection.forward, connection.reply),
+            ((9, 9_000), (3, 3_000))
+        );
+        assert_eq!(connection.tcp_state, Some(TcpState::Established));
+        assert_eq!(connection.classification.nat, Nat::Dnat);
+    }
+
+    #[test]
+    fn a_pending_connection_is_not_listed_yet() {
+        let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
+        let mut aggregator = Aggregator::default();
+        let none = NatTable::default();
+        let first = aggregator.poll(&[(view, stats(dir, 4_000, 0))], &context(), &none, 0);
+        assert_eq!(first.new_entries, 1);
+        assert_eq!(aggregator.connections().count(), 0);
+        let second = aggregator.poll(&[(view, stats(dir, 5_000, 0))], &context(), &none, 0);
+        assert_eq!(second.new_entries, 0);
+        let listed: Vec<ConnectionView> = aggregator.connections().collect();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].initiator, "10.0.1.101:40000".parse().unwrap());
+        assert_eq!(listed[0].requested, None);
+    }
+
+    #[test]
+    fn tcp_states_follow_the_handshake() {
+        let state = |stats_of: &dyn Fn(&mut FlowStats), now_ns: u64| {
+            let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:9999");
+            let mut flow = stats(dir, 60, 0);
+            stats_of(&mut flow);
+            let mut aggregator = Aggregator::new(std::time::Duration::from_secs(3));
+            let none = NatTable::default();
+            aggregator.poll(&[(view, flow)], &context(), &none, now_ns);
+            aggregator.poll(&[(view, flow)], &context(), &none, now_ns);
+            let connection = aggregator.connections().next().expect("listed");
+            (connection.tcp_state, connection.handshake)
+        };
+        let syn_only = |flow: &mut FlowStats| flow.syn_ns = 10 * SECOND;
+        assert_eq!(
+            state(&syn_only, 11 * SECOND),
+            (Some(TcpState::SynSent), None)
+        );
+        assert_eq!(
+            state(&syn_only, 14 * SECOND),
+            (Some(TcpState::Unanswered), None)
+        );
+        let refused = |flow: &mut FlowStats| {
+            flow.syn_ns = 10 * SECOND;
+            flow.tcp_flags = u32::from(TCP_SYN) | (u32::from(TCP_RST | TCP_ACK) << 8);
+        };
+        assert_eq!(state(&refused, 11 * SECOND), (Some(TcpState::Reset), None));
+        let timed = |flow: &mut FlowStats| {
+            flow.syn_ns = 10 * SECOND;
+            flow.synack_ns = 10 * SECOND + 300_000;
+        };
+        assert_eq!(
+            state(&timed, 11 * SECOND),
+            (
+                Some(TcpState::Established),
+                Some(std::time::Duration::from_micros(300))
+            )
+        );
+    }
+
+    #[test]
     fn without_conntrack_a_connection_waits_one_poll_and_loses_nothing() {
         let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
         let mut aggregator = Aggregator::default();
@@ -564,6 +805,27 @@ mod tests {
         // Mid-stream: the sender of the first packet used the lower port, so it is the server.
         first.first_tcp_flags = TCP_ACK;
         assert_eq!(forward_dir(&view, &first), 1 - server_dir);
+    }
+
+    #[test]
+    fn entries_created_and_never_read_are_lost_once() {
+        let read = |new_entries| PollResult {
+            new_entries,
+            ..PollResult::default()
+        };
+        let mut unread = Unread::default();
+        let mut lost_after = |created, new_entries| {
+            unread.update(created, &read(new_entries));
+            unread.lost()
+        };
+        assert_eq!(lost_after(10, 10), 0);
+        // Of 5 entries counted, 3 are read and 2 came and went; one created just after the
+        // count is read too, hiding one loss until the next count includes it.
+        assert_eq!(lost_after(15, 4), 1);
+        assert_eq!(lost_after(16, 0), 2);
+        assert_eq!(lost_after(20, 4), 2);
+        // Again one read before it is counted: the difference dips, the counter does not.
+        assert_eq!(lost_after(21, 2), 2);
     }
 
     #[test]

@@ -129,6 +129,16 @@ impl NodeContext {
                 .any(|cidr| cidr.first_host() == end.ip())
     }
 
+    /// Which API server endpoint an address is: private inside a VPC CIDR (the EKS-owned
+    /// ENIs), public outside (the NLB).
+    pub fn endpoint_of(&self, addr: IpAddr) -> Endpoint {
+        if self.vpc_cidr_of(addr).is_some() {
+            Endpoint::Private
+        } else {
+            Endpoint::Public
+        }
+    }
+
     fn is_apiserver(&self, end: SocketAddr) -> bool {
         self.apiserver_ips.contains(&end.ip())
             || (end.port() == APISERVER_PORT && self.controlplane_ips.contains(&end.ip()))
@@ -344,13 +354,7 @@ pub fn decide(connection: &Connection, context: &NodeContext) -> (Classification
     } = *connection;
     let from = context.side(initiator.ip());
     let to = context.side(responder.ip());
-    let endpoint = |addr| {
-        Some(if context.vpc_cidr_of(addr).is_some() {
-            Endpoint::Private
-        } else {
-            Endpoint::Public
-        })
-    };
+    let endpoint = |addr| Some(context.endpoint_of(addr));
     let by_ends = |path| (path, None, Rule::Ends);
     let asked_dns = |end: SocketAddr| Some(end.ip()) == context.cluster_dns;
     let (path, endpoint, rule) = match (from, to) {

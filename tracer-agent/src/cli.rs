@@ -21,7 +21,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Attach to the node's interfaces, classify every connection, serve /metrics.
+    /// Attach to the node's interfaces, classify every connection, serve /metrics and the
+    /// JSON API.
     Agent(AgentArgs),
     /// Classify a hypothetical connection against this node's context, and say why.
     ///
@@ -34,10 +35,26 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
-    /// Listen address of /metrics, /healthz and /readyz.
+    /// Listen address of /metrics, the JSON API (/api/v1/paths, /api/v1/flows), /healthz and
+    /// /readyz.
     #[arg(long, env = "TRACER_METRICS_ADDR", default_value = "0.0.0.0:9477")]
     pub metrics_addr: SocketAddr,
 
+    /// Most series the opt-in families whose label values come from the cluster (workload
+    /// names) may hold together; updates beyond are refused and counted in
+    /// tracer_series_overflow_total. The taxonomy's families are bounded and not capped.
+    #[arg(long, value_name = "SERIES", default_value_t = crate::export::DEFAULT_MAX_SERIES,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_series: u32,
+
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+}
+
+/// What the datapath and the classification need: shared by `agent` and the standalone mode
+/// of `top`, which run the same pipeline.
+#[derive(Args, Debug, Clone)]
+pub struct PipelineArgs {
     #[command(flatten)]
     pub context: ContextArgs,
 
@@ -64,8 +81,8 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value_t = AttachModeArg::Auto)]
     pub attach_mode: AttachModeArg,
 
-    /// This node's name, for logs and to select its pods in the Kubernetes API (Kubernetes
-    /// sets it through the downward API).
+    /// This node's name, for logs, the JSON API and to select its pods in the Kubernetes API
+    /// (Kubernetes sets it through the downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
 
@@ -254,6 +271,8 @@ mod tests {
             &["tracer", "agent", "--vpc-cidr", "10.0.0.1/16"],
             &["tracer", "agent", "--flow-table-size", "10"],
             &["tracer", "agent", "--poll-interval", "forever"],
+            &["tracer", "agent", "--max-series", "0"],
+            &["tracer", "agent", "--max-series", "many"],
             &["tracer", "agent", "--no-such-flag"],
             &["tracer", "agent", "--kubernetes", "maybe"],
             &["tracer", "agent", "--workload-metrics", "0"],

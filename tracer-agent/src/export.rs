@@ -1,392 +1,677 @@
-//! The Prometheus endpoint (DESIGN §5): path counters, agent health, build info.
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
+//! The Prometheus endpoint (DESIGN §5) in the text exposition format 0.0.4, rendered at scrape
+//! time from the latest `Snapshot`: path counters, agent health, the process's CPU and memory,
+//! build info — and the capped families, whose label values the taxonomy does not bound.
+use std::{
+    collections::BTreeMap,
+    fmt::{Display, Write as _},
+    marker::PhantomData,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
-use axum::{
-    Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
-};
-use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-        info::Info,
-    },
-    registry::Registry,
-};
+use indexmap::IndexMap;
 use tracer_common::DatapathCounter;
 
-use crate::{aggregate::PathTable, classify::Classification, discovery::InterfaceKind};
+use crate::{
+    api::{Handshakes, PathRow},
+    classify::Path,
+    process,
+    readiness::Reason,
+    snapshot::Snapshot,
+};
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PacketLabels {
-    path: &'static str,
-    endpoint: &'static str,
-    nat: &'static str,
-    direction: &'static str,
-}
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FlowLabels {
-    path: &'static str,
-    endpoint: &'static str,
-    nat: &'static str,
-}
+/// Default of `--max-series`.
+pub const DEFAULT_MAX_SERIES: u32 = 10_000;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HealthLabels {
-    path: &'static str,
-    endpoint: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabels {
-    kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: &'static str,
-}
-
-/// What keeps the agent from being ready, as a bounded label value: every reason is exported,
-/// 0 or 1, so that an alert can name it and a dashboard can show it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reason {
-    Starting,
-    Interfaces,
-    VpcCidr,
-    ApiServer,
-    Contradiction,
-    Conntrack,
-    FlowTable,
-}
-
-impl Reason {
-    const ALL: [Reason; 7] = [
-        Reason::Starting,
-        Reason::Interfaces,
-        Reason::VpcCidr,
-        Reason::ApiServer,
-        Reason::Contradiction,
-        Reason::Conntrack,
-        Reason::FlowTable,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Reason::Starting => "starting",
-            Reason::Interfaces => "interfaces",
-            Reason::VpcCidr => "vpc_cidr",
-            Reason::ApiServer => "apiserver_endpoint",
-            Reason::Contradiction => "contradiction",
-            Reason::Conntrack => "conntrack",
-            Reason::FlowTable => "flow_table",
-        }
-    }
-}
-
-/// A reason the agent is not ready, with the sentence that tells an operator what to do.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Problem {
-    pub reason: Reason,
-    pub message: String,
-}
-
-/// Every metric the agent exports; cheap to clone (the families are shared handles).
+/// The metric state a snapshot does not hold: the opt-in families with label values from the
+/// cluster (workload names), under the series cap. Cheap to clone (shared handles).
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Arc<Registry>,
-    packets: Family<PacketLabels, Counter>,
-    bytes: Family<PacketLabels, Counter>,
-    flows: Family<FlowLabels, Counter>,
-    handshakes: Family<HealthLabels, Histogram>,
-    unanswered_syns: Family<HealthLabels, Counter>,
-    resets: Family<HealthLabels, Counter>,
-    attached: Family<KindLabels, Gauge>,
-    flow_table_entries: Gauge,
-    evictions: Counter,
-    datapath_packets: Family<OutcomeLabels, Counter>,
-    ready: Gauge,
-    problems: Family<ReasonLabels, Gauge>,
-    /// Last value read from each per-CPU datapath counter, to turn totals into increments.
-    datapath_last: Arc<[AtomicU64; DatapathCounter::COUNT as usize]>,
+    workload_bytes: CappedCounters<WorkloadLabels>,
+    /// Length of the last exposition: the next one reserves about as much at once rather than
+    /// growing (and copying) its buffer step by step.
+    last_length: Arc<AtomicUsize>,
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("tracer");
-        let packets = Family::<PacketLabels, Counter>::default();
-        let bytes = Family::<PacketLabels, Counter>::default();
-        let flows = Family::<FlowLabels, Counter>::default();
-        // 100 µs (same node) to ~13 s (SYN retransmitted): doubling buckets.
-        let handshakes = Family::<HealthLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))) as fn() -> Histogram,
-        );
-        let unanswered_syns = Family::<HealthLabels, Counter>::default();
-        let resets = Family::<HealthLabels, Counter>::default();
-        let attached = Family::<KindLabels, Gauge>::default();
-        let flow_table_entries = Gauge::default();
-        let evictions = Counter::default();
-        let datapath_packets = Family::<OutcomeLabels, Counter>::default();
-        let ready = Gauge::default();
-        let problems = Family::<ReasonLabels, Gauge>::default();
-        registry.register(
-            "path_packets",
-            "Packets by path of the EKS taxonomy, counted once per node",
-            packets.clone(),
-        );
-        registry.register(
-            "path_bytes",
-            "L3 bytes (IP header included) by path, counted once per node",
-            bytes.clone(),
-        );
-        registry.register(
-            "path_flows",
-            "Connections seen to start, by path",
-            flows.clone(),
-        );
-        registry.register(
-            "path_handshake_seconds",
-            "TCP SYN to SYN-ACK time seen at the node, by path",
-            handshakes.clone(),
-        );
-        registry.register(
-            "path_unanswered_syn",
-            "TCP connection attempts with no SYN-ACK within the SYN timeout (silent drops)",
-            unanswered_syns.clone(),
-        );
-        registry.register(
-            "path_resets",
-            "TCP connections that saw a RST (refused or aborted)",
-            resets.clone(),
-        );
-        registry.register(
-            "attached_interfaces",
-            "Interfaces the datapath is attached to, by kind (pod veth or node ENI)",
-            attached.clone(),
-        );
-        registry.register(
-            "flow_table_entries",
-            "Connections in the kernel flow table",
-            flow_table_entries.clone(),
-        );
-        registry.register(
-            "flow_table_evictions",
-            "Connections the kernel flow table evicted before the agent read them out",
-            evictions.clone(),
-        );
-        registry.register(
-            "datapath_packets",
-            "What the datapath did with the packets it saw (counted, duplicate, truncated, …)",
-            datapath_packets.clone(),
-        );
-        registry.register(
-            "ready",
-            "1 when the agent has every fact it needs to classify (what /readyz answers 200 to), else 0",
-            ready.clone(),
-        );
-        registry.register(
-            "readiness_problems",
-            "Problems keeping the agent from being ready, by reason (details in /readyz and the log)",
-            problems.clone(),
-        );
-        registry.register(
-            "build",
-            "Build information of the running agent",
-            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
-        );
+    /// `max_series` caps the series of the capped families (`--max-series`).
+    pub fn new(max_series: usize) -> Metrics {
         Metrics {
-            registry: Arc::new(registry),
-            packets,
-            bytes,
-            flows,
-            handshakes,
-            unanswered_syns,
-            resets,
-            attached,
-            flow_table_entries,
-            evictions,
-            datapath_packets,
-            ready,
-            problems,
-            datapath_last: Arc::new(std::array::from_fn(|_| AtomicU64::new(0))),
+            workload_bytes: CappedCounters::new(max_series),
+            last_length: Arc::default(),
         }
     }
 
-    /// Adds one poll's growth of every path.
-    pub fn record_paths(&self, deltas: &PathTable) {
-        for (classification, totals) in deltas {
-            let labels = |direction| packet_labels(classification, direction);
-            let forward = labels("forward");
-            let reply = labels("reply");
-            self.packets
-                .get_or_create(&forward)
-                .inc_by(totals.forward_packets);
-            self.bytes
-                .get_or_create(&forward)
-                .inc_by(totals.forward_bytes);
-            self.packets
-                .get_or_create(&reply)
-                .inc_by(totals.reply_packets);
-            self.bytes.get_or_create(&reply).inc_by(totals.reply_bytes);
-            let flow_labels = FlowLabels {
-                path: forward.path,
-                endpoint: forward.endpoint,
-                nat: forward.nat,
-            };
-            self.flows.get_or_create(&flow_labels).inc_by(totals.flows);
-            let health = health_labels(classification);
-            self.unanswered_syns
-                .get_or_create(&health)
-                .inc_by(totals.unanswered_syns);
-            self.resets.get_or_create(&health).inc_by(totals.resets);
+    /// `tracer_workload_bytes_total{namespace,workload,path}`: opt-in, fed once the agent
+    /// knows the cluster's workloads (issue 6).
+    pub fn workload_bytes(&self) -> &CappedCounters<WorkloadLabels> {
+        &self.workload_bytes
+    }
+
+    /// The exposition: every family of `snapshot`, the capped families, the process.
+    pub fn render(&self, snapshot: &Snapshot) -> String {
+        let workloads = self.workload_bytes.lock();
+        let last_length = self.last_length.load(Ordering::Relaxed);
+        let mut out = Exposition::with_capacity(last_length + last_length / 8 + 4096);
+        render_paths(&mut out, &snapshot.paths.paths);
+        render_health(&mut out, snapshot);
+        out.family(
+            "tracer_series_overflow_total",
+            "counter",
+            "Updates refused because a capped family (tracer_workload_bytes_total) had --max-series series",
+        );
+        out.sample("tracer_series_overflow_total", &[], workloads.refused);
+        workloads.render(
+            &mut out,
+            "tracer_workload_bytes_total",
+            "L3 bytes by workload and path (opt-in; at most --max-series series)",
+        );
+        drop(workloads);
+        out.family(
+            "tracer_build_info",
+            "gauge",
+            "Build information of the running agent",
+        );
+        out.sample(
+            "tracer_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1,
+        );
+        render_process(&mut out);
+        self.last_length.store(out.text.len(), Ordering::Relaxed);
+        out.text
+    }
+}
+
+fn path_labels(row: &PathRow) -> [(&'static str, &str); 3] {
+    [
+        ("path", row.path.as_str()),
+        ("endpoint", row.endpoint.as_deref().unwrap_or("")),
+        ("nat", row.nat.as_str()),
+    ]
+}
+
+/// TCP health of a (path, endpoint): its metrics have no `nat` label, so rows add up.
+#[derive(Default)]
+struct TcpHealth {
+    unanswered_syns: u64,
+    resets: u64,
+    handshakes: Handshakes,
+}
+
+fn render_paths(out: &mut Exposition, rows: &[PathRow]) {
+    render_directed(
+        out,
+        rows,
+        "tracer_path_packets_total",
+        "Packets by path of the EKS taxonomy, counted once per node",
+        |row| (row.forward_packets, row.reply_packets),
+    );
+    render_directed(
+        out,
+        rows,
+        "tracer_path_bytes_total",
+        "L3 bytes (IP header included) by path, counted once per node",
+        |row| (row.forward_bytes, row.reply_bytes),
+    );
+    out.family(
+        "tracer_path_flows_total",
+        "counter",
+        "Connections seen to start, by path",
+    );
+    for row in rows {
+        out.sample("tracer_path_flows_total", &path_labels(row), row.flows);
+    }
+
+    let mut health: BTreeMap<(&str, &str), TcpHealth> = BTreeMap::new();
+    for row in rows {
+        let key = (row.path.as_str(), row.endpoint.as_deref().unwrap_or(""));
+        let sum = health.entry(key).or_default();
+        sum.unanswered_syns += row.unanswered_syns;
+        sum.resets += row.resets;
+        add_handshakes(&mut sum.handshakes, &row.handshakes);
+    }
+    out.family(
+        "tracer_path_handshake_seconds",
+        "histogram",
+        "TCP SYN to SYN-ACK time seen at the node, by path",
+    );
+    for (key, sum) in &health {
+        if sum.handshakes.count > 0 {
+            out.histogram(
+                "tracer_path_handshake_seconds",
+                &health_labels(*key),
+                &sum.handshakes,
+            );
         }
     }
+    out.family(
+        "tracer_path_unanswered_syn_total",
+        "counter",
+        "TCP connection attempts with no SYN-ACK within the SYN timeout (silent drops)",
+    );
+    for (key, sum) in &health {
+        out.sample(
+            "tracer_path_unanswered_syn_total",
+            &health_labels(*key),
+            sum.unanswered_syns,
+        );
+    }
+    out.family(
+        "tracer_path_resets_total",
+        "counter",
+        "TCP connections that saw a RST (refused or aborted)",
+    );
+    for (key, sum) in &health {
+        out.sample("tracer_path_resets_total", &health_labels(*key), sum.resets);
+    }
+}
 
-    /// Adds the handshakes completed since the previous poll to the histogram.
-    pub fn record_handshakes(&self, handshakes: &[(Classification, std::time::Duration)]) {
-        for (classification, took) in handshakes {
-            self.handshakes
-                .get_or_create(&health_labels(classification))
-                .observe(took.as_secs_f64());
+/// A counter per row and direction (`forward`, `reply`).
+fn render_directed(
+    out: &mut Exposition,
+    rows: &[PathRow],
+    name: &str,
+    help: &str,
+    values: impl Fn(&PathRow) -> (u64, u64),
+) {
+    out.family(name, "counter", help);
+    for row in rows {
+        let [path, endpoint, nat] = path_labels(row);
+        let (forward, reply) = values(row);
+        for (direction, value) in [("forward", forward), ("reply", reply)] {
+            out.sample(
+                name,
+                &[path, endpoint, nat, ("direction", direction)],
+                value,
+            );
         }
     }
-
-    pub fn set_attached(&self, kind: InterfaceKind, count: usize) {
-        self.attached
-            .get_or_create(&KindLabels {
-                kind: kind.as_str(),
-            })
-            .set(count as i64);
-    }
-
-    pub fn set_flow_table(&self, entries: usize, evicted: u64) {
-        self.flow_table_entries.set(entries as i64);
-        self.evictions.inc_by(evicted);
-    }
-
-    /// Publishes the datapath's own counters (totals since load).
-    pub fn record_datapath(&self, totals: &[u64; DatapathCounter::COUNT as usize]) {
-        for counter in DatapathCounter::ALL {
-            let index = counter as usize;
-            let previous = self.datapath_last[index].swap(totals[index], Ordering::Relaxed);
-            self.datapath_packets
-                .get_or_create(&OutcomeLabels {
-                    outcome: counter.name(),
-                })
-                .inc_by(totals[index].saturating_sub(previous));
-        }
-    }
-
-    pub fn record_readiness(&self, problems: &[Problem]) {
-        self.ready.set(i64::from(problems.is_empty()));
-        for reason in Reason::ALL {
-            let count = problems.iter().filter(|p| p.reason == reason).count();
-            self.problems
-                .get_or_create(&ReasonLabels {
-                    reason: reason.as_str(),
-                })
-                .set(count as i64);
-        }
-    }
-
-    /// The text exposition format.
-    pub fn render(&self) -> String {
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut text, &self.registry);
-        text
-    }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
+fn health_labels<'a>((path, endpoint): (&'a str, &'a str)) -> [(&'static str, &'a str); 2] {
+    [("path", path), ("endpoint", endpoint)]
+}
+
+/// Adds `other`'s observations to `sum` (same buckets, cumulative counts add up).
+fn add_handshakes(sum: &mut Handshakes, other: &Handshakes) {
+    if sum.buckets.is_empty() {
+        sum.buckets = other.buckets.iter().map(|(bound, _)| (*bound, 0)).collect();
     }
-}
-
-fn packet_labels(classification: &Classification, direction: &'static str) -> PacketLabels {
-    PacketLabels {
-        path: classification.path.as_str(),
-        endpoint: classification
-            .endpoint
-            .map_or("", |endpoint| endpoint.as_str()),
-        nat: classification.nat.as_str(),
-        direction,
+    for ((_, total), (_, count)) in sum.buckets.iter_mut().zip(&other.buckets) {
+        *total += count;
     }
+    sum.count += other.count;
+    sum.sum_seconds += other.sum_seconds;
 }
 
-fn health_labels(classification: &Classification) -> HealthLabels {
-    HealthLabels {
-        path: classification.path.as_str(),
-        endpoint: classification
-            .endpoint
-            .map_or("", |endpoint| endpoint.as_str()),
+fn render_health(out: &mut Exposition, snapshot: &Snapshot) {
+    let paths = &snapshot.paths;
+    let health = &snapshot.health;
+    out.family(
+        "tracer_attached_interfaces",
+        "gauge",
+        "Interfaces the datapath is attached to, by kind (pod veth or node ENI)",
+    );
+    for (kind, count) in [
+        ("pod", paths.attached_interfaces.pod),
+        ("node", paths.attached_interfaces.node),
+    ] {
+        out.sample("tracer_attached_interfaces", &[("kind", kind)], count);
     }
-}
-
-/// Why the agent is not ready yet; empty when it is.
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<Mutex<Vec<String>>>);
-
-impl Readiness {
-    pub fn set(&self, problems: &[Problem]) {
-        if let Ok(mut current) = self.0.lock() {
-            *current = problems.iter().map(|p| p.message.clone()).collect();
-        }
-    }
-
-    fn problems(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .map(|problems| problems.clone())
-            .unwrap_or_default()
-    }
-}
-
-#[derive(Clone)]
-struct AppState {
-    metrics: Metrics,
-    readiness: Readiness,
-}
-
-/// The HTTP routes: `/metrics`, `/healthz`, `/readyz`.
-pub fn router(metrics: Metrics, readiness: Readiness) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz_handler))
-        .with_state(AppState { metrics, readiness })
-}
-
-async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-}
-
-async fn readyz_handler(State(state): State<AppState>) -> impl IntoResponse {
-    let problems = state.readiness.problems();
-    if problems.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
-    } else {
+    let table = &paths.flow_table;
+    for (name, kind, help, value) in [
         (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready:\n- {}\n", problems.join("\n- ")),
-        )
+            "tracer_flow_table_entries",
+            "gauge",
+            "Connections in the kernel flow table",
+            table.entries,
+        ),
+        (
+            "tracer_flow_table_capacity",
+            "gauge",
+            "Connections the kernel flow table can hold (--flow-table-size)",
+            table.capacity,
+        ),
+        (
+            "tracer_flow_table_evictions_total",
+            "counter",
+            "Connections the kernel flow table evicted before the agent read them out",
+            table.evictions,
+        ),
+        (
+            "tracer_events_lost_total",
+            "counter",
+            "Connections the datapath recorded that the agent never read (created and evicted between two polls)",
+            health.events_lost,
+        ),
+    ] {
+        out.family(name, kind, help);
+        out.sample(name, &[], value);
+    }
+    out.family(
+        "tracer_datapath_packets_total",
+        "counter",
+        "What the datapath did with the packets it saw (counted, duplicate, truncated, …)",
+    );
+    for counter in DatapathCounter::ALL {
+        out.sample(
+            "tracer_datapath_packets_total",
+            &[("outcome", counter.name())],
+            health.datapath[counter as usize],
+        );
+    }
+    out.family(
+        "tracer_ready",
+        "gauge",
+        "1 when the agent has every fact it needs to classify (what /readyz answers 200 to), else 0",
+    );
+    out.sample("tracer_ready", &[], u64::from(health.problems.is_empty()));
+    out.family(
+        "tracer_readiness_problems",
+        "gauge",
+        "Problems keeping the agent from being ready, by reason (details in /readyz and the log)",
+    );
+    for reason in Reason::ALL {
+        let count = health
+            .problems
+            .iter()
+            .filter(|p| p.reason == reason)
+            .count();
+        out.sample(
+            "tracer_readiness_problems",
+            &[("reason", reason.as_str())],
+            count as u64,
+        );
+    }
+}
+
+/// The process metrics every Prometheus client exports, under their conventional names.
+fn render_process(out: &mut Exposition) {
+    let Ok(usage) = process::Usage::read() else {
+        return;
+    };
+    out.family(
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent, in seconds",
+    );
+    out.sample("process_cpu_seconds_total", &[], usage.cpu_seconds);
+    out.family(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size, in bytes",
+    );
+    out.sample("process_resident_memory_bytes", &[], usage.resident_bytes);
+    out.family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since the Unix epoch, in seconds",
+    );
+    out.sample("process_start_time_seconds", &[], usage.start_time_seconds);
+}
+
+/// Writes the text format: `# HELP`/`# TYPE` lines, then `name{label="value",…} value`.
+struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    fn with_capacity(bytes: usize) -> Exposition {
+        Exposition {
+            text: String::with_capacity(bytes),
+        }
+    }
+
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        self.text.push_str("# HELP ");
+        self.text.push_str(name);
+        self.text.push(' ');
+        escape(&mut self.text, help, false);
+        self.text.push_str("\n# TYPE ");
+        self.text.push_str(name);
+        self.text.push(' ');
+        self.text.push_str(kind);
+        self.text.push('\n');
+    }
+
+    /// `value`: integers exactly, floats in Rust's shortest round-trip form (never an
+    /// exponent), both as the text format reads them.
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (index, (label, value)) in labels.iter().enumerate() {
+                if index > 0 {
+                    self.text.push(',');
+                }
+                write_label(&mut self.text, label, value);
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {value}");
+    }
+
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], handshakes: &Handshakes) {
+        let bucket = format!("{name}_bucket");
+        let bounds = handshakes
+            .buckets
+            .iter()
+            .map(|(bound, count)| (bound.to_string(), *count))
+            .chain([("+Inf".to_owned(), handshakes.count)]);
+        for (bound, count) in bounds {
+            let mut with_bound = labels.to_vec();
+            with_bound.push(("le", &bound));
+            self.sample(&bucket, &with_bound, count);
+        }
+        self.sample(&format!("{name}_sum"), labels, handshakes.sum_seconds);
+        self.sample(&format!("{name}_count"), labels, handshakes.count);
+    }
+}
+
+fn write_label(out: &mut String, name: &str, value: &str) {
+    out.push_str(name);
+    out.push_str("=\"");
+    escape(out, value, true);
+    out.push('"');
+}
+
+/// Escapes `\` and newlines (and `"` in label values), as the text format requires.
+fn escape(out: &mut String, text: &str, quote: bool) {
+    // A byte scan: the common case (nothing to escape) is a plain copy.
+    if !text
+        .bytes()
+        .any(|byte| matches!(byte, b'\\' | b'\n' | b'"'))
+    {
+        out.push_str(text);
+        return;
+    }
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+}
+
+/// The label values of a series in a capped family.
+pub trait LabelSet {
+    /// Writes `name="value",…` (without braces).
+    fn write_labels(&self, out: &mut String);
+}
+
+/// `{namespace, workload, path}`: bytes of a workload (Deployment, DaemonSet, …) by path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadLabels {
+    pub namespace: Box<str>,
+    pub workload: Box<str>,
+    pub path: Path,
+}
+
+impl LabelSet for WorkloadLabels {
+    fn write_labels(&self, out: &mut String) {
+        write_label(out, "namespace", &self.namespace);
+        out.push(',');
+        write_label(out, "workload", &self.workload);
+        out.push(',');
+        write_label(out, "path", self.path.as_str());
+    }
+}
+
+/// A counter family whose label values are not bounded by the taxonomy: it holds at most
+/// `max_series` series, and an update that would create one more is refused and counted
+/// (`tracer_series_overflow_total`), so memory and scrape size stay bounded whatever the
+/// cluster runs. Cheap to clone (a shared handle).
+pub struct CappedCounters<L> {
+    inner: Arc<Mutex<Capped>>,
+    labels: PhantomData<fn(&L)>,
+}
+
+impl<L> Clone for CappedCounters<L> {
+    fn clone(&self) -> Self {
+        CappedCounters {
+            inner: Arc::clone(&self.inner),
+            labels: PhantomData,
+        }
+    }
+}
+
+struct Capped {
+    /// Series keyed by their labels as the exposition writes them (escaped), in the order
+    /// they were created: a render copies each line's labels as they are, walking memory in
+    /// order rather than chasing label strings in hash order.
+    series: IndexMap<Box<str>, u64>,
+    max_series: usize,
+    refused: u64,
+    /// Where an update writes its labels to look them up.
+    scratch: String,
+}
+
+impl<L: LabelSet> CappedCounters<L> {
+    pub fn new(max_series: usize) -> CappedCounters<L> {
+        CappedCounters {
+            inner: Arc::new(Mutex::new(Capped {
+                series: IndexMap::new(),
+                max_series,
+                refused: 0,
+                scratch: String::new(),
+            })),
+            labels: PhantomData,
+        }
+    }
+
+    /// Adds `by` to the series `labels`; refused (and counted) when that series would be one
+    /// more than the cap.
+    pub fn add(&self, labels: &L, by: u64) {
+        let mut guard = self.lock();
+        let capped = &mut *guard;
+        capped.scratch.clear();
+        labels.write_labels(&mut capped.scratch);
+        let has_room = capped.series.len() < capped.max_series;
+        match capped.series.get_mut(capped.scratch.as_str()) {
+            Some(total) => *total += by,
+            None if has_room => {
+                capped.series.insert(capped.scratch.as_str().into(), by);
+            }
+            None => capped.refused += 1,
+        }
+    }
+
+    /// How many series the family holds.
+    pub fn len(&self) -> usize {
+        self.lock().series.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Updates refused since the start because the family was full.
+    pub fn refused(&self) -> u64 {
+        self.lock().refused
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Capped> {
+        // A panic while holding the lock leaves counters that are still valid numbers.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Capped {
+    /// HELP and TYPE, then one line per series; nothing while the family is empty.
+    fn render(&self, out: &mut Exposition, name: &str, help: &str) {
+        if self.series.is_empty() {
+            return;
+        }
+        out.family(name, "counter", help);
+        for (labels, total) in &self.series {
+            let _ = writeln!(out.text, "{name}{{{labels}}} {total}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        api::{AttachedInterfaces, FlowTableStats, PathsResponse},
+        readiness::Problem,
+        snapshot::{HANDSHAKE_BUCKETS, Health},
+    };
+
+    fn row(path: &str, endpoint: Option<&str>, nat: &str) -> PathRow {
+        PathRow {
+            path: path.into(),
+            endpoint: endpoint.map(Into::into),
+            nat: nat.into(),
+            forward_packets: 10,
+            forward_bytes: 1000,
+            reply_packets: 9,
+            reply_bytes: 900,
+            flows: 2,
+            active_flows: 1,
+            unanswered_syns: 1,
+            resets: 0,
+            handshakes: Handshakes {
+                count: 2,
+                sum_seconds: 0.0005,
+                buckets: HANDSHAKE_BUCKETS
+                    .iter()
+                    .enumerate()
+                    .map(|(index, bound)| (*bound, if index == 0 { 0 } else { 2 }))
+                    .collect(),
+            },
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            paths: PathsResponse {
+                attached_interfaces: AttachedInterfaces { pod: 4, node: 2 },
+                flow_table: FlowTableStats {
+                    entries: 3,
+                    capacity: 65536,
+                    evictions: 1,
+                },
+                paths: vec![
+                    row("node_to_apiserver", Some("private"), "none"),
+                    row("pod_to_external", None, "snat"),
+                    row("pod_to_external", None, "none"),
+                ],
+                ..PathsResponse::default()
+            },
+            health: Health {
+                problems: vec![Problem {
+                    reason: Reason::VpcCidr,
+                    message: "VPC CIDR unknown".into(),
+                }],
+                ..Health::default()
+            },
+            ..Snapshot::default()
+        }
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(|value| value.parse().unwrap())
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_the_rows_their_series() {
+        let text = Metrics::new(10).render(&snapshot());
+        let series = |s| value(&text, s);
+        assert_eq!(
+            series(
+                r#"tracer_path_bytes_total{path="pod_to_external",endpoint="",nat="snat",direction="reply"}"#
+            ),
+            Some(900.0)
+        );
+        assert_eq!(
+            series(
+                r#"tracer_path_flows_total{path="node_to_apiserver",endpoint="private",nat="none"}"#
+            ),
+            Some(2.0)
+        );
+        // Health is by path and endpoint: the two NAT rows of pod_to_external add up.
+        assert_eq!(
+            series(r#"tracer_path_unanswered_syn_total{path="pod_to_external",endpoint=""}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            series(
+                r#"tracer_path_handshake_seconds_bucket{path="pod_to_external",endpoint="",le="0.0002"}"#
+            ),
+            Some(4.0)
+        );
+        assert_eq!(
+            series(r#"tracer_path_handshake_seconds_count{path="pod_to_external",endpoint=""}"#),
+            Some(4.0)
+        );
+        assert_eq!(series("tracer_flow_table_capacity"), Some(65536.0));
+        assert_eq!(series("tracer_ready"), Some(0.0));
+        assert_eq!(
+            series(r#"tracer_readiness_problems{reason="vpc_cidr"}"#),
+            Some(1.0)
+        );
+        assert_eq!(series("tracer_series_overflow_total"), Some(0.0));
+        assert!(series("process_resident_memory_bytes").unwrap() > 0.0);
+        let mut typed = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.push(rest.split(' ').next().unwrap().to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = typed.last().expect("a sample before any TYPE");
+                assert!(name.starts_with(family.as_str()), "{name} under {family}");
+            }
+        }
+        let unique: std::collections::BTreeSet<_> = typed.iter().collect();
+        assert_eq!(unique.len(), typed.len(), "a family declared twice");
+        assert!(text.contains("# HELP tracer_path_packets_total "));
+    }
+
+    #[test]
+    fn the_cap_refuses_new_series_and_counts_them() {
+        let metrics = Metrics::new(2);
+        let workload = |name: &str| WorkloadLabels {
+            namespace: "shop".into(),
+            workload: name.into(),
+            path: Path::PodToExternal,
+        };
+        let family = metrics.workload_bytes();
+        family.add(&workload("cart"), 10);
+        family.add(&workload("web"), 5);
+        family.add(&workload("ledger"), 7);
+        family.add(&workload("cart"), 1);
+        assert_eq!((family.len(), family.refused()), (2, 1));
+        let text = metrics.render(&Snapshot::default());
+        assert_eq!(
+            value(
+                &text,
+                r#"tracer_workload_bytes_total{namespace="shop",workload="cart",path="pod_to_external"}"#
+            ),
+            Some(11.0)
+        );
+        assert!(!text.contains("ledger"));
+        assert_eq!(value(&text, "tracer_series_overflow_total"), Some(1.0));
+    }
+
+    #[test]
+    fn label_values_and_help_are_escaped() {
+        let mut out = String::new();
+        write_label(&mut out, "workload", "a\"b\\c\nd");
+        assert_eq!(out, r#"workload="a\"b\\c\nd""#);
+        let mut help = String::new();
+        escape(&mut help, "say \"hi\"\\", false);
+        assert_eq!(help, r#"say "hi"\\"#);
     }
 }

@@ -10,6 +10,8 @@ use std::{ffi::CString, net::SocketAddr, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions};
 use tracer_agent::{
+    aggregate::{Aggregator, NatTable, Unread},
+    classify::NodeContext,
     craft::{ETH_P_8021AD, ETH_P_8021Q, ExtHeader, Fragment, Frame, Icmp, arp_request},
     datapath::{AttachMode, Datapath},
 };
@@ -80,6 +82,15 @@ struct Node {
 /// Runs `body` on a fresh node with `interfaces` interfaces, in a thread of its own that lives
 /// in a new network namespace; a failure in `body` fails the calling test.
 fn on_fresh_node(interfaces: usize, body: impl FnOnce(&mut Node) + Send + 'static) {
+    on_fresh_node_with_table(interfaces, DEFAULT_FLOW_TABLE_SIZE, body);
+}
+
+/// `on_fresh_node` with a flow table of `table_size` entries.
+fn on_fresh_node_with_table(
+    interfaces: usize,
+    table_size: u32,
+    body: impl FnOnce(&mut Node) + Send + 'static,
+) {
     let outcome = std::thread::spawn(move || {
         // SAFETY: unshare takes no pointers; it moves only this thread to a new namespace.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -97,7 +108,7 @@ fn on_fresh_node(interfaces: usize, body: impl FnOnce(&mut Node) + Send + 'stati
                 unsafe { libc::if_nametoindex(c_name.as_ptr()) }
             })
             .collect();
-        let datapath = Datapath::load(DEFAULT_FLOW_TABLE_SIZE, AttachMode::Tcx)
+        let datapath = Datapath::load(table_size, AttachMode::Tcx)
             .unwrap_or_else(|error| panic!("{NEED_ROOT}: {error}"));
         body(&mut Node {
             datapath,
@@ -777,6 +788,47 @@ fn ethernet_padding_is_not_counted_as_l3_bytes() {
         assert_eq!(
             node.counter_deltas(),
             counts(&[(Seen, 1), (Counted, 1), (FlowsCreated, 1)])
+        );
+    });
+}
+
+#[test]
+fn connections_evicted_before_a_poll_are_counted_as_lost() {
+    const TABLE: u32 = 1024;
+    on_fresh_node_with_table(1, TABLE, |node| {
+        let eni = node.ifindex[0];
+        let mut aggregator = Aggregator::default();
+        let mut unread = Unread::default();
+        let mut poll = |node: &mut Node, aggregator: &mut Aggregator| {
+            let created = node.datapath.counters().expect("counters")[FlowsCreated as usize];
+            let flows = node.datapath.flows().expect("flow table");
+            let result = aggregator.poll(&flows, &NodeContext::default(), &NatTable::default(), 0);
+            unread.update(created, &result);
+            (created, result.new_entries, unread.lost())
+        };
+        let send = |node: &mut Node, flows: std::ops::Range<u32>| {
+            for n in flows {
+                let client =
+                    SocketAddr::new(std::net::Ipv4Addr::from(0x0a80_0000 + n).into(), 40000);
+                let frame = Frame::udp(client, addr("10.0.0.2:53")).payload(18).build();
+                node.run(Hook::Ingress, Skb::at(eni), &frame.bytes);
+            }
+        };
+        // Fewer connections than the table holds between two polls: every one is read.
+        send(node, 0..500);
+        assert_eq!(poll(node, &mut aggregator), (500, 500, 0));
+        // Three times the table between two polls: the LRU table evicts what no poll read.
+        send(node, 500..3_500);
+        let (created, read, lost) = poll(node, &mut aggregator);
+        assert_eq!(created, 3_500, "the kernel counts every entry it created");
+        assert!(
+            read <= u64::from(TABLE),
+            "{read} entries in a {TABLE}-entry table"
+        );
+        assert_eq!(
+            lost,
+            3_500 - 500 - read,
+            "created, minus read at either poll"
         );
     });
 }

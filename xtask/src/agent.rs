@@ -271,7 +271,7 @@ impl LabAgent {
                     self.log_tail()
                 );
             }
-            match scrape::http_get(&self.ns, self.addr, "/readyz") {
+            match self.get("/readyz") {
                 Ok((200, _)) => return Ok(()),
                 Ok((_, body)) => last = body,
                 Err(error) => last = format!("{error:#}"),
@@ -285,7 +285,7 @@ impl LabAgent {
     }
 
     pub fn scrape(&self) -> anyhow::Result<Vec<Sample>> {
-        let (status, body) = scrape::http_get(&self.ns, self.addr, "/metrics")?;
+        let (status, body) = self.get("/metrics")?;
         if status != 200 {
             bail!("/metrics answered {status}: {body}");
         }
@@ -294,7 +294,12 @@ impl LabAgent {
 
     /// The raw exposition, for showing.
     pub fn metrics_text(&self) -> anyhow::Result<String> {
-        Ok(scrape::http_get(&self.ns, self.addr, "/metrics")?.1)
+        Ok(self.get("/metrics")?.1)
+    }
+
+    /// `GET path` (with its query) on the agent: (status, body).
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        scrape::http_get(&self.ns, self.addr, path)
     }
 
     /// Sends SIGTERM and waits for the exit; returns how long it took and the exit code.

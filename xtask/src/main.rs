@@ -51,6 +51,12 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Render time and heap per series of /metrics at 1k, 10k and 100k series.
+    Scrape {
+        /// Passed on to the benchmark (e.g. --check, --json PATH).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// 250 pod veths attached at start-up, then 200 churned at 20/s: attach times.
     Attach {
         /// Exit non-zero when a goal is missed (≤ 2 s at start-up, p99 ≤ 100 ms in churn).
@@ -102,6 +108,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             which: Bench::Datapath { args },
         } => xtask::bench::datapath(&args),
+        Command::Bench {
+            which: Bench::Scrape { args },
+        } => xtask::bench::scrape(&args),
         Command::Bench {
             which: Bench::Attach { check, json },
         } => xtask::bench::attach(check, json.as_deref()),

@@ -1,0 +1,338 @@
+//! What a scrape of `/metrics` costs as the series grow: `cargo bench -p tracer-agent --bench
+//! scrape [-- --check] [--json PATH]` (or `cargo xtask bench scrape`). No privileges needed.
+//!
+//! For 1k, 10k and 100k series of the capped family `tracer_workload_bytes_total` (the cap
+//! raised to fit), next to a snapshot with every path of the taxonomy, it measures:
+//! - the heap the series hold, per series: a counting global allocator, read before and after
+//!   filling the family, in the same run;
+//! - the time to render the whole exposition: the median of `ROUNDS` renders, and the same
+//!   snapshot rendered without the workload series (the baseline), so the difference is what
+//!   the series cost;
+//! - the transient buffer a render allocates, per series.
+//!
+//! Goals (issue 4): ≤ 10 ms at 10k series, ≤ 50 ms at 100k, ≤ 300 B of heap per series.
+//! `--check` makes a missed goal an error (exit status 1); `--json PATH` writes the results.
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    hint::black_box,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use tracer_agent::{
+    api::{AttachedInterfaces, FlowTableStats, Handshakes, PathRow, PathsResponse},
+    classify::Path,
+    export::{Metrics, WorkloadLabels},
+    snapshot::{HANDSHAKE_BUCKETS, Snapshot},
+};
+
+/// Counts the bytes the program holds on the heap, and the most it held.
+struct Counting;
+
+static HELD: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters move.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size());
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HELD.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size());
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        HELD.fetch_sub(layout.size(), Ordering::Relaxed);
+        grew(new_size);
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+fn grew(bytes: usize) {
+    let held = HELD.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(held, Ordering::Relaxed);
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Renders per measurement (odd, so the median is one of them).
+const ROUNDS: usize = 21;
+
+/// A size, and the goals at that size.
+struct Case {
+    series: usize,
+    goal_ms: Option<f64>,
+}
+
+const CASES: [Case; 3] = [
+    Case {
+        series: 1_000,
+        goal_ms: None,
+    },
+    Case {
+        series: 10_000,
+        goal_ms: Some(10.0),
+    },
+    Case {
+        series: 100_000,
+        goal_ms: Some(50.0),
+    },
+];
+const GOAL_HEAP_BYTES_PER_SERIES: f64 = 300.0;
+
+#[derive(Serialize)]
+struct Row {
+    workload_series: usize,
+    /// Every sample line of the exposition, the taxonomy's families included.
+    exposition_series: usize,
+    exposition_bytes: usize,
+    render_ms: f64,
+    baseline_render_ms: f64,
+    goal_ms: Option<f64>,
+    heap_bytes_per_series: f64,
+    render_buffer_bytes_per_series: f64,
+    goal_heap_bytes_per_series: f64,
+    pass: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    rounds: usize,
+    results: Vec<Row>,
+}
+
+struct Options {
+    check: bool,
+    json: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = parse_options(std::env::args().skip(1))?;
+    eprintln!("scrape benchmark: render medians of {ROUNDS}, heap by a counting allocator");
+    let snapshot = every_path();
+    let mut results = Vec::new();
+    for case in &CASES {
+        results.push(measure(case, &snapshot)?);
+    }
+    print_table(&results);
+    let missed = results.iter().filter(|row| !row.pass).count();
+    if let Some(path) = &options.json {
+        let report = Report {
+            rounds: ROUNDS,
+            results,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {path}"))?;
+    }
+    if options.check && missed > 0 {
+        bail!("{missed} case(s) missed their goal");
+    }
+    Ok(())
+}
+
+fn parse_options(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
+    let mut options = Options {
+        check: false,
+        json: None,
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--check" => options.check = true,
+            "--json" => options.json = Some(args.next().context("--json needs a path")?),
+            // What `cargo bench` passes to every benchmark.
+            "--bench" => {}
+            other => bail!("unknown argument {other:?}; usage: scrape [--check] [--json PATH]"),
+        }
+    }
+    Ok(options)
+}
+
+fn measure(case: &Case, snapshot: &Snapshot) -> anyhow::Result<Row> {
+    let baseline = Metrics::new(case.series);
+    let baseline_render_ms = median_render_ms(&baseline, snapshot);
+
+    let before = HELD.load(Ordering::Relaxed);
+    let metrics = Metrics::new(case.series);
+    let family = metrics.workload_bytes();
+    for index in 0..case.series {
+        family.add(&workload(index), 1_500 * index as u64);
+    }
+    let held = HELD.load(Ordering::Relaxed) - before;
+    // The cap holds: the family is full, and one more series is refused and counted.
+    family.add(&workload(case.series), 1);
+    if family.len() != case.series || family.refused() != 1 {
+        bail!(
+            "{} series: the family holds {} and refused {} (expected {} and 1)",
+            case.series,
+            family.len(),
+            family.refused(),
+            case.series
+        );
+    }
+
+    let render_ms = median_render_ms(&metrics, snapshot);
+    let at_rest = HELD.load(Ordering::Relaxed);
+    PEAK.store(at_rest, Ordering::Relaxed);
+    let text = metrics.render(snapshot);
+    let buffer = PEAK.load(Ordering::Relaxed) - at_rest;
+    let exposition_series = text.lines().filter(|line| !line.starts_with('#')).count();
+
+    let heap_bytes_per_series = held as f64 / case.series as f64;
+    let pass = heap_bytes_per_series <= GOAL_HEAP_BYTES_PER_SERIES
+        && case.goal_ms.is_none_or(|goal| render_ms <= goal);
+    Ok(Row {
+        workload_series: case.series,
+        exposition_series,
+        exposition_bytes: text.len(),
+        render_ms,
+        baseline_render_ms,
+        goal_ms: case.goal_ms,
+        heap_bytes_per_series,
+        render_buffer_bytes_per_series: buffer as f64 / case.series as f64,
+        goal_heap_bytes_per_series: GOAL_HEAP_BYTES_PER_SERIES,
+        pass,
+    })
+}
+
+/// A workload of a realistic name: 50 namespaces, one workload per series, every path.
+fn workload(index: usize) -> WorkloadLabels {
+    const PATHS: [Path; 5] = [
+        Path::PodToPodLocal,
+        Path::PodToPodRemote,
+        Path::PodToService,
+        Path::PodToExternal,
+        Path::PodToDns,
+    ];
+    WorkloadLabels {
+        namespace: format!("team-{:02}-prod", index % 50).into(),
+        workload: format!("checkout-service-{index:06}").into(),
+        path: PATHS[index % PATHS.len()],
+    }
+}
+
+fn median_render_ms(metrics: &Metrics, snapshot: &Snapshot) -> f64 {
+    let _warm_up = black_box(metrics.render(snapshot));
+    let mut samples: Vec<Duration> = (0..ROUNDS)
+        .map(|_| {
+            let started = Instant::now();
+            black_box(metrics.render(black_box(snapshot)));
+            started.elapsed()
+        })
+        .collect();
+    samples.sort();
+    samples[ROUNDS / 2].as_secs_f64() * 1e3
+}
+
+/// A snapshot with a row for every path of the taxonomy (both endpoints on the API server
+/// paths, every NAT where the lab sees one), handshakes in every bucket: the bounded families
+/// at their fullest.
+fn every_path() -> Snapshot {
+    let rows = [
+        ("controlplane_to_kubelet", None, "none"),
+        ("external_to_node", None, "none"),
+        ("external_to_pod", None, "dnat"),
+        ("node_to_apiserver", Some("private"), "none"),
+        ("node_to_apiserver", Some("public"), "none"),
+        ("node_to_external", None, "none"),
+        ("node_to_imds", None, "none"),
+        ("node_to_node", None, "none"),
+        ("pod_to_apiserver", Some("private"), "dnat"),
+        ("pod_to_apiserver", Some("public"), "snat"),
+        ("pod_to_dns", None, "dnat"),
+        ("pod_to_external", None, "snat"),
+        ("pod_to_imds", None, "snat"),
+        ("pod_to_pod_local", None, "none"),
+        ("pod_to_pod_remote", None, "none"),
+        ("pod_to_service", None, "dnat"),
+        ("unknown", None, "none"),
+    ];
+    let handshakes = Handshakes {
+        count: 1_000,
+        sum_seconds: 1.25,
+        buckets: HANDSHAKE_BUCKETS
+            .iter()
+            .enumerate()
+            .map(|(index, bound)| (*bound, 50 * index as u64))
+            .collect(),
+    };
+    let paths = rows
+        .iter()
+        .map(|(path, endpoint, nat)| PathRow {
+            path: (*path).to_owned(),
+            endpoint: endpoint.map(str::to_owned),
+            nat: (*nat).to_owned(),
+            forward_packets: 123_456,
+            forward_bytes: 98_765_432,
+            reply_packets: 120_000,
+            reply_bytes: 87_654_321,
+            flows: 1_000,
+            active_flows: 10,
+            unanswered_syns: 3,
+            resets: 2,
+            handshakes: handshakes.clone(),
+        })
+        .collect();
+    Snapshot {
+        paths: PathsResponse {
+            attached_interfaces: AttachedInterfaces { pod: 30, node: 3 },
+            flow_table: FlowTableStats {
+                entries: 5_000,
+                capacity: 65_536,
+                evictions: 0,
+            },
+            paths,
+            ..PathsResponse::default()
+        },
+        ..Snapshot::default()
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:>8} {:>8} {:>9}  {:>9} {:>9} {:>6}  {:>9} {:>9} {:>5}  result",
+        "workload",
+        "series",
+        "bytes",
+        "render ms",
+        "baseline",
+        "goal",
+        "heap B/s",
+        "buffer B/s",
+        "goal"
+    );
+    for row in rows {
+        println!(
+            "{:>8} {:>8} {:>9}  {:>9.2} {:>9.2} {:>6}  {:>9.0} {:>9.0} {:>5.0}  {}",
+            row.workload_series,
+            row.exposition_series,
+            row.exposition_bytes,
+            row.render_ms,
+            row.baseline_render_ms,
+            row.goal_ms
+                .map_or("-".to_owned(), |goal| format!("{goal:.0}")),
+            row.heap_bytes_per_series,
+            row.render_buffer_bytes_per_series,
+            row.goal_heap_bytes_per_series,
+            if row.pass { "pass" } else { "FAIL" }
+        );
+    }
+    println!(
+        "(render: median of {ROUNDS}; baseline = the same snapshot without workload series; \
+         heap B/s = bytes the series hold, per series; buffer B/s = transient bytes of one render)"
+    );
+}

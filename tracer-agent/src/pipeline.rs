@@ -1,0 +1,449 @@
+//! The agent's work, whoever shows it: load the datapath, attach to the node's interfaces as
+//! they come and go, gather the node's context (netlink, IMDS, the cluster endpoint's DNS
+//! answer, conntrack) and, every poll, turn the kernel's flow table into a [`Snapshot`].
+//! `tracer agent` serves the snapshots over HTTP; `tracer top` shows them.
+//!
+//! ```no_run
+//! use tracer_agent::{agent::AgentError, cli::PipelineArgs, pipeline::Pipeline};
+//!
+//! fn show(args: &PipelineArgs) -> Result<(), AgentError> {
+//!     let mut pipeline = Pipeline::start(args)?;
+//!     for _ in 0..10 {
+//!         std::thread::sleep(pipeline.poll_interval());
+//!         let snapshot = pipeline.poll();
+//!         // The bodies of GET /api/v1/paths and GET /api/v1/flows?limit=20.
+//!         println!("{} paths", snapshot.paths.paths.len());
+//!         println!("{} flows", snapshot.flows(20).flows.len());
+//!     }
+//!     pipeline.shutdown();
+//!     Ok(())
+//! }
+//! ```
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, anyhow};
+use log::{info, warn};
+use tokio::sync::{oneshot, watch};
+use tracer_common::DatapathCounter;
+
+use crate::{
+    agent::AgentError,
+    aggregate::{Aggregator, NatTable, Unread},
+    api::{self, AttachedInterfaces, FlowTableStats, PathsResponse},
+    cidr::Cidr,
+    classify::NodeContext,
+    cli::{AttachModeArg, PipelineArgs},
+    conntrack::Conntrack,
+    context,
+    datapath::{AttachMode, Datapath},
+    discovery::{self, InterfaceKind, InterfacePatterns, Scan},
+    endpoint::{self, Resolution},
+    imds::{self, ImdsClient},
+    privileges,
+    readiness::{Problem, Reason},
+    snapshot::{self, Health, History, Snapshot},
+};
+
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+const IMDS_RETRY: Duration = Duration::from_secs(5);
+
+/// The loaded datapath and everything the agent remembers between polls.
+pub struct Pipeline {
+    args: PipelineArgs,
+    patterns: InterfacePatterns,
+    datapath: Datapath,
+    context: NodeContext,
+    aggregator: Aggregator,
+    history: History,
+    conntrack: Option<Conntrack>,
+    /// IMDS answer still to come, when the VPC CIDRs were not given on the command line.
+    vpc_from_imds: Option<oneshot::Receiver<Vec<Cidr>>>,
+    /// Answers about the cluster endpoint, when one was given.
+    apiserver_from_dns: Option<watch::Receiver<Resolution>>,
+    attached: AttachedInterfaces,
+    flow_table: FlowTableStats,
+    /// The datapath's counters as last read.
+    datapath_counters: [u64; DatapathCounter::COUNT as usize],
+    unread: Unread,
+    problems: BTreeSet<Problem>,
+    /// The problems last published: only changes are logged.
+    published: BTreeSet<Problem>,
+    latest: Arc<Snapshot>,
+}
+
+impl Pipeline {
+    /// Checks the configuration, finds the interfaces to trace and loads the datapath; the
+    /// first [`poll`](Self::poll) attaches to them. A bad flag or no matching interface is a
+    /// configuration error (exit 2); a kernel that cannot load the programs a runtime error.
+    pub fn start(args: &PipelineArgs) -> Result<Pipeline, AgentError> {
+        if !Path::new(BTF_PATH).exists() {
+            return Err(AgentError::Runtime(anyhow!(
+                "this kernel has no BTF ({BTF_PATH} is missing): run on a kernel built with CONFIG_DEBUG_INFO_BTF=y (EKS AMIs have it)"
+            )));
+        }
+        let context = context::from_flags(&args.context).map_err(|contradictions| {
+            AgentError::Config(anyhow!(context::describe(&contradictions)))
+        })?;
+        let privileges = privileges::acquire().map_err(AgentError::Runtime)?;
+        let patterns = context::interface_patterns(&args.context);
+        let scan = discovery::scan(&patterns)
+            .context("listing interfaces over netlink")
+            .map_err(AgentError::Runtime)?;
+        if scan.interfaces.is_empty() {
+            return Err(AgentError::Config(anyhow!(
+                "no interface matches --pod-iface {:?} or --node-iface {:?}: list them with `ip link` and set the patterns",
+                args.context.pod_ifaces,
+                args.context.node_ifaces
+            )));
+        }
+        let mode = match args.attach_mode {
+            AttachModeArg::Auto => AttachMode::for_running_kernel(),
+            AttachModeArg::Tcx => AttachMode::Tcx,
+            AttachModeArg::Clsact => AttachMode::Clsact,
+        };
+        let datapath = Datapath::load(args.flow_table_size, mode)
+            .context("loading the datapath")
+            .map_err(|error| AgentError::Runtime(privileges.explain(error)))?;
+        if let Some(path) = &args.context.config {
+            info!("configuration from {} and the command line", path.display());
+        }
+        info!(
+            "datapath loaded ({} entries, {} attach) on node {}",
+            args.flow_table_size,
+            mode.as_str(),
+            args.node_name.as_deref().unwrap_or("(NODE_NAME unset)")
+        );
+        let vpc_from_imds = args.context.vpc_cidrs.is_empty().then(|| {
+            spawn_imds_lookup(ImdsClient::new(
+                args.context.imds_addr,
+                imds::DEFAULT_TIMEOUT,
+            ))
+        });
+        let apiserver_from_dns = args
+            .context
+            .cluster_endpoint
+            .clone()
+            .map(|host| endpoint::spawn_resolver(host, args.resolve_interval));
+        let mut pipeline = Pipeline {
+            args: args.clone(),
+            patterns,
+            datapath,
+            context,
+            aggregator: Aggregator::new(args.syn_timeout),
+            history: History::default(),
+            conntrack: None,
+            vpc_from_imds,
+            apiserver_from_dns,
+            attached: AttachedInterfaces::default(),
+            flow_table: FlowTableStats {
+                capacity: u64::from(args.flow_table_size),
+                ..FlowTableStats::default()
+            },
+            datapath_counters: [0; DatapathCounter::COUNT as usize],
+            unread: Unread::default(),
+            problems: BTreeSet::new(),
+            published: BTreeSet::new(),
+            latest: Arc::default(),
+        };
+        pipeline.problem(Reason::Starting, "starting".to_owned());
+        pipeline.publish();
+        Ok(pipeline)
+    }
+
+    /// The latest snapshot; before the first poll, an empty one that is not ready.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.latest)
+    }
+
+    /// How often `poll` is meant to run (`--poll-interval`).
+    pub fn poll_interval(&self) -> Duration {
+        self.args.poll_interval
+    }
+
+    /// One round: rescan and attach, read the flow table, classify, sum per path; returns the
+    /// new snapshot. Problems along the way do not stop it: they make the snapshot not ready.
+    pub fn poll(&mut self) -> Arc<Snapshot> {
+        self.problems.clear();
+        self.rescan();
+        self.receive_imds();
+        self.receive_apiserver_addresses();
+        if self.context.vpc_cidrs.is_empty() {
+            self.problem(Reason::VpcCidr, format!(
+                "VPC CIDR unknown: IMDS ({}) has not answered yet and --vpc-cidr is not set; remote and external traffic is labelled unknown",
+                self.args.context.imds_addr
+            ));
+        }
+        for contradiction in self.context.contradictions() {
+            self.problem(
+                Reason::Contradiction,
+                format!(
+                    "{contradiction}; classification of the addresses involved cannot be trusted"
+                ),
+            );
+        }
+        // Read before the flow table, so that every entry the count includes is either in the
+        // table read next or gone unread.
+        match self.datapath.counters() {
+            Ok(counters) => self.datapath_counters = counters,
+            Err(error) => self.problem(
+                Reason::FlowTable,
+                format!("reading datapath counters: {error}"),
+            ),
+        }
+        match self.datapath.flows() {
+            Ok(flows) => self.aggregate(&flows),
+            Err(error) => self.problem(
+                Reason::FlowTable,
+                format!("reading the flow table: {error}"),
+            ),
+        }
+        self.publish()
+    }
+
+    /// Lists interfaces, addresses and routes again and applies what changed: between polls,
+    /// when netlink reports a change, a new pod's veth is attached at once.
+    pub fn rescan(&mut self) {
+        match discovery::scan(&self.patterns) {
+            Ok(scan) => self.apply_scan(scan),
+            Err(error) => self.problem(Reason::Interfaces, format!("netlink scan failed: {error}")),
+        }
+    }
+
+    /// Detaches from every interface (dropping the pipeline does too).
+    pub fn shutdown(mut self) {
+        info!(
+            "detaching from {} interfaces",
+            self.datapath.attached().count()
+        );
+        self.datapath.detach_all();
+    }
+
+    fn aggregate(&mut self, flows: &[(tracer_common::FlowKey, tracer_common::FlowStats)]) {
+        let nat = if self.aggregator.needs_nat_table(flows) {
+            self.nat_table()
+        } else {
+            NatTable::default()
+        };
+        let result = self
+            .aggregator
+            .poll(flows, &self.context, &nat, monotonic_ns());
+        self.history.record(&result);
+        self.flow_table.entries = flows.len() as u64;
+        self.flow_table.evictions += result.evicted;
+        let created = self.datapath_counters[DatapathCounter::FlowsCreated as usize];
+        self.unread.update(created, &result);
+        if let Err(error) = self.datapath.forget(&result.idle) {
+            self.problem(
+                Reason::FlowTable,
+                format!("removing idle connections: {error}"),
+            );
+        }
+    }
+
+    /// Attaches to new interfaces, forgets vanished ones, refreshes node addresses and pods.
+    fn apply_scan(&mut self, scan: Scan) {
+        let Scan {
+            interfaces,
+            node_ips,
+            local_pods,
+        } = scan;
+        let present: BTreeSet<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+        let vanished: Vec<String> = self
+            .datapath
+            .attached()
+            .filter(|name| !present.contains(name))
+            .map(str::to_owned)
+            .collect();
+        for name in vanished {
+            info!("interface {name} is gone");
+            self.datapath.detach(&name);
+        }
+        let mut attached = AttachedInterfaces::default();
+        for interface in &interfaces {
+            match self.datapath.attach(&interface.name, interface.index) {
+                Ok(()) => match interface.kind {
+                    InterfaceKind::Pod => attached.pod += 1,
+                    InterfaceKind::Node => attached.node += 1,
+                },
+                Err(error) => self.problem(Reason::Interfaces, format!("{error}")),
+            }
+        }
+        if attached.pod + attached.node == 0 {
+            self.problem(Reason::Interfaces, "attached to no interface".to_owned());
+        }
+        self.attached = attached;
+        self.context.node_ips = node_ips;
+        self.context.local_pods = local_pods;
+    }
+
+    fn receive_imds(&mut self) {
+        let Some(receiver) = self.vpc_from_imds.as_mut() else {
+            return;
+        };
+        if let Ok(cidrs) = receiver.try_recv() {
+            info!("VPC CIDR blocks from IMDS: {cidrs:?}");
+            self.context.vpc_cidrs = cidrs;
+            self.vpc_from_imds = None;
+        }
+    }
+
+    /// The API server addresses: those given by flag and the cluster endpoint's latest answer.
+    fn receive_apiserver_addresses(&mut self) {
+        let Some(receiver) = self.apiserver_from_dns.as_mut() else {
+            return;
+        };
+        let changed = receiver.has_changed().unwrap_or(false);
+        let resolution = receiver.borrow_and_update().clone();
+        match resolution {
+            Ok(addresses) => {
+                if changed {
+                    info!("cluster endpoint resolves to {addresses:?}");
+                    self.context.apiserver_ips = self
+                        .args
+                        .context
+                        .apiserver_ips
+                        .iter()
+                        .copied()
+                        .chain(addresses)
+                        .collect();
+                }
+            }
+            // The last good answer stays in use; only never having had one is a gap.
+            Err(error) => self.problem(Reason::ApiServer, format!(
+                "{error}; API server traffic to addresses not given by --apiserver-ip is not recognised"
+            )),
+        }
+    }
+
+    fn nat_table(&mut self) -> NatTable {
+        if self.conntrack.is_none() {
+            match Conntrack::open() {
+                Ok(conntrack) => self.conntrack = Some(conntrack),
+                Err(error) => {
+                    self.problem(
+                        Reason::Conntrack,
+                        format!("conntrack unavailable, NAT not observed: {error}"),
+                    );
+                    return NatTable::default();
+                }
+            }
+        }
+        let Some(conntrack) = self.conntrack.as_mut() else {
+            return NatTable::default();
+        };
+        match conntrack.dump() {
+            Ok(entries) => NatTable::new(entries),
+            Err(error) => {
+                self.conntrack = None;
+                self.problem(
+                    Reason::Conntrack,
+                    format!("conntrack dump failed, NAT not observed: {error}"),
+                );
+                NatTable::default()
+            }
+        }
+    }
+
+    fn problem(&mut self, reason: Reason, message: String) {
+        self.problems.insert(Problem { reason, message });
+    }
+
+    /// Builds the snapshot of this poll; logs the problems that appeared or went away since
+    /// the previous one.
+    fn publish(&mut self) -> Arc<Snapshot> {
+        for appeared in self.problems.difference(&self.published) {
+            warn!("{}", appeared.message);
+        }
+        for resolved in self.published.difference(&self.problems) {
+            info!("resolved: {}", resolved.message);
+        }
+        self.published = self.problems.clone();
+        let problems: Vec<Problem> = self.problems.iter().cloned().collect();
+        let apiserver_endpoints: BTreeSet<&str> = self
+            .context
+            .apiserver_ips
+            .iter()
+            .map(|addr| self.context.endpoint_of(*addr).as_str())
+            .collect();
+        let snapshot = Snapshot {
+            paths: PathsResponse {
+                node: self.args.node_name.clone(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                time_unix_ms: unix_ms(),
+                poll_interval_ms: self.args.poll_interval.as_millis() as u64,
+                apiserver_endpoints: apiserver_endpoints.into_iter().map(Into::into).collect(),
+                attached_interfaces: self.attached.clone(),
+                flow_table: self.flow_table.clone(),
+                ready: problems.is_empty(),
+                problems: problems.iter().map(|p| p.message.clone()).collect(),
+                paths: self.history.rows(self.aggregator.connections()),
+            },
+            largest_flows: snapshot::top_flows(self.aggregator.connections(), api::MAX_FLOWS_LIMIT),
+            health: Health {
+                datapath: self.datapath_counters,
+                events_lost: self.unread.lost(),
+                problems,
+            },
+        };
+        self.latest = Arc::new(snapshot);
+        Arc::clone(&self.latest)
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads: comparable with the kernel's SYN times.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass and nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
+/// Asks IMDS for the VPC's CIDR blocks in a thread of its own (the client blocks), retrying
+/// until it answers or the pipeline is gone.
+fn spawn_imds_lookup(client: ImdsClient) -> oneshot::Receiver<Vec<Cidr>> {
+    let (sender, receiver) = oneshot::channel();
+    std::thread::spawn(move || {
+        loop {
+            match client.fetch() {
+                Ok(metadata) => {
+                    let _ = sender.send(metadata.vpc_cidrs);
+                    return;
+                }
+                Err(error) => {
+                    warn!("IMDS: {error}; retrying in {}s", IMDS_RETRY.as_secs());
+                    std::thread::sleep(IMDS_RETRY);
+                }
+            }
+            if sender.is_closed() {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipeline_can_move_to_another_thread() {
+        fn send<T: Send>() {}
+        send::<Pipeline>();
+        send::<Arc<Snapshot>>();
+    }
+}
