@@ -276,6 +276,7 @@ fn every_path() -> Snapshot {
             path: (*path).to_owned(),
             endpoint: endpoint.map(str::to_owned),
             nat: (*nat).to_owned(),
+            zone: None,
             forward_packets: 123_456,
             forward_bytes: 98_765_432,
             reply_packets: 120_000,

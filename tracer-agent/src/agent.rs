@@ -10,7 +10,8 @@ use tokio::{
 };
 
 use crate::{
-    cli::AgentArgs, discovery, export::Metrics, pipeline::Pipeline, server, snapshot::Snapshot,
+    cli::AgentArgs, discovery, export::Metrics, kubernetes, pipeline::Pipeline, server,
+    snapshot::Snapshot,
 };
 
 /// Why the agent stopped: the exit code tells usage/configuration (2) from runtime (1).
@@ -33,6 +34,17 @@ impl AgentError {
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut pipeline = Pipeline::start(&args.pipeline)?;
+    let kubernetes = kubernetes::connection(
+        args.pipeline.kubernetes.mode,
+        args.pipeline.node_name.as_deref(),
+    )
+    .map_err(|error| AgentError::Config(error.into()))?;
+    if let Some(connection) = kubernetes {
+        let facts = kubernetes::start(connection)
+            .context("connecting to the Kubernetes API")
+            .map_err(AgentError::Runtime)?;
+        pipeline.follow_cluster(facts);
+    }
     let listener = TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {}", args.metrics_addr))

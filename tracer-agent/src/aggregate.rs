@@ -623,6 +623,7 @@ mod tests {
             path: Path::PodToExternal,
             endpoint: None,
             nat: Nat::Snat,
+            zone: None,
         };
         assert_eq!(result.deltas, [(expected, totals(50_000, 2_000, 1))].into());
     }
@@ -641,6 +642,7 @@ mod tests {
             path: Path::NodeToExternal,
             endpoint: None,
             nat: Nat::None,
+            zone: None,
         };
         assert_eq!(result.deltas, [(expected, totals(30_000, 1_000, 1))].into());
     }
@@ -662,6 +664,7 @@ mod tests {
             path: Path::PodToService,
             endpoint: None,
             nat: Nat::Dnat,
+            zone: None,
         };
         assert_eq!(result.deltas, [(expected, totals(9_000, 3_000, 1))].into());
     }
@@ -772,6 +775,7 @@ mod tests {
             path: Path::PodToPodRemote,
             endpoint: None,
             nat: Nat::None,
+            zone: None,
         };
         assert_eq!(second.deltas, [(expected, totals(6_000, 2_000, 1))].into());
         let third = aggregator.poll(&[(view, stats(dir, 9_000, 2_000))], &context(), &none, 0);

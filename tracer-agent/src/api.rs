@@ -53,6 +53,10 @@ pub struct PathRow {
     /// `public` or `private` on API server paths, else null.
     pub endpoint: Option<String>,
     pub nat: String,
+    /// `same_zone` or `cross_zone` for connections with another host of the VPC, when the
+    /// Kubernetes context knows the nodes' zones; else null.
+    #[serde(default)]
+    pub zone: Option<String>,
     pub forward_packets: u64,
     pub forward_bytes: u64,
     pub reply_packets: u64,

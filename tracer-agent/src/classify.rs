@@ -6,7 +6,10 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use crate::cidr::Cidr;
+use crate::{
+    cidr::Cidr,
+    kubernetes::{ClusterFacts, ZoneLabel},
+};
 
 /// Where the instance metadata service lives, on every EC2 instance.
 pub const IMDS_ADDR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 169, 254));
@@ -100,6 +103,8 @@ pub struct NodeContext {
     pub cluster_dns: Option<IpAddr>,
     /// The cluster's service CIDRs (ClusterIPs).
     pub service_cidrs: Vec<Cidr>,
+    /// What the Kubernetes API says (pods, zones), when the agent watches it.
+    pub cluster: std::sync::Arc<ClusterFacts>,
 }
 
 /// A classified connection.
@@ -108,6 +113,9 @@ pub struct Classification {
     pub path: Path,
     pub endpoint: Option<Endpoint>,
     pub nat: Nat,
+    /// Whether a connection with another host of the VPC stays in this node's availability
+    /// zone (cross-AZ bytes cost money); unknown without the nodes' zones.
+    pub zone: Option<ZoneLabel>,
 }
 
 impl NodeContext {
@@ -400,11 +408,20 @@ pub fn decide(connection: &Connection, context: &NodeContext) -> (Classification
         (External, Node) => by_ends(Path::ExternalToNode),
         _ => (Path::Unknown, None, Rule::NoneFits),
     };
+    // The other end, seen from this node: the zone label is about it.
+    let (peer, peer_side) = match from {
+        LocalPod | Node => (responder, to),
+        _ => (initiator, from),
+    };
+    let zone = (peer_side == Vpc)
+        .then(|| context.cluster.zone_of(peer.ip()))
+        .flatten();
     (
         Classification {
             path,
             endpoint,
             nat,
+            zone,
         },
         rule,
     )
@@ -441,6 +458,7 @@ mod tests {
             controlplane_ips: [ip("10.0.1.50"), ip("10.0.2.50")].into(),
             cluster_dns: Some(ip("10.100.0.10")),
             service_cidrs: vec!["10.100.0.0/16".parse().unwrap()],
+            cluster: Default::default(),
         }
     }
 
@@ -712,6 +730,44 @@ mod tests {
             ..connection
         };
         assert_eq!(classify(&outside, &context).path, Path::PodToExternal);
+    }
+
+    #[test]
+    fn connections_with_other_vpc_hosts_carry_their_zone() {
+        let mut context = context();
+        context.cluster = std::sync::Arc::new(ClusterFacts {
+            own_zone: Some("us-west-2a".into()),
+            node_zones: [
+                (ip("10.0.1.10"), "us-west-2a".to_owned()),
+                (ip("10.0.2.10"), "us-west-2b".to_owned()),
+            ]
+            .into(),
+            ..ClusterFacts::default()
+        });
+        let zone_in = |context: &NodeContext, from: &str, to: &str| {
+            let connection = Connection {
+                initiator: end(from),
+                responder: end(to),
+                nat: Nat::None,
+                requested: None,
+            };
+            classify(&connection, context).zone
+        };
+        let zone = |from: &str, to: &str| zone_in(&context, from, to);
+        use ZoneLabel::{CrossZone, SameZone};
+        assert_eq!(zone("10.0.1.101:40000", "10.0.2.101:80"), Some(CrossZone));
+        assert_eq!(zone("10.0.1.101:40000", "10.0.1.77:80"), Some(SameZone));
+        assert_eq!(zone("10.0.2.101:40000", "10.0.1.101:80"), Some(CrossZone));
+        assert_eq!(zone("10.0.1.10:40000", "10.0.2.10:22"), Some(CrossZone));
+        // Local and external ends have no zone to compare.
+        assert_eq!(zone("10.0.1.101:40000", "10.0.1.102:80"), None);
+        assert_eq!(zone("10.0.1.101:40000", "192.0.2.80:80"), None);
+        // Without the nodes' zones, no guess.
+        let unzoned = NodeContext {
+            cluster: Default::default(),
+            ..context.clone()
+        };
+        assert_eq!(zone_in(&unzoned, "10.0.1.101:40000", "10.0.2.101:80"), None);
     }
 
     #[test]

@@ -87,11 +87,12 @@ impl Metrics {
     }
 }
 
-fn path_labels(row: &PathRow) -> [(&'static str, &str); 3] {
+fn path_labels(row: &PathRow) -> [(&'static str, &str); 4] {
     [
         ("path", row.path.as_str()),
         ("endpoint", row.endpoint.as_deref().unwrap_or("")),
         ("nat", row.nat.as_str()),
+        ("zone", row.zone.as_deref().unwrap_or("")),
     ]
 }
 
@@ -181,12 +182,12 @@ fn render_directed(
 ) {
     out.family(name, "counter", help);
     for row in rows {
-        let [path, endpoint, nat] = path_labels(row);
+        let [path, endpoint, nat, zone] = path_labels(row);
         let (forward, reply) = values(row);
         for (direction, value) in [("forward", forward), ("reply", reply)] {
             out.sample(
                 name,
-                &[path, endpoint, nat, ("direction", direction)],
+                &[path, endpoint, nat, zone, ("direction", direction)],
                 value,
             );
         }
@@ -532,6 +533,7 @@ mod tests {
             path: path.into(),
             endpoint: endpoint.map(Into::into),
             nat: nat.into(),
+            zone: None,
             forward_packets: 10,
             forward_bytes: 1000,
             reply_packets: 9,
@@ -591,13 +593,13 @@ mod tests {
         let series = |s| value(&text, s);
         assert_eq!(
             series(
-                r#"tracer_path_bytes_total{path="pod_to_external",endpoint="",nat="snat",direction="reply"}"#
+                r#"tracer_path_bytes_total{path="pod_to_external",endpoint="",nat="snat",zone="",direction="reply"}"#
             ),
             Some(900.0)
         );
         assert_eq!(
             series(
-                r#"tracer_path_flows_total{path="node_to_apiserver",endpoint="private",nat="none"}"#
+                r#"tracer_path_flows_total{path="node_to_apiserver",endpoint="private",nat="none",zone=""}"#
             ),
             Some(2.0)
         );

@@ -44,6 +44,7 @@ use crate::{
     discovery::{self, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
     imds::{self, ImdsClient},
+    kubernetes::ClusterFacts,
     privileges,
     readiness::{Problem, Reason},
     snapshot::{self, Health, History, Snapshot},
@@ -65,6 +66,10 @@ pub struct Pipeline {
     vpc_from_imds: Option<oneshot::Receiver<Vec<Cidr>>>,
     /// Answers about the cluster endpoint, when one was given.
     apiserver_from_dns: Option<watch::Receiver<Resolution>>,
+    /// The Kubernetes context, when the agent watches the API server.
+    cluster: Option<watch::Receiver<ClusterFacts>>,
+    /// The Kubernetes context's last error, logged once when it appears.
+    cluster_error: Option<String>,
     attached: AttachedInterfaces,
     flow_table: FlowTableStats,
     /// The datapath's counters as last read.
@@ -139,6 +144,8 @@ impl Pipeline {
             conntrack: None,
             vpc_from_imds,
             apiserver_from_dns,
+            cluster: None,
+            cluster_error: None,
             attached: AttachedInterfaces::default(),
             flow_table: FlowTableStats {
                 capacity: u64::from(args.flow_table_size),
@@ -153,6 +160,12 @@ impl Pipeline {
         pipeline.problem(Reason::Starting, "starting".to_owned());
         pipeline.publish();
         Ok(pipeline)
+    }
+
+    /// Takes pod names, control-plane ENIs, the cluster DNS and the nodes' zones from the
+    /// Kubernetes context (`kubernetes::start`) from the next poll on.
+    pub fn follow_cluster(&mut self, facts: watch::Receiver<ClusterFacts>) {
+        self.cluster = Some(facts);
     }
 
     /// The latest snapshot; before the first poll, an empty one that is not ready.
@@ -172,6 +185,7 @@ impl Pipeline {
         self.rescan();
         self.receive_imds();
         self.receive_apiserver_addresses();
+        self.receive_cluster_facts();
         if self.context.vpc_cidrs.is_empty() {
             self.problem(Reason::VpcCidr, format!(
                 "VPC CIDR unknown: IMDS ({}) has not answered yet and --vpc-cidr is not set; remote and external traffic is labelled unknown",
@@ -320,6 +334,37 @@ impl Pipeline {
         }
     }
 
+    /// The Kubernetes context's latest facts, added to what the flags say: control-plane ENIs
+    /// join `--controlplane-ip`, the cluster DNS stands in for a missing `--cluster-dns`.
+    fn receive_cluster_facts(&mut self) {
+        let Some(receiver) = self.cluster.as_mut() else {
+            return;
+        };
+        let facts = receiver.borrow_and_update().clone();
+        if !facts.synced {
+            self.problem(
+                Reason::Kubernetes,
+                "the Kubernetes context has not listed pods, nodes and endpoints yet".to_owned(),
+            );
+        }
+        // An API server outage does not make the agent unready: the last facts stay in use.
+        if facts.last_error != self.cluster_error {
+            if let Some(error) = &facts.last_error {
+                warn!("Kubernetes API: {error}; the last facts stay in use");
+            }
+            self.cluster_error = facts.last_error.clone();
+        }
+        let flags = &self.args.context;
+        self.context.controlplane_ips = flags
+            .controlplane_ips
+            .iter()
+            .chain(&facts.controlplane_ips)
+            .copied()
+            .collect();
+        self.context.cluster_dns = flags.cluster_dns.or(facts.cluster_dns);
+        self.context.cluster = Arc::new(facts);
+    }
+
     fn nat_table(&mut self) -> NatTable {
         if self.conntrack.is_none() {
             match Conntrack::open() {
@@ -383,7 +428,11 @@ impl Pipeline {
                 problems: problems.iter().map(|p| p.message.clone()).collect(),
                 paths: self.history.rows(self.aggregator.connections()),
             },
-            largest_flows: snapshot::top_flows(self.aggregator.connections(), api::MAX_FLOWS_LIMIT),
+            largest_flows: snapshot::top_flows(
+                self.aggregator.connections(),
+                api::MAX_FLOWS_LIMIT,
+                &self.context.cluster.pods,
+            ),
             health: Health {
                 datapath: self.datapath_counters,
                 events_lost: self.unread.lost(),

@@ -12,10 +12,11 @@ pub enum Reason {
     Contradiction,
     Conntrack,
     FlowTable,
+    Kubernetes,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Starting,
         Reason::Interfaces,
         Reason::VpcCidr,
@@ -23,6 +24,7 @@ impl Reason {
         Reason::Contradiction,
         Reason::Conntrack,
         Reason::FlowTable,
+        Reason::Kubernetes,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -34,6 +36,7 @@ impl Reason {
             Reason::Contradiction => "contradiction",
             Reason::Conntrack => "conntrack",
             Reason::FlowTable => "flow_table",
+            Reason::Kubernetes => "kubernetes",
         }
     }
 }

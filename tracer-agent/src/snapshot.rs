@@ -3,7 +3,8 @@
 //! the same `Snapshot`; a request only serializes it.
 use std::{
     cmp::{Ordering, Reverse},
-    collections::{BTreeMap, BinaryHeap},
+    collections::{BTreeMap, BinaryHeap, HashMap},
+    net::IpAddr,
     time::Duration,
 };
 
@@ -13,17 +14,19 @@ use crate::{
     aggregate::{ConnectionView, PollResult, Totals},
     api::{self, FlowRow, FlowsResponse, PathRow, PathsResponse},
     classify::Classification,
+    kubernetes::PodRef,
     readiness::Problem,
 };
 
 /// How many handshake-time buckets there are.
-pub const HANDSHAKE_BUCKET_COUNT: usize = 18;
+pub const HANDSHAKE_BUCKET_COUNT: usize = 21;
 
-/// Upper bounds (seconds) of the handshake-time buckets: 100 µs (same node) to ~13 s (a SYN
-/// retransmitted), doubling. `tracer_path_handshake_seconds` and the JSON API share them.
+/// Upper bounds (seconds) of the handshake-time buckets: 12.5 µs (a pod on the same node
+/// answers within tens of µs) to ~13 s (a SYN retransmitted), doubling.
+/// `tracer_path_handshake_seconds` and the JSON API share them.
 pub const HANDSHAKE_BUCKETS: [f64; HANDSHAKE_BUCKET_COUNT] = {
     let mut bounds = [0.0; HANDSHAKE_BUCKET_COUNT];
-    let mut bound = 0.0001;
+    let mut bound = 0.0000125;
     let mut index = 0;
     while index < HANDSHAKE_BUCKET_COUNT {
         bounds[index] = bound;
@@ -96,7 +99,7 @@ impl History {
         }
     }
 
-    /// One row per classification seen, sorted by path, endpoint and nat as they are spelt,
+    /// One row per classification seen, sorted by path, endpoint, nat and zone as they are spelt,
     /// with its connections in the flow table now.
     pub fn rows<'a>(&self, connections: impl Iterator<Item = ConnectionView<'a>>) -> Vec<PathRow> {
         let mut active: BTreeMap<Classification, u64> = BTreeMap::new();
@@ -112,6 +115,7 @@ impl History {
                     path: classification.path.as_str().to_owned(),
                     endpoint: classification.endpoint.map(|e| e.as_str().to_owned()),
                     nat: classification.nat.as_str().to_owned(),
+                    zone: classification.zone.map(|z| z.as_str().to_owned()),
                     forward_packets: totals.forward_packets,
                     forward_bytes: totals.forward_bytes,
                     reply_packets: totals.reply_packets,
@@ -124,7 +128,9 @@ impl History {
                 }
             })
             .collect();
-        rows.sort_by(|a, b| (&a.path, &a.endpoint, &a.nat).cmp(&(&b.path, &b.endpoint, &b.nat)));
+        rows.sort_by(|a, b| {
+            (&a.path, &a.endpoint, &a.nat, &a.zone).cmp(&(&b.path, &b.endpoint, &b.nat, &b.zone))
+        });
         rows
     }
 }
@@ -161,15 +167,17 @@ impl Snapshot {
     }
 }
 
-/// The `count` largest connections (forward + reply bytes), largest first, as listed rows.
-/// Keeps `count` of them at a time whatever the table holds: no sort of every connection.
+/// The `count` largest connections (forward + reply bytes), largest first, as listed rows,
+/// with the names of the pods at their ends that `pods` knows. Keeps `count` of them at a time
+/// whatever the table holds: no sort of every connection.
 pub fn top_flows<'a>(
     connections: impl Iterator<Item = ConnectionView<'a>>,
     count: usize,
+    pods: &HashMap<IpAddr, PodRef>,
 ) -> Vec<FlowRow> {
     largest(connections.map(BySize), count)
         .into_iter()
-        .map(|BySize(connection)| flow_row(&connection))
+        .map(|BySize(connection)| flow_row(&connection, pods))
         .collect()
 }
 
@@ -222,7 +230,8 @@ fn largest<T: Ord>(items: impl Iterator<Item = T>, count: usize) -> Vec<T> {
         .collect()
 }
 
-fn flow_row(connection: &ConnectionView) -> FlowRow {
+fn flow_row(connection: &ConnectionView, pods: &HashMap<IpAddr, PodRef>) -> FlowRow {
+    let pod = |end: std::net::SocketAddr| pods.get(&end.ip()).map(ToString::to_string);
     let classification = connection.classification;
     FlowRow {
         proto: proto_name(connection.proto),
@@ -238,8 +247,8 @@ fn flow_row(connection: &ConnectionView) -> FlowRow {
         reply_bytes: connection.reply.1,
         handshake_seconds: connection.handshake.map(|took| took.as_secs_f64()),
         tcp_state: connection.tcp_state.map(|state| state.as_str().to_owned()),
-        initiator_pod: None,
-        responder_pod: None,
+        initiator_pod: pod(connection.initiator),
+        responder_pod: pod(connection.responder),
     }
 }
 
@@ -313,7 +322,7 @@ mod tests {
         let none = NatTable::default();
         aggregator.poll(&flows, &context, &none, 0);
         aggregator.poll(&flows, &context, &none, 0);
-        let rows = top_flows(aggregator.connections(), 5);
+        let rows = top_flows(aggregator.connections(), 5, &HashMap::new());
         let sizes: Vec<u64> = rows
             .iter()
             .map(|row| row.forward_bytes + row.reply_bytes)
@@ -336,7 +345,31 @@ mod tests {
             (first.requested.as_deref(), first.handshake_seconds),
             (None, None)
         );
-        assert_eq!(top_flows(aggregator.connections(), 1000).len(), 50);
+        // The Kubernetes context names the pods at either end it knows.
+        let pods: HashMap<IpAddr, PodRef> = [(
+            "10.0.1.101".parse().unwrap(),
+            PodRef {
+                namespace: "shop".into(),
+                name: "cart-7d9f".into(),
+                workload: crate::kubernetes::Workload {
+                    kind: "Deployment".into(),
+                    name: "cart".into(),
+                },
+            },
+        )]
+        .into();
+        let named = &top_flows(aggregator.connections(), 1, &pods)[0];
+        assert_eq!(
+            (
+                named.initiator_pod.as_deref(),
+                named.responder_pod.as_deref()
+            ),
+            (Some("shop/cart-7d9f"), None)
+        );
+        assert_eq!(
+            top_flows(aggregator.connections(), 1000, &HashMap::new()).len(),
+            50
+        );
         let snapshot = Snapshot {
             largest_flows: rows,
             ..Snapshot::default()
@@ -351,10 +384,10 @@ mod tests {
     }
 
     #[test]
-    fn handshake_buckets_double_from_100_microseconds() {
-        assert_eq!(HANDSHAKE_BUCKETS[0], 0.0001);
-        assert_eq!(HANDSHAKE_BUCKETS[1], 0.0002);
-        assert_eq!(HANDSHAKE_BUCKETS[17], 0.0001 * f64::from(1 << 17));
+    fn handshake_buckets_double_from_12_5_microseconds() {
+        assert_eq!(HANDSHAKE_BUCKETS[0], 0.0000125);
+        assert_eq!(HANDSHAKE_BUCKETS[1], 0.0000125 * 2.0);
+        assert_eq!(HANDSHAKE_BUCKETS[20], 0.0000125 * f64::from(1 << 20));
     }
 
     #[test]
@@ -370,11 +403,13 @@ mod tests {
             "{}",
             api.sum_seconds
         );
-        assert_eq!(api.buckets[0], (0.0001, 1));
-        assert_eq!(api.buckets[1], (0.0002, 3));
+        // 50 µs is the third bound (12.5, 25, 50 µs); 150 µs falls in the 200 µs bucket.
+        assert_eq!(api.buckets[1], (0.0000125 * 2.0, 0));
+        assert_eq!(api.buckets[2], (0.0000125 * 4.0, 1));
+        assert_eq!(api.buckets[4], (0.0000125 * 16.0, 3));
         // 1 s falls in the 1.6384 s bucket; 60 s in none (only +Inf, i.e. `count`).
         let one_second = api.buckets.iter().find(|(bound, _)| *bound >= 1.0).unwrap();
-        assert_eq!(one_second, &(0.0001 * f64::from(1 << 14), 4));
+        assert_eq!(one_second, &(0.0000125 * f64::from(1 << 17), 4));
         assert_eq!(api.buckets.last().unwrap().1, 4);
     }
 
@@ -384,11 +419,13 @@ mod tests {
             path: Path::PodToApiserver,
             endpoint: Some(Endpoint::Private),
             nat: Nat::Dnat,
+            zone: None,
         };
         let local = Classification {
             path: Path::PodToPodLocal,
             endpoint: None,
             nat: Nat::None,
+            zone: None,
         };
         let poll = |bytes: u64| PollResult {
             deltas: [

@@ -198,7 +198,7 @@ fn the_json_api_agrees_with_metrics_and_lists_the_largest_flows() {
         let handshakes = &counted["handshakes"];
         assert_eq!(number(handshakes, "count"), f64::from(sent.connected));
         let buckets = handshakes["buckets"].as_array().expect("buckets");
-        assert_eq!(buckets.len(), 18, "{handshakes}");
+        assert_eq!(buckets.len(), 21, "{handshakes}");
         let last = buckets
             .last()
             .and_then(|b| b[1].as_f64())
