@@ -24,7 +24,8 @@ use serde::Serialize;
 use tracer_agent::{
     api::{AttachedInterfaces, FlowTableStats, Handshakes, PathRow, PathsResponse},
     classify::Path,
-    export::{Metrics, WorkloadLabels},
+    export::Metrics,
+    kubernetes::workload::WorkloadSeries,
     snapshot::{HANDSHAKE_BUCKETS, Snapshot},
 };
 
@@ -210,7 +211,7 @@ fn measure(case: &Case, snapshot: &Snapshot) -> anyhow::Result<Row> {
 }
 
 /// A workload of a realistic name: 50 namespaces, one workload per series, every path.
-fn workload(index: usize) -> WorkloadLabels {
+fn workload(index: usize) -> WorkloadSeries {
     const PATHS: [Path; 5] = [
         Path::PodToPodLocal,
         Path::PodToPodRemote,
@@ -218,9 +219,9 @@ fn workload(index: usize) -> WorkloadLabels {
         Path::PodToExternal,
         Path::PodToDns,
     ];
-    WorkloadLabels {
-        namespace: format!("team-{:02}-prod", index % 50).into(),
-        workload: format!("checkout-service-{index:06}").into(),
+    WorkloadSeries {
+        namespace: format!("team-{:02}-prod", index % 50),
+        workload: format!("checkout-service-{index:06}"),
         path: PATHS[index % PATHS.len()],
     }
 }

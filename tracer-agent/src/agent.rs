@@ -50,7 +50,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         .with_context(|| format!("cannot listen on --metrics-addr {}", args.metrics_addr))
         .map_err(AgentError::Config)?;
     let (snapshots, latest) = watch::channel(pipeline.snapshot());
-    let app = server::router(latest, Metrics::new(args.max_series as usize));
+    let metrics = Metrics::new(args.max_series as usize);
+    let app = server::router(latest, metrics.clone());
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             warn!("metrics server stopped: {error}");
@@ -60,7 +61,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         "serving /metrics, /api/v1/paths, /api/v1/flows, /healthz, /readyz on {}",
         args.metrics_addr
     );
-    poll_until_signal(&mut pipeline, &snapshots)
+    poll_until_signal(&mut pipeline, &snapshots, &metrics)
         .await
         .map_err(AgentError::Runtime)?;
     info!("signal received");
@@ -73,6 +74,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 async fn poll_until_signal(
     pipeline: &mut Pipeline,
     snapshots: &watch::Sender<Arc<Snapshot>>,
+    metrics: &Metrics,
 ) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -88,7 +90,9 @@ async fn poll_until_signal(
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                snapshots.send_replace(pipeline.poll());
+                let snapshot = pipeline.poll();
+                metrics.record_workloads(&snapshot.workloads);
+                snapshots.send_replace(snapshot);
             }
             _ = changed(changes.as_deref()) => pipeline.rescan(),
             _ = terminate.recv() => return Ok(()),

@@ -15,6 +15,7 @@ use tracer_common::{FAMILY_IPV4, FlowKey, FlowStats, PROTO_TCP, TCP_ACK, TCP_RST
 use crate::{
     classify::{Classification, Connection, Nat, NodeContext, classify},
     conntrack,
+    kubernetes::workload::ConnectionBytes,
 };
 
 /// A classified connection's counters, by direction relative to its initiator.
@@ -271,6 +272,8 @@ pub struct Aggregator {
     tracked: HashMap<FlowKey, Tracked>,
     /// How long a SYN may wait for its SYN-ACK before the attempt counts as unanswered.
     syn_timeout_ns: u64,
+    /// Whether `poll` lists each connection's new bytes (off unless asked: it allocates).
+    report_connection_bytes: bool,
 }
 
 /// The default SYN timeout: Linux retransmits a SYN after 1 s and again after 3 s.
@@ -297,6 +300,9 @@ pub struct PollResult {
     /// created again in between): compared with the kernel's count of entries created, it
     /// tells the connections that came and went between two polls unread.
     pub new_entries: u64,
+    /// Each connection's new bytes (both directions), when the aggregator was asked to
+    /// report them (`report_connection_bytes`): what per-workload metrics are made of.
+    pub connection_bytes: Vec<ConnectionBytes>,
 }
 
 /// Kernel entries created that the agent never read: connections that came and went (the LRU
@@ -328,7 +334,13 @@ impl Aggregator {
         Aggregator {
             tracked: HashMap::new(),
             syn_timeout_ns: syn_timeout.as_nanos() as u64,
+            report_connection_bytes: false,
         }
+    }
+
+    /// From now on, each poll also lists every connection's new bytes.
+    pub fn report_connection_bytes(&mut self) {
+        self.report_connection_bytes = true;
     }
 
     /// True when a connection seen in `flows` still lacks a classification: the caller then
@@ -417,9 +429,11 @@ impl Aggregator {
             if let View::Counted {
                 classification,
                 forward_dir,
-                ..
-            } = tracked.view
+                dnat,
+            } = &tracked.view
             {
+                let (classification, forward_dir) = (*classification, *forward_dir);
+                let responder = dnat.as_ref().map(|dnat| dnat.responder);
                 let (fwd, rev) = (forward_dir, 1 - forward_dir);
                 let mut delta = Totals {
                     forward_packets: stats.packets[fwd] - base.packets[fwd],
@@ -435,6 +449,16 @@ impl Aggregator {
                     if let Some(took) = handshake {
                         result.handshakes.push((classification, took));
                     }
+                }
+                let bytes = delta.forward_bytes + delta.reply_bytes;
+                if self.report_connection_bytes && bytes > 0 {
+                    let ends = ends(key);
+                    result.connection_bytes.push(ConnectionBytes {
+                        initiator: ends[fwd].ip(),
+                        responder: responder.unwrap_or(ends[rev]).ip(),
+                        path: classification.path,
+                        bytes,
+                    });
                 }
                 result.deltas.entry(classification).or_default().add(&delta);
             }

@@ -16,7 +16,7 @@ use tracer_common::DatapathCounter;
 
 use crate::{
     api::{Handshakes, PathRow},
-    classify::Path,
+    kubernetes::workload::WorkloadSeries,
     process,
     readiness::Reason,
     snapshot::Snapshot,
@@ -31,7 +31,7 @@ pub const DEFAULT_MAX_SERIES: u32 = 10_000;
 /// cluster (workload names), under the series cap. Cheap to clone (shared handles).
 #[derive(Clone)]
 pub struct Metrics {
-    workload_bytes: CappedCounters<WorkloadLabels>,
+    workload_bytes: CappedCounters<WorkloadSeries>,
     /// Length of the last exposition: the next one reserves about as much at once rather than
     /// growing (and copying) its buffer step by step.
     last_length: Arc<AtomicUsize>,
@@ -46,10 +46,17 @@ impl Metrics {
         }
     }
 
-    /// `tracer_workload_bytes_total{namespace,workload,path}`: opt-in, fed once the agent
-    /// knows the cluster's workloads (issue 6).
-    pub fn workload_bytes(&self) -> &CappedCounters<WorkloadLabels> {
+    /// `tracer_workload_bytes_total{namespace,workload,path}`: opt-in (`--workload-metrics`),
+    /// fed from each poll's snapshot.
+    pub fn workload_bytes(&self) -> &CappedCounters<WorkloadSeries> {
         &self.workload_bytes
+    }
+
+    /// Takes the per-workload totals of a poll (counters: they only grow).
+    pub fn record_workloads(&self, totals: &[(WorkloadSeries, u64)]) {
+        for (series, total) in totals {
+            self.workload_bytes.set(series, *total);
+        }
     }
 
     /// The exposition: every family of `snapshot`, the capped families, the process.
@@ -408,14 +415,7 @@ pub trait LabelSet {
 }
 
 /// `{namespace, workload, path}`: bytes of a workload (Deployment, DaemonSet, …) by path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkloadLabels {
-    pub namespace: Box<str>,
-    pub workload: Box<str>,
-    pub path: Path,
-}
-
-impl LabelSet for WorkloadLabels {
+impl LabelSet for WorkloadSeries {
     fn write_labels(&self, out: &mut String) {
         write_label(out, "namespace", &self.namespace);
         out.push(',');
@@ -470,15 +470,27 @@ impl<L: LabelSet> CappedCounters<L> {
     /// Adds `by` to the series `labels`; refused (and counted) when that series would be one
     /// more than the cap.
     pub fn add(&self, labels: &L, by: u64) {
+        self.update(labels, |total| *total += by);
+    }
+
+    /// Sets the series `labels` to `total`, a count kept elsewhere that only grows; refused
+    /// (and counted) like `add`.
+    pub fn set(&self, labels: &L, total: u64) {
+        self.update(labels, |value| *value = total);
+    }
+
+    fn update(&self, labels: &L, change: impl FnOnce(&mut u64)) {
         let mut guard = self.lock();
         let capped = &mut *guard;
         capped.scratch.clear();
         labels.write_labels(&mut capped.scratch);
         let has_room = capped.series.len() < capped.max_series;
         match capped.series.get_mut(capped.scratch.as_str()) {
-            Some(total) => *total += by,
+            Some(value) => change(value),
             None if has_room => {
-                capped.series.insert(capped.scratch.as_str().into(), by);
+                let mut value = 0;
+                change(&mut value);
+                capped.series.insert(capped.scratch.as_str().into(), value);
             }
             None => capped.refused += 1,
         }
@@ -644,10 +656,10 @@ mod tests {
     #[test]
     fn the_cap_refuses_new_series_and_counts_them() {
         let metrics = Metrics::new(2);
-        let workload = |name: &str| WorkloadLabels {
+        let workload = |name: &str| WorkloadSeries {
             namespace: "shop".into(),
             workload: name.into(),
-            path: Path::PodToExternal,
+            path: crate::classify::Path::PodToExternal,
         };
         let family = metrics.workload_bytes();
         family.add(&workload("cart"), 10);
@@ -655,6 +667,8 @@ mod tests {
         family.add(&workload("ledger"), 7);
         family.add(&workload("cart"), 1);
         assert_eq!((family.len(), family.refused()), (2, 1));
+        metrics.record_workloads(&[(workload("web"), 9), (workload("ledger"), 3)]);
+        assert_eq!((family.len(), family.refused()), (2, 2));
         let text = metrics.render(&Snapshot::default());
         assert_eq!(
             value(
@@ -663,8 +677,16 @@ mod tests {
             ),
             Some(11.0)
         );
+        // Totals kept elsewhere are set, not added.
+        assert_eq!(
+            value(
+                &text,
+                r#"tracer_workload_bytes_total{namespace="shop",workload="web",path="pod_to_external"}"#
+            ),
+            Some(9.0)
+        );
         assert!(!text.contains("ledger"));
-        assert_eq!(value(&text, "tracer_series_overflow_total"), Some(1.0));
+        assert_eq!(value(&text, "tracer_series_overflow_total"), Some(2.0));
     }
 
     #[test]

@@ -44,7 +44,7 @@ use crate::{
     discovery::{self, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
     imds::{self, ImdsClient},
-    kubernetes::ClusterFacts,
+    kubernetes::{ClusterFacts, workload::WorkloadBytes},
     privileges,
     readiness::{Problem, Reason},
     snapshot::{self, Health, History, Snapshot},
@@ -70,6 +70,8 @@ pub struct Pipeline {
     cluster: Option<watch::Receiver<ClusterFacts>>,
     /// The Kubernetes context's last error, logged once when it appears.
     cluster_error: Option<String>,
+    /// Bytes per workload, with `--workload-metrics`.
+    workloads: Option<WorkloadBytes>,
     attached: AttachedInterfaces,
     flow_table: FlowTableStats,
     /// The datapath's counters as last read.
@@ -146,6 +148,7 @@ impl Pipeline {
             apiserver_from_dns,
             cluster: None,
             cluster_error: None,
+            workloads: None,
             attached: AttachedInterfaces::default(),
             flow_table: FlowTableStats {
                 capacity: u64::from(args.flow_table_size),
@@ -166,6 +169,10 @@ impl Pipeline {
     /// Kubernetes context (`kubernetes::start`) from the next poll on.
     pub fn follow_cluster(&mut self, facts: watch::Receiver<ClusterFacts>) {
         self.cluster = Some(facts);
+        if let Some(top_k) = self.args.kubernetes.workload_metrics {
+            self.aggregator.report_connection_bytes();
+            self.workloads = Some(WorkloadBytes::new(usize::from(top_k)));
+        }
     }
 
     /// The latest snapshot; before the first poll, an empty one that is not ready.
@@ -247,6 +254,12 @@ impl Pipeline {
             .aggregator
             .poll(flows, &self.context, &nat, monotonic_ns());
         self.history.record(&result);
+        if let Some(workloads) = self.workloads.as_mut() {
+            workloads.record(
+                result.connection_bytes.iter().copied(),
+                &self.context.cluster.pods,
+            );
+        }
         self.flow_table.entries = flows.len() as u64;
         self.flow_table.evictions += result.evicted;
         let created = self.datapath_counters[DatapathCounter::FlowsCreated as usize];
@@ -438,6 +451,11 @@ impl Pipeline {
                 events_lost: self.unread.lost(),
                 problems,
             },
+            workloads: self
+                .workloads
+                .as_ref()
+                .map(WorkloadBytes::series)
+                .unwrap_or_default(),
         };
         self.latest = Arc::new(snapshot);
         Arc::clone(&self.latest)

@@ -14,7 +14,7 @@ use crate::{
     aggregate::{ConnectionView, PollResult, Totals},
     api::{self, FlowRow, FlowsResponse, PathRow, PathsResponse},
     classify::Classification,
-    kubernetes::PodRef,
+    kubernetes::{PodRef, workload::WorkloadSeries},
     readiness::Problem,
 };
 
@@ -155,6 +155,9 @@ pub struct Snapshot {
     /// first: `GET /api/v1/flows` serves the first `limit`.
     pub largest_flows: Vec<FlowRow>,
     pub health: Health,
+    /// Bytes by workload and path since the start (`--workload-metrics`), capped to the top K
+    /// plus one `_other` series per path.
+    pub workloads: Vec<(WorkloadSeries, u64)>,
 }
 
 impl Snapshot {
