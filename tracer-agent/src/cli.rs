@@ -31,6 +31,9 @@ pub enum Command {
     /// server addresses from --cluster-endpoint, …) and prints the path, its labels and the
     /// facts that decided it. Example: `tracer explain 10.0.1.101 10.0.1.50:443`.
     Explain(ExplainArgs),
+    /// Live terminal view of this node's paths and top flows, from the local agent's JSON API
+    /// or, when none answers, from the datapath loaded by tracer top itself.
+    Top(TopArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -183,6 +186,32 @@ pub struct ExplainArgs {
     pub context: ContextArgs,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct TopArgs {
+    /// The agent to read (its --metrics-addr). When none answers there, tracer top loads the
+    /// datapath itself, which needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9477")]
+    pub agent: crate::top::source::AgentUrl,
+
+    /// Refresh interval: rates are computed over it.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// Print one snapshot and exit, for scripts (with --json).
+    #[arg(long, requires = "json")]
+    pub once: bool,
+
+    /// With --once: the snapshot as JSON, {"paths": <GET /api/v1/paths>, "flows": <GET
+    /// /api/v1/flows>}.
+    #[arg(long, requires = "once")]
+    pub json: bool,
+
+    /// How many flows to show (the largest first).
+    #[arg(long, value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: u32,
+}
+
 /// `DST[:PORT]`: the port is optional, since many paths do not depend on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Destination {
@@ -283,6 +312,11 @@ mod tests {
                 "tracer", "explain", "10.0.1.1", "10.0.1.2", "--proto", "sctp",
             ],
             &["tracer", "explain", "pod-a", "10.0.1.2"],
+            &["tracer", "top", "--agent", "127.0.0.1:9477"],
+            &["tracer", "top", "--interval", "0s"],
+            &["tracer", "top", "--limit", "0"],
+            &["tracer", "top", "--once"],
+            &["tracer", "top", "--json"],
         ] {
             let error = Cli::try_parse_from(argv).expect_err(&argv.join(" "));
             assert_eq!(error.exit_code(), 2, "{}", argv.join(" "));

@@ -26,3 +26,4 @@ pub mod process;
 pub mod readiness;
 pub mod server;
 pub mod snapshot;
+pub mod top;

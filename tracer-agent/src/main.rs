@@ -4,7 +4,7 @@ use clap::Parser;
 use tracer_agent::{
     agent::{self, AgentError},
     cli::{Cli, Command},
-    config, explain,
+    config, explain, top,
 };
 
 fn main() {
@@ -32,6 +32,7 @@ fn main() {
     let result = match cli.command {
         Command::Agent(args) => block_on(agent::run(args)),
         Command::Explain(args) => explain::run(args),
+        Command::Top(args) => block_on(top::run(args)),
     };
     if let Err(error) = result {
         eprintln!("tracer: {error}");
