@@ -13,3 +13,4 @@ pub mod run;
 pub mod scrape;
 pub mod setup;
 pub mod test;
+pub mod tmux;

@@ -46,6 +46,7 @@ const PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "the dashboards and alerting-rules tests: a real Prometheus server and promtool",
     ),
+    ("tmux", "the tracer top tests drive it in a real terminal"),
 ];
 
 /// A PyPI package the manifest tests use, pinned, installed in a virtualenv under target/.

@@ -265,7 +265,7 @@ pub fn si(value: f64) -> String {
     if value == 0.0 {
         return "0".to_owned();
     }
-    if value < 10.0 {
+    if value < 10.0 && value.fract() != 0.0 {
         return format!("{value:.1}");
     }
     let mut scaled = value;
@@ -328,6 +328,7 @@ mod tests {
     fn numbers_read_like_top() {
         assert_eq!(si(0.0), "0");
         assert_eq!(si(0.5), "0.5");
+        assert_eq!(si(3.0), "3");
         assert_eq!(si(42.0), "42");
         assert_eq!(si(999.0), "999");
         assert_eq!(si(1_234.0), "1.2k");

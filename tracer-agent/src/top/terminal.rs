@@ -85,3 +85,82 @@ fn restore() {
         let _ = execute!(io::stdout(), LeaveAlternateScreen, Show);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        process::Command,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    const PANIC_MESSAGE: &str = "deliberate panic with the screen entered";
+
+    /// Run by `a_panic_gives_the_terminal_back`, inside a terminal.
+    #[test]
+    #[ignore = "needs a terminal: a_panic_gives_the_terminal_back runs it in one"]
+    fn panic_on_the_screen() {
+        let _screen = Screen::enter().expect("a terminal");
+        panic!("{PANIC_MESSAGE}");
+    }
+
+    /// A panic with the screen entered, in a real terminal (tmux): afterwards the panic's
+    /// message shows on the normal screen (the hook restored the terminal before it printed),
+    /// and the terminal is in cooked mode with echo.
+    #[test]
+    fn a_panic_gives_the_terminal_back() {
+        let socket = format!("tracer-panic-{}", std::process::id());
+        let tmux = |args: &[&str]| -> String {
+            let output = Command::new("tmux")
+                .args(["-L", &socket, "-f", "/dev/null"])
+                .args(args)
+                .output()
+                .expect("tmux runs (Debian package tmux; `cargo xtask setup` installs it)");
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        let test_binary = std::env::current_exe().expect("the test binary");
+        let script = format!(
+            "{} --exact top::terminal::tests::panic_on_the_screen --ignored --nocapture --test-threads=1; \
+             stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon -e icanon -e -echo -e echo | tr '\\n' ' '; \
+             echo finished; sleep 60",
+            test_binary.display()
+        );
+        tmux(&[
+            "new-session",
+            "-d",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut screen = String::new();
+        while Instant::now() < deadline && !screen.contains("finished") {
+            std::thread::sleep(Duration::from_millis(200));
+            screen = tmux(&["capture-pane", "-p"]);
+        }
+        let alternate = tmux(&["display-message", "-p", "#{alternate_on}"]);
+        tmux(&["kill-server"]);
+        assert!(
+            screen.contains("finished"),
+            "the child did not finish:\n{screen}"
+        );
+        assert_eq!(
+            alternate.trim(),
+            "0",
+            "left on the alternate screen:\n{screen}"
+        );
+        assert!(
+            screen.contains(PANIC_MESSAGE),
+            "the panic message was lost (printed on the alternate screen?):\n{screen}"
+        );
+        assert!(
+            screen.contains("icanon echo") && !screen.contains("-icanon"),
+            "the terminal was left in raw mode:\n{screen}"
+        );
+    }
+}
