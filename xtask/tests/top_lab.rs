@@ -459,3 +459,33 @@ fn top_once_json_equals_the_agents_own_api() {
     drop(agent);
     lab.down().expect("lab down");
 }
+
+#[test]
+fn without_an_agent_or_privileges_top_says_what_it_needs() {
+    require_root();
+    // A copy anyone may run, run as nobody with no capabilities, against a port where no agent
+    // listens (loopback of the root namespace: refused at once, nothing leaves the host).
+    let dir = std::env::temp_dir().join(format!("tracer-top-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let copy = dir.join("tracer");
+    std::fs::copy(tracer(), &copy).expect("copy tracer");
+    let output = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&copy)
+        .args(["top", "--agent", "http://127.0.0.1:1", "--once", "--json"])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no agent answers at http://127.0.0.1:1")
+            && stderr.contains("CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+}

@@ -73,6 +73,13 @@ pub async fn run(args: TopArgs) -> Result<(), AgentError> {
     let client = AgentClient::new(args.agent.clone(), args.limit);
     let (source, first) = match client.snapshot().await {
         Ok(snapshot) => (Source::Agent(client), snapshot),
+        Err(error @ FetchError::Unreachable { .. }) if !source::may_load_datapath() => {
+            return Err(AgentError::Runtime(anyhow!(
+                "{error}; running the datapath here instead needs {}: start `tracer agent`, \
+                 point --agent at one, or run tracer top as root",
+                source::DATAPATH_PRIVILEGES
+            )));
+        }
         Err(error) => return Err(AgentError::Runtime(error.into())),
     };
     if args.once {
