@@ -178,6 +178,10 @@ impl App {
             return;
         }
         let previous = self.snapshot.as_ref();
+        if previous.is_some_and(|p| p.paths.time_unix_ms == snapshot.paths.time_unix_ms) {
+            // The same poll of the source again: nothing new to show.
+            return;
+        }
         let interval = |before: u64, now: u64| -> Option<f64> {
             (now > before).then(|| (now - before) as f64 / 1000.0)
         };
@@ -185,10 +189,6 @@ impl App {
             previous.and_then(|p| interval(p.paths.time_unix_ms, snapshot.paths.time_unix_ms));
         let flow_seconds =
             previous.and_then(|p| interval(p.flows.time_unix_ms, snapshot.flows.time_unix_ms));
-        if previous.is_some_and(|p| p.paths.time_unix_ms == snapshot.paths.time_unix_ms) {
-            // The same poll of the source again: nothing new to show.
-            return;
-        }
         let old_paths: HashMap<_, &PathView> = self
             .paths
             .iter()
