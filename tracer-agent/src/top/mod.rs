@@ -130,6 +130,9 @@ async fn show(app: App, mut source: Source, interval: Duration) -> Result<(), Ag
         }
     });
     let ui = tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+        // A log line would land in the middle of the screen; what goes wrong shows in the
+        // header (the source's problems) and the status line instead.
+        log::set_max_level(log::LevelFilter::Off);
         let mut screen = Screen::enter()?;
         ui_loop(&mut screen, app, &received)
             .map_err(|error| AgentError::Runtime(anyhow!("drawing the terminal: {error}")))
