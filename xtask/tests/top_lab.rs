@@ -485,7 +485,8 @@ fn without_an_agent_or_privileges_top_says_what_it_needs() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("no agent answers at http://127.0.0.1:1")
-            && stderr.contains("CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"),
+            && stderr.contains("needs root or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON")
+            && stderr.contains("this process lacks CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"),
         "{stderr}"
     );
 }

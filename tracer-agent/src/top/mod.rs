@@ -23,7 +23,11 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use anyhow::anyhow;
 
-use crate::{agent::AgentError, cli::TopArgs};
+use crate::{
+    agent::AgentError,
+    cli::TopArgs,
+    privileges::{self, Capability},
+};
 use app::App;
 use source::{AgentClient, FetchError};
 use terminal::{Screen, ScreenError};
@@ -73,12 +77,14 @@ pub async fn run(args: TopArgs) -> Result<(), AgentError> {
     let client = AgentClient::new(args.agent.clone(), args.limit);
     let (source, first) = match client.snapshot().await {
         Ok(snapshot) => (Source::Agent(client), snapshot),
-        Err(error @ FetchError::Unreachable { .. }) if !source::may_load_datapath() => {
-            return Err(AgentError::Runtime(anyhow!(
-                "{error}; running the datapath here instead needs {}: start `tracer agent`, \
-                 point --agent at one, or run tracer top as root",
-                source::DATAPATH_PRIVILEGES
-            )));
+        Err(error @ FetchError::Unreachable { .. }) => {
+            let missing = privileges::acquire()
+                .map_err(AgentError::Runtime)?
+                .missing();
+            if !missing.is_empty() {
+                return Err(AgentError::Runtime(lacking_privileges(&error, &missing)));
+            }
+            return Err(AgentError::Runtime(error.into()));
         }
         Err(error) => return Err(AgentError::Runtime(error.into())),
     };
@@ -91,6 +97,22 @@ pub async fn run(args: TopArgs) -> Result<(), AgentError> {
     let mut app = App::new(source.describe());
     app.apply(first);
     show(app, source, args.interval).await
+}
+
+/// No agent, and not allowed to run the datapath here: what is needed, and the ways out.
+fn lacking_privileges(unreachable: &FetchError, missing: &[Capability]) -> anyhow::Error {
+    let names = |caps: &[Capability]| -> String {
+        caps.iter()
+            .map(|cap| cap.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    anyhow!(
+        "{unreachable}; running the datapath here instead needs root or {} (this process lacks {}): \
+         start `tracer agent`, point --agent at one, or run tracer top as root",
+        names(&privileges::REQUIRED),
+        names(missing)
+    )
 }
 
 /// What the source task tells the terminal thread.

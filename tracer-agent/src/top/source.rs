@@ -164,36 +164,6 @@ impl AgentClient {
     }
 }
 
-/// Capability numbers (linux/capability.h).
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-/// What running the datapath in-process needs, for the message when it is missing.
-pub const DATAPATH_PRIVILEGES: &str =
-    "root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN";
-
-/// Whether this process may load and attach the datapath: CAP_NET_ADMIN to attach, CAP_BPF
-/// and CAP_PERFMON (or CAP_SYS_ADMIN, which kernels before 5.8 ask for) to load.
-pub fn may_load_datapath() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| effective_capabilities(&status))
-        .is_some_and(|caps| {
-            let has = |cap: u32| caps & (1 << cap) != 0;
-            has(CAP_NET_ADMIN) && (has(CAP_BPF) && has(CAP_PERFMON) || has(CAP_SYS_ADMIN))
-        })
-}
-
-/// The `CapEff:` mask of /proc/PID/status.
-fn effective_capabilities(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-}
-
 fn parse_answer(mut answer: Vec<u8>) -> (Option<u16>, Vec<u8>) {
     let Some(end) = answer.windows(4).position(|window| window == b"\r\n\r\n") else {
         return (None, answer);
@@ -234,15 +204,6 @@ mod tests {
         ] {
             assert!(bad.parse::<AgentUrl>().is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn capabilities_from_proc_status() {
-        let root = "Name:\ttracer\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(effective_capabilities(root), Some(0x1ff_ffff_ffff));
-        let none = "CapEff:\t0000000000000000\n";
-        assert_eq!(effective_capabilities(none), Some(0));
-        assert_eq!(effective_capabilities("Name: x\n"), None);
     }
 
     #[test]
