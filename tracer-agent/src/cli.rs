@@ -70,8 +70,10 @@ pub struct PipelineArgs {
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub flow_table_size: u32,
 
-    /// How often the flow table is read, e.g. 1s or 500ms.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    /// How often the flow table is read, e.g. 1s or 500ms. For `tracer top`, also how often the
+    /// view refreshes (from an agent too): rates are computed over it.
+    #[arg(long, visible_alias = "interval", value_name = "DURATION", default_value = "1s",
+          value_parser = parse_duration)]
     pub poll_interval: Duration,
 
     /// How long a TCP SYN may wait for its SYN-ACK before the attempt counts as unanswered
@@ -191,11 +193,7 @@ pub struct TopArgs {
     /// The agent to read (its --metrics-addr). When none answers there, tracer top loads the
     /// datapath itself, which needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9477")]
-    pub agent: crate::top::source::AgentUrl,
-
-    /// Refresh interval: rates are computed over it.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
-    pub interval: Duration,
+    pub agent: crate::top::AgentUrl,
 
     /// Print one snapshot and exit, for scripts (with --json).
     #[arg(long, requires = "json")]
@@ -206,10 +204,17 @@ pub struct TopArgs {
     #[arg(long, requires = "once")]
     pub json: bool,
 
-    /// How many flows to show (the largest first).
-    #[arg(long, value_name = "N", default_value_t = 20,
-          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// How many flows to show (the largest first); the filter works on these.
+    #[arg(long, value_name = "N", default_value_t = crate::api::DEFAULT_FLOWS_LIMIT as u32,
+          value_parser = clap::value_parser!(u32).range(1..=crate::api::MAX_FLOWS_LIMIT as i64))]
     pub limit: u32,
+
+    /// The datapath tracer top runs itself when no agent answers: the flags of `tracer agent`.
+    #[command(
+        flatten,
+        next_help_heading = "Standalone datapath (when no agent answers)"
+    )]
+    pub pipeline: PipelineArgs,
 }
 
 /// `DST[:PORT]`: the port is optional, since many paths do not depend on it.

@@ -36,8 +36,9 @@ impl Tmux {
             &height.to_string(),
             &format!("env PS1='{PROMPT}' sh"),
         ])?;
+        // capture-pane drops trailing blanks.
         tmux.wait_for("the shell prompt", Duration::from_secs(5), |screen| {
-            screen.contains(PROMPT)
+            screen.contains(PROMPT.trim_end())
         })?;
         Ok(tmux)
     }

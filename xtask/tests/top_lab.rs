@@ -95,10 +95,11 @@ fn with_traffic<T>(lab: &Lab, body: impl FnOnce() -> T) -> T {
     })
 }
 
-/// The command line that runs `tracer top` in the lab's node namespace.
+/// The command line that runs `tracer top` in the lab's node namespace, with every flow (the
+/// filter works on the flows fetched).
 fn top_command(lab: &Lab, args: &[String]) -> String {
     format!(
-        "ip netns exec {} {} top --interval {INTERVAL} {}",
+        "ip netns exec {} {} top --interval {INTERVAL} --limit 1000 {}",
         lab.ns("node"),
         tracer().display(),
         args.join(" ")
@@ -127,7 +128,7 @@ impl DrawnTable {
                 .iter()
                 .collect::<String>()
         };
-        if at(start) != ' ' && at(start - 1) == ' ' {
+        if at(start) != ' ' && matches!(at(start - 1), ' ' | '│') {
             let to = (start..)
                 .find(|&i| at(i) == ' ' || at(i) == '│')
                 .unwrap_or(start);
@@ -214,13 +215,20 @@ fn wait_for_rates(tmux: &Tmux, paths: &BTreeSet<&str>, timeout: Duration) -> Str
     );
 }
 
-/// Sorting: by path name (`<` moves left from bytes/s), then reversed (`r`).
+/// Sorting: by path name (`<` moves left from bytes/s, one column a press), then reversed
+/// (`r`).
 fn check_sorting(tmux: &Tmux) {
-    tmux.press(&["<", "<", "<", "<"]).expect("keys");
+    let sorted_by_path = |s: &str| s.contains("sort path ▲");
+    // Twice around every column at most, whatever a slow redraw makes us overshoot.
+    for _ in 0..30 {
+        if sorted_by_path(&tmux.screen().expect("capture")) {
+            break;
+        }
+        tmux.press(&["<"]).expect("keys");
+        std::thread::sleep(Duration::from_millis(150));
+    }
     let screen = tmux
-        .wait_for("a sort by path", Duration::from_secs(3), |s| {
-            s.contains("sort path ▲")
-        })
+        .wait_for("a sort by path", Duration::from_secs(3), sorted_by_path)
         .expect("sorted by path");
     let names = paths_table(&screen).column("path");
     let mut sorted = names.clone();
@@ -261,7 +269,11 @@ fn check_filter(tmux: &Tmux) {
     );
     let flows = flows_table(&screen).column("path");
     assert!(
-        !flows.is_empty() && flows.iter().all(|path| path.starts_with("pod_to_pod")),
+        !flows.is_empty(),
+        "no pod_to_pod flow under the filter:\n{screen}"
+    );
+    assert!(
+        flows.iter().all(|path| path.starts_with("pod_to_pod")),
         "a flow of another path is shown under the filter:\n{screen}"
     );
     tmux.press(&["Escape"]).expect("keys");
@@ -292,22 +304,27 @@ fn check_terminal_restored(tmux: &Tmux) {
         "still on the alternate screen"
     );
     assert!(tmux.cursor_visible().unwrap(), "the cursor is still hidden");
-    tmux.type_line("echo \"exit=$?\"; stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon -e icanon -e -echo -e echo | tr '\\n' ' '; echo")
-        .expect("type");
+    // The answers are printed inside brackets: the typed command line itself cannot match.
+    tmux.type_line(
+        "echo \"exit=[$?]\" \"modes=[$(stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon -e icanon -e -echo -e echo | paste -sd' ')]\"",
+    )
+    .expect("type");
+    let answer = |s: &str| {
+        s.lines()
+            .find(|line| line.starts_with("exit=["))
+            .map(str::to_owned)
+    };
     let screen = tmux
         .wait_for(
             "the exit status and the modes",
             Duration::from_secs(5),
-            |s| s.contains("exit=") && s.contains("echo "),
+            |s| answer(s).is_some(),
         )
         .expect("stty");
-    assert!(
-        screen.contains("exit=0"),
-        "tracer top did not exit 0:\n{screen}"
-    );
-    assert!(
-        screen.contains("icanon echo") && !screen.contains("-icanon") && !screen.contains("-echo"),
-        "the terminal was left in raw mode:\n{screen}"
+    assert_eq!(
+        answer(&screen).unwrap_or_default().trim(),
+        "exit=[0] modes=[icanon echo]",
+        "tracer top must exit 0 and leave the terminal in cooked mode with echo:\n{screen}"
     );
 }
 
@@ -489,4 +506,126 @@ fn without_an_agent_or_privileges_top_says_what_it_needs() {
             && stderr.contains("this process lacks CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"),
         "{stderr}"
     );
+}
+
+/// The eBPF programs process `pid` holds: its program and link file descriptors (tcx links
+/// name the program they attach).
+fn programs_held(pid: u32) -> BTreeSet<u32> {
+    let mut held = BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
+        let text = std::fs::read_to_string(entry.expect("fdinfo entry").path()).unwrap_or_default();
+        held.extend(
+            text.lines()
+                .filter_map(|line| line.strip_prefix("prog_id:"))
+                .filter_map(|id| id.trim().parse::<u32>().ok()),
+        );
+    }
+    held
+}
+
+/// Waits (2 s at most) until none of `programs` is loaded any more: once tracer top exits,
+/// only an attachment it left behind (a clsact filter, a pinned link) could keep one.
+fn assert_unloaded(programs: &BTreeSet<u32>) {
+    assert!(!programs.is_empty(), "tracer top held no eBPF program");
+    let loaded = || -> Vec<u32> {
+        programs
+            .iter()
+            .copied()
+            .filter(|id| {
+                std::process::Command::new("bpftool")
+                    .args(["prog", "show", "id", &id.to_string()])
+                    .output()
+                    .is_ok_and(|output| output.status.success())
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !loaded().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        loaded(),
+        Vec::<u32>::new(),
+        "programs still loaded after tracer top exited"
+    );
+}
+
+/// `tracer top` with the flags the lab agent gets, and no agent to answer.
+fn standalone_args(lab: &Lab) -> Vec<String> {
+    let mut args = agent::context_flags(lab);
+    args.extend([
+        "--syn-timeout".into(),
+        agent::SYN_TIMEOUT.into(),
+        "--agent".into(),
+        AGENT_URL.into(),
+    ]);
+    args
+}
+
+#[test]
+fn top_standalone_runs_the_datapath_itself_and_detaches_on_quit() {
+    let lab = lab_up();
+    let tmux = Tmux::start("top-standalone", 110, 48).expect("tmux");
+    let (_, paths) = scenarios();
+    let held = with_traffic(&lab, || {
+        tmux.type_line(&top_command(&lab, &standalone_args(&lab)))
+            .expect("type");
+        tmux.wait_for("the standalone source", Duration::from_secs(15), |s| {
+            s.contains("source: standalone datapath")
+        })
+        .expect("tracer top started standalone");
+        let pid = tmux
+            .foreground_pid()
+            .expect("pid")
+            .expect("tracer top runs");
+        let held = programs_held(pid);
+        wait_for_rates(&tmux, &paths, Duration::from_secs(40));
+        check_filter(&tmux);
+        tmux.press(&["q"]).expect("q");
+        held
+    });
+    check_terminal_restored(&tmux);
+    assert_unloaded(&held);
+    lab.down().expect("lab down");
+}
+
+#[test]
+fn top_standalone_once_json_counts_the_traffic_of_one_interval() {
+    let lab = lab_up();
+    let (output, held) = with_traffic(&lab, || {
+        let child = lab
+            .command_in("node", &tracer().to_string_lossy())
+            .args(["top", "--once", "--json", "--interval", "2s"])
+            .args(standalone_args(&lab))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tracer top --once --json");
+        // `ip netns exec` becomes tracer: the child's pid is tracer top's.
+        std::thread::sleep(Duration::from_secs(1));
+        let held = programs_held(child.id());
+        (child.wait_with_output().expect("output"), held)
+    });
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let printed: Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+    let counted: Vec<&str> = printed["paths"]["paths"]
+        .as_array()
+        .expect("paths")
+        .iter()
+        .filter(|row| row["forward_bytes"].as_u64().is_some_and(|bytes| bytes > 0))
+        .filter_map(|row| row["path"].as_str())
+        .collect();
+    assert!(
+        counted.len() >= 3,
+        "two seconds of the lab's traffic must show on several paths: {counted:?}\n{stderr}"
+    );
+    assert!(
+        printed["flows"]["flows"]
+            .as_array()
+            .is_some_and(|flows| !flows.is_empty()),
+        "{printed}"
+    );
+    assert_unloaded(&held);
+    lab.down().expect("lab down");
 }

@@ -1,37 +1,43 @@
-//! What `tracer top` shows and how keys change it: pure state, no terminal. Snapshots come in
+//! What `tracer top` shows and how keys change it: pure state, no terminal. Readings come in
 //! (`apply`), actions come in (`act`), rows go out (`visible_paths`, `visible_flows`).
 use std::collections::HashMap;
 
 use super::{
-    Snapshot,
+    Reading,
     columns::{Column, FLOW_COLUMNS, PATH_COLUMNS, TREND_WIDTH},
     rates::{PathRates, growth},
-    wire::{FlowRow, PathRow},
 };
+use crate::api::{FlowRow, PathRow};
 
 /// A path row with its rates over the last refresh interval and its recent bytes/s.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PathView {
     pub row: PathRow,
-    /// None until two snapshots have been seen.
+    /// None until two readings have been seen.
     pub rates: Option<PathRates>,
     /// Bytes/s of the last refreshes, oldest first.
     pub history: Vec<f64>,
 }
 
 impl PathView {
-    fn key(row: &PathRow) -> (String, Option<String>, String) {
-        (row.path.clone(), row.endpoint.clone(), row.nat.clone())
+    fn key(row: &PathRow) -> (String, Option<String>, String, Option<String>) {
+        (
+            row.path.clone(),
+            row.endpoint.clone(),
+            row.nat.clone(),
+            row.zone.clone(),
+        )
     }
 
     /// What the filter looks in: the path and its labels.
     fn haystack(&self) -> String {
         let row = &self.row;
         format!(
-            "{} {} {}",
+            "{} {} {} {}",
             row.path,
             row.endpoint.as_deref().unwrap_or(""),
-            row.nat
+            row.nat,
+            row.zone.as_deref().unwrap_or("")
         )
     }
 }
@@ -40,7 +46,7 @@ impl PathView {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FlowView {
     pub row: FlowRow,
-    /// None for a connection not listed in the previous snapshot.
+    /// None for a connection not listed in the previous reading.
     pub bytes_per_second: Option<f64>,
 }
 
@@ -124,8 +130,8 @@ pub enum Action {
 pub struct App {
     /// "agent at URL" or "standalone datapath".
     pub source: String,
-    /// The snapshot shown.
-    pub snapshot: Option<Snapshot>,
+    /// The reading shown.
+    pub reading: Option<Reading>,
     paths: Vec<PathView>,
     flows: Vec<FlowView>,
     pub focus: Focus,
@@ -139,7 +145,7 @@ pub struct App {
     pub editing: Option<String>,
     pub paused: bool,
     pub help: bool,
-    /// The source's last failure; cleared by the next snapshot.
+    /// The source's last failure; cleared by the next reading.
     pub error: Option<String>,
     pub quit: bool,
 }
@@ -148,7 +154,7 @@ impl App {
     pub fn new(source: String) -> App {
         App {
             source,
-            snapshot: None,
+            reading: None,
             paths: Vec::new(),
             flows: Vec::new(),
             focus: Focus::Paths,
@@ -170,15 +176,15 @@ impl App {
         }
     }
 
-    /// Takes in a new snapshot: rates are the growth since the one shown, over the time
-    /// between the two (the source's clock, not ours). Paused, nothing changes.
-    pub fn apply(&mut self, snapshot: Snapshot) {
+    /// Takes in a new reading: rates are the growth since the one shown, over the time
+    /// between the two polls (the source's clock, not ours). Paused, nothing changes.
+    pub fn apply(&mut self, reading: Reading) {
         self.error = None;
         if self.paused {
             return;
         }
-        let previous = self.snapshot.as_ref();
-        if previous.is_some_and(|p| p.paths.time_unix_ms == snapshot.paths.time_unix_ms) {
+        let previous = self.reading.as_ref();
+        if previous.is_some_and(|p| p.paths.time_unix_ms == reading.paths.time_unix_ms) {
             // The same poll of the source again: nothing new to show.
             return;
         }
@@ -186,15 +192,15 @@ impl App {
             (now > before).then(|| (now - before) as f64 / 1000.0)
         };
         let path_seconds =
-            previous.and_then(|p| interval(p.paths.time_unix_ms, snapshot.paths.time_unix_ms));
+            previous.and_then(|p| interval(p.paths.time_unix_ms, reading.paths.time_unix_ms));
         let flow_seconds =
-            previous.and_then(|p| interval(p.flows.time_unix_ms, snapshot.flows.time_unix_ms));
+            previous.and_then(|p| interval(p.flows.time_unix_ms, reading.flows.time_unix_ms));
         let old_paths: HashMap<_, &PathView> = self
             .paths
             .iter()
             .map(|view| (PathView::key(&view.row), view))
             .collect();
-        let paths = snapshot
+        let paths = reading
             .paths
             .paths
             .iter()
@@ -220,7 +226,7 @@ impl App {
             .iter()
             .map(|view| (FlowView::key(&view.row), view))
             .collect();
-        let flows = snapshot
+        let flows = reading
             .flows
             .flows
             .iter()
@@ -240,7 +246,7 @@ impl App {
             .collect();
         self.paths = paths;
         self.flows = flows;
-        self.snapshot = Some(snapshot);
+        self.reading = Some(reading);
     }
 
     /// The paths the filter lets through, sorted.
@@ -392,7 +398,7 @@ fn visible<'a, R>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::top::wire::{FlowsResponse, PathsResponse};
+    use crate::api::{FlowsResponse, PathsResponse};
 
     fn path_row(path: &str, bytes: u64) -> PathRow {
         PathRow {
@@ -416,8 +422,8 @@ mod tests {
         }
     }
 
-    fn snapshot(time_unix_ms: u64, paths: Vec<PathRow>, flows: Vec<FlowRow>) -> Snapshot {
-        Snapshot {
+    fn reading(time_unix_ms: u64, paths: Vec<PathRow>, flows: Vec<FlowRow>) -> Reading {
+        Reading {
             paths: PathsResponse {
                 time_unix_ms,
                 paths,
@@ -440,7 +446,7 @@ mod tests {
     #[test]
     fn rates_are_over_the_sources_interval() {
         let mut app = App::new("test".into());
-        app.apply(snapshot(
+        app.apply(reading(
             10_000,
             vec![path_row("pod_to_pod_local", 1_000)],
             vec![flow_row("10.0.1.101:4000", "pod_to_pod_local", 1_000)],
@@ -448,9 +454,9 @@ mod tests {
         assert_eq!(
             app.visible_paths()[0].rates,
             None,
-            "one snapshot: no rate yet"
+            "one reading: no rate yet"
         );
-        app.apply(snapshot(
+        app.apply(reading(
             12_000,
             vec![
                 path_row("pod_to_pod_local", 5_000),
@@ -478,16 +484,16 @@ mod tests {
     #[test]
     fn the_same_poll_twice_changes_nothing_and_pause_freezes() {
         let mut app = App::new("test".into());
-        app.apply(snapshot(1_000, vec![path_row("a", 0)], vec![]));
-        app.apply(snapshot(2_000, vec![path_row("a", 1_000)], vec![]));
-        app.apply(snapshot(2_000, vec![path_row("a", 1_000)], vec![]));
+        app.apply(reading(1_000, vec![path_row("a", 0)], vec![]));
+        app.apply(reading(2_000, vec![path_row("a", 1_000)], vec![]));
+        app.apply(reading(2_000, vec![path_row("a", 1_000)], vec![]));
         assert_eq!(app.visible_paths()[0].rates.map(|r| r.bytes), Some(1_000.0));
         app.act(Action::TogglePause);
-        app.apply(snapshot(3_000, vec![path_row("a", 9_000)], vec![]));
+        app.apply(reading(3_000, vec![path_row("a", 9_000)], vec![]));
         assert_eq!(app.visible_paths()[0].rates.map(|r| r.bytes), Some(1_000.0));
         app.act(Action::TogglePause);
-        // Rates after a pause span the whole time since the last snapshot shown.
-        app.apply(snapshot(5_000, vec![path_row("a", 7_000)], vec![]));
+        // Rates after a pause span the whole time since the last reading shown.
+        app.apply(reading(5_000, vec![path_row("a", 7_000)], vec![]));
         assert_eq!(app.visible_paths()[0].rates.map(|r| r.bytes), Some(2_000.0));
         assert_eq!(app.visible_paths()[0].history, [1_000.0, 2_000.0]);
     }
@@ -496,7 +502,7 @@ mod tests {
     fn the_history_keeps_the_sparklines_width() {
         let mut app = App::new("test".into());
         for second in 0..30u64 {
-            app.apply(snapshot(
+            app.apply(reading(
                 second * 1000,
                 vec![path_row("a", second * 10)],
                 vec![],
@@ -516,8 +522,8 @@ mod tests {
             path_row("a_path", 900),
             path_row("c_path", 500),
         ];
-        app.apply(snapshot(0, rows.clone(), vec![]));
-        app.apply(snapshot(
+        app.apply(reading(0, rows.clone(), vec![]));
+        app.apply(reading(
             1_000,
             rows.iter()
                 .map(|r| path_row(&r.path, r.forward_bytes * 2))
@@ -532,7 +538,12 @@ mod tests {
         app.act(Action::ReverseSort);
         assert_eq!(names(&app), ["b_path", "c_path", "a_path"]);
         // From bytes/s back to the first column, the path name: alphabetical.
-        for _ in 0..4 {
+        let bytes = column_index(PATH_COLUMNS, "bytes/s");
+        let sortable_before_bytes = PATH_COLUMNS[..bytes]
+            .iter()
+            .filter(|column| column.sort.is_some())
+            .count();
+        for _ in 0..sortable_before_bytes {
             app.act(Action::SortPrevious);
         }
         assert_eq!(PATH_COLUMNS[app.path_sort.column].title, "path");
@@ -556,7 +567,7 @@ mod tests {
         let mut app = App::new("test".into());
         let mut with_pod = flow_row("10.0.1.103:5000", "pod_to_external", 10);
         with_pod.initiator_pod = Some("shop/cart-7d9".into());
-        app.apply(snapshot(
+        app.apply(reading(
             0,
             vec![
                 path_row("pod_to_pod_local", 1),
@@ -602,11 +613,7 @@ mod tests {
     #[test]
     fn selection_stays_within_the_rows() {
         let mut app = App::new("test".into());
-        app.apply(snapshot(
-            0,
-            vec![path_row("a", 1), path_row("b", 2)],
-            vec![],
-        ));
+        app.apply(reading(0, vec![path_row("a", 1), path_row("b", 2)], vec![]));
         for _ in 0..5 {
             app.act(Action::SelectDown);
         }

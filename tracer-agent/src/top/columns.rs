@@ -2,7 +2,10 @@
 //! what a cell shows and how the column sorts.
 use std::cmp::Ordering;
 
-use super::app::{FlowView, PathView};
+use super::{
+    app::{FlowView, PathView},
+    rates::Quantile,
+};
 
 /// What a column sorts by: numbers (unknown lowest) or text.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,6 +77,14 @@ pub const PATH_COLUMNS: &[Column<PathView>] = &[
         sort: Some(|view| SortKey::Text(view.row.nat.clone())),
     },
     Column {
+        title: "zone",
+        width: 5,
+        priority: 9,
+        numeric: false,
+        text: |view| zone(&view.row.zone),
+        sort: Some(|view| SortKey::Text(zone(&view.row.zone))),
+    },
+    Column {
         title: "pkts/s",
         width: 7,
         priority: 2,
@@ -100,26 +111,38 @@ pub const PATH_COLUMNS: &[Column<PathView>] = &[
     Column {
         title: "new/s",
         width: 6,
-        priority: 9,
+        priority: 10,
         numeric: true,
         text: |view| rate(view.rates.map(|r| r.new_flows)),
         sort: Some(|view| SortKey::Number(view.rates.map(|r| r.new_flows))),
     },
     Column {
         title: "hs p50",
-        width: 6,
-        priority: 10,
+        width: 7,
+        priority: 11,
         numeric: true,
-        text: |view| seconds(view.rates.and_then(|r| r.handshake_p50)),
-        sort: Some(|view| SortKey::Number(view.rates.and_then(|r| r.handshake_p50))),
+        text: |view| quantile(view.rates.and_then(|r| r.handshake_p50)),
+        sort: Some(|view| {
+            SortKey::Number(
+                view.rates
+                    .and_then(|r| r.handshake_p50)
+                    .map(Quantile::seconds),
+            )
+        }),
     },
     Column {
         title: "hs p99",
-        width: 6,
+        width: 7,
         priority: 8,
         numeric: true,
-        text: |view| seconds(view.rates.and_then(|r| r.handshake_p99)),
-        sort: Some(|view| SortKey::Number(view.rates.and_then(|r| r.handshake_p99))),
+        text: |view| quantile(view.rates.and_then(|r| r.handshake_p99)),
+        sort: Some(|view| {
+            SortKey::Number(
+                view.rates
+                    .and_then(|r| r.handshake_p99)
+                    .map(Quantile::seconds),
+            )
+        }),
     },
     Column {
         title: "unans/s",
@@ -138,9 +161,9 @@ pub const PATH_COLUMNS: &[Column<PathView>] = &[
         sort: Some(|view| SortKey::Number(view.rates.map(|r| r.resets))),
     },
     Column {
-        title: "bytes/s trend",
-        width: TREND_WIDTH + 3,
-        priority: 11,
+        title: "trend",
+        width: TREND_WIDTH,
+        priority: 12,
         numeric: false,
         text: |view| sparkline(&view.history),
         sort: None,
@@ -282,6 +305,14 @@ pub fn si(value: f64) -> String {
     format!("{scaled:.0}P")
 }
 
+/// `same_zone` / `cross_zone` as "same" / "cross"; empty when unknown.
+fn zone(label: &Option<String>) -> String {
+    label
+        .as_deref()
+        .map_or("", |zone| zone.trim_end_matches("_zone"))
+        .to_owned()
+}
+
 /// A rate, or a dash before two snapshots have been seen.
 fn rate(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_owned(), si)
@@ -292,7 +323,9 @@ pub fn seconds(value: Option<f64>) -> String {
     let Some(value) = value else {
         return "–".to_owned();
     };
-    if value < 0.001 {
+    if value < 0.0001 {
+        format!("{:.1}µs", value * 1e6)
+    } else if value < 0.001 {
         format!("{:.0}µs", value * 1e6)
     } else if value < 0.01 {
         format!("{:.1}ms", value * 1e3)
@@ -300,6 +333,16 @@ pub fn seconds(value: Option<f64>) -> String {
         format!("{:.0}ms", value * 1e3)
     } else {
         format!("{value:.2}s")
+    }
+}
+
+/// "<100µs" (all in the first bucket), ">13.11s" (past the last), else the estimate.
+fn quantile(value: Option<Quantile>) -> String {
+    match value {
+        None => "–".to_owned(),
+        Some(Quantile::Below(bound)) => format!("<{}", seconds(Some(bound))),
+        Some(Quantile::Within(estimate)) => seconds(Some(estimate)),
+        Some(Quantile::Above(bound)) => format!(">{}", seconds(Some(bound))),
     }
 }
 
@@ -336,6 +379,7 @@ mod tests {
         assert_eq!(si(99_990.0), "100k");
         assert_eq!(si(5_600_000.0), "5.6M");
         assert_eq!(seconds(Some(0.000_123)), "123µs");
+        assert_eq!(seconds(Some(0.000_012_5)), "12.5µs");
         assert_eq!(seconds(Some(0.004_2)), "4.2ms");
         assert_eq!(seconds(Some(0.25)), "250ms");
         assert_eq!(seconds(Some(1.5)), "1.50s");
@@ -347,9 +391,12 @@ mod tests {
         for value in [0.0, 0.05, 9.99, 999.4, 999.6, 99_999.0, 1e15] {
             assert!(si(value).chars().count() <= 5, "{}", si(value));
         }
-        for value in [0.0, 0.000_999_9, 0.009_99, 0.999, 59.99] {
+        for value in [0.0, 0.000_099_9, 0.000_999_9, 0.009_99, 0.999, 59.99] {
             assert!(seconds(Some(value)).chars().count() <= 6, "{value}");
         }
+        assert_eq!(quantile(Some(Quantile::Below(0.0001))), "<100µs");
+        assert_eq!(quantile(Some(Quantile::Above(13.1072))), ">13.11s");
+        assert_eq!(quantile(Some(Quantile::Within(0.0042))), "4.2ms");
     }
 
     #[test]

@@ -1,8 +1,8 @@
-//! Rates over the refresh interval, from two snapshots of cumulative counters — what
+//! Rates over the refresh interval, from two readings of cumulative counters — what
 //! Prometheus' `rate()` and `histogram_quantile()` do, for one interval.
-use super::wire::{Handshakes, PathRow};
+use crate::api::{Handshakes, PathRow};
 
-/// Per-second rates of one path between two snapshots.
+/// Per-second rates of one path between two readings.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PathRates {
     pub packets: f64,
@@ -11,8 +11,8 @@ pub struct PathRates {
     pub unanswered_syns: f64,
     pub resets: f64,
     /// Handshake time quantiles of the handshakes completed in the interval (None: none were).
-    pub handshake_p50: Option<f64>,
-    pub handshake_p99: Option<f64>,
+    pub handshake_p50: Option<Quantile>,
+    pub handshake_p99: Option<Quantile>,
 }
 
 impl PathRates {
@@ -71,23 +71,49 @@ fn bucket_growth(previous: &Handshakes, current: &Handshakes) -> BucketGrowth {
     }
 }
 
-/// The `q` quantile of a histogram, interpolating linearly inside the bucket the rank falls
-/// in (from 0 for the first bucket). A rank past the last finite bound answers that bound:
-/// all that is known is "more than this".
-pub fn quantile(q: f64, histogram: &BucketGrowth) -> Option<f64> {
+/// A quantile as far as the buckets tell it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Quantile {
+    /// In the first bucket: below its bound, and nothing more is known.
+    Below(f64),
+    /// Interpolated linearly between the bounds of the bucket it falls in.
+    Within(f64),
+    /// Past the last finite bound.
+    Above(f64),
+}
+
+impl Quantile {
+    /// Seconds, for sorting: the estimate, or the bound.
+    pub fn seconds(self) -> f64 {
+        match self {
+            Quantile::Below(bound) | Quantile::Within(bound) | Quantile::Above(bound) => bound,
+        }
+    }
+}
+
+/// The `q` quantile of a histogram, as Prometheus' `histogram_quantile()` computes it, except
+/// that the first bucket, whose lower end is unknown, answers "below its bound" rather than
+/// an interpolation from zero.
+pub fn quantile(q: f64, histogram: &BucketGrowth) -> Option<Quantile> {
     if histogram.count <= 0.0 {
         return None;
     }
     let rank = q * histogram.count;
-    let mut lower = (0.0, 0.0);
+    let mut lower: Option<(f64, f64)> = None;
     for &(bound, cumulative) in &histogram.buckets {
-        if cumulative >= rank && cumulative > lower.1 {
-            let within = (rank - lower.1) / (cumulative - lower.1);
-            return Some(lower.0 + (bound - lower.0) * within);
+        let (lower_bound, below) = lower.unwrap_or((0.0, 0.0));
+        if cumulative >= rank && cumulative > below {
+            return Some(match lower {
+                None => Quantile::Below(bound),
+                Some(_) => {
+                    let within = (rank - below) / (cumulative - below);
+                    Quantile::Within(lower_bound + (bound - lower_bound) * within)
+                }
+            });
         }
-        lower = (bound, cumulative);
+        lower = Some((bound, cumulative));
     }
-    histogram.buckets.last().map(|&(bound, _)| bound)
+    lower.map(|(bound, _)| Quantile::Above(bound))
 }
 
 #[cfg(test)]
@@ -118,8 +144,10 @@ mod tests {
         }
     }
 
-    fn assert_close(value: Option<f64>, expected: f64) {
-        let value = value.expect("a quantile");
+    fn assert_close(value: Option<Quantile>, expected: f64) {
+        let Some(Quantile::Within(value)) = value else {
+            panic!("{value:?} is not an interpolation");
+        };
         assert!(
             (value - expected).abs() < 1e-12,
             "{value} is not {expected}"
@@ -163,22 +191,18 @@ mod tests {
     }
 
     #[test]
-    fn quantile_interpolates_and_caps_at_the_last_bound() {
+    fn quantile_interpolates_between_bounds_and_says_below_or_above_them() {
         let histogram = |buckets: &[(f64, f64)], count: f64| BucketGrowth {
             buckets: buckets.to_vec(),
             count,
         };
         let h = histogram(&[(0.001, 4.0), (0.01, 4.0), (0.1, 8.0)], 8.0);
-        assert_eq!(quantile(0.25, &h), Some(0.0005), "first bucket starts at 0");
+        assert_eq!(quantile(0.25, &h), Some(Quantile::Below(0.001)));
         // Rank 4 is reached in the first bucket; the empty second one is skipped.
-        assert_eq!(quantile(0.5, &h), Some(0.001));
+        assert_eq!(quantile(0.5, &h), Some(Quantile::Below(0.001)));
         assert_close(quantile(0.75, &h), 0.055);
         let slow = histogram(&[(0.001, 0.0), (0.01, 1.0)], 4.0);
-        assert_eq!(
-            quantile(0.99, &slow),
-            Some(0.01),
-            "beyond every finite bound"
-        );
+        assert_eq!(quantile(0.99, &slow), Some(Quantile::Above(0.01)));
         assert_eq!(quantile(0.5, &histogram(&[], 0.0)), None);
     }
 

@@ -83,13 +83,13 @@ pub fn draw(frame: &mut Frame, app: &App, now_unix_ms: u64) {
 fn header_lines(app: &App, now_unix_ms: u64) -> Vec<Line<'static>> {
     let bold = Style::new().add_modifier(Modifier::BOLD);
     let source = Line::raw(format!("source: {}", app.source));
-    let Some(snapshot) = &app.snapshot else {
+    let Some(reading) = &app.reading else {
         return vec![
-            Line::styled("tracer top · waiting for the first snapshot…", bold),
+            Line::styled("tracer top · waiting for the first reading…", bold),
             source,
         ];
     };
-    let paths = &snapshot.paths;
+    let paths = &reading.paths;
     let age = now_unix_ms.saturating_sub(paths.time_unix_ms) as f64 / 1000.0;
     let health = if paths.ready {
         Span::styled("ready", Style::new().fg(Color::Green))
@@ -103,7 +103,7 @@ fn header_lines(app: &App, now_unix_ms: u64) -> Vec<Line<'static>> {
         Span::styled("tracer top", bold),
         Span::raw(format!(
             " · node {} · tracer v{} · data {age:.1}s old · ",
-            paths.node.as_deref().unwrap_or("?"),
+            paths.node.as_deref().unwrap_or("(no --node-name)"),
             paths.version
         )),
         health,
@@ -158,7 +158,8 @@ fn draw_table<R>(frame: &mut Frame, area: Rect, table: TableView<R>, filter: &st
         title.push_str(&format!(" · filter \"{filter}\""));
     }
     if hidden > 0 {
-        title.push_str(&format!(" · {hidden} columns hidden"));
+        let plural = if hidden == 1 { "" } else { "s" };
+        title.push_str(&format!(" · {hidden} column{plural} hidden"));
     }
     title.push(' ');
     let border = if focused {
@@ -282,10 +283,9 @@ mod tests {
     use ratatui::{Terminal, backend::TestBackend};
 
     use super::*;
-    use crate::top::{
-        Snapshot,
-        app::Action,
-        wire::{FlowRow, FlowsResponse, PathRow, PathsResponse},
+    use crate::{
+        api::{FlowRow, FlowsResponse, PathRow, PathsResponse},
+        top::{Reading, app::Action},
     };
 
     const PATHS: [&str; 3] = [
@@ -320,7 +320,7 @@ mod tests {
                     ..FlowRow::default()
                 })
                 .collect();
-            app.apply(Snapshot {
+            app.apply(Reading {
                 paths: PathsResponse {
                     node: Some("ip-10-0-1-10".into()),
                     version: "0.1.0".into(),

@@ -121,7 +121,7 @@ mod tests {
         };
         let test_binary = std::env::current_exe().expect("the test binary");
         let script = format!(
-            "{} --exact top::terminal::tests::panic_on_the_screen --ignored --nocapture --test-threads=1; \
+            "RUST_BACKTRACE=0 {} --exact top::terminal::tests::panic_on_the_screen --ignored --nocapture --test-threads=1; \
              stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon -e icanon -e -echo -e echo | tr '\\n' ' '; \
              echo finished; sleep 60",
             test_binary.display()
