@@ -19,7 +19,11 @@ use super::{
 const COLUMN_NOTES: &[(&str, &str)] = &[
     (
         "endpt",
-        "API server endpoint the path went through (public NLB or private ENIs)",
+        "API server endpoint taken: public (NLB) or private (ENIs)",
+    ),
+    (
+        "zone",
+        "same_zone / cross_zone, for other VPC hosts whose zone is known",
     ),
     ("active", "connections of the path now in the flow table"),
     ("new/s", "connections started per second"),
@@ -79,10 +83,11 @@ pub fn draw(frame: &mut Frame, app: &App, now_unix_ms: u64) {
     }
 }
 
-/// Three lines: the node and the data's age; where the data comes from; what the agent sees.
+/// Three lines: the data's age, readiness, version and node; where the data comes from; what
+/// the agent sees.
 fn header_lines(app: &App, now_unix_ms: u64) -> Vec<Line<'static>> {
     let bold = Style::new().add_modifier(Modifier::BOLD);
-    let source = Line::raw(format!("source: {}", app.source));
+    let mut source = Line::raw(format!("source: {}", app.source));
     let Some(reading) = &app.reading else {
         return vec![
             Line::styled("tracer top · waiting for the first reading…", bold),
@@ -94,20 +99,25 @@ fn header_lines(app: &App, now_unix_ms: u64) -> Vec<Line<'static>> {
     let health = if paths.ready {
         Span::styled("ready", Style::new().fg(Color::Green))
     } else {
-        Span::styled(
-            format!("not ready: {}", paths.problems.join("; ")),
-            Style::new().fg(Color::Yellow),
-        )
+        Span::styled("not ready", Style::new().fg(Color::Yellow))
     };
+    // What matters most first: a narrow terminal cuts the end of the line.
     let first = Line::from(vec![
         Span::styled("tracer top", bold),
-        Span::raw(format!(
-            " · node {} · tracer v{} · data {age:.1}s old · ",
-            paths.node.as_deref().unwrap_or("(no --node-name)"),
-            paths.version
-        )),
+        Span::raw(format!(" · data {age:.1}s old · ")),
         health,
+        Span::raw(format!(
+            " · tracer v{} · node {}",
+            paths.version,
+            paths.node.as_deref().unwrap_or("(no --node-name)")
+        )),
     ]);
+    if !paths.problems.is_empty() {
+        source.push_span(Span::styled(
+            format!(" · {}", paths.problems.join("; ")),
+            Style::new().fg(Color::Yellow),
+        ));
+    }
     let endpoints = if paths.apiserver_endpoints.is_empty() {
         "none seen".to_owned()
     } else {
@@ -353,6 +363,10 @@ mod tests {
         let lines = screen(&app(), 80, 24);
         let text = lines.join("\n");
         assert!(text.contains("node ip-10-0-1-10"), "{text}");
+        assert!(
+            text.contains("tracer top · data 0.5s old · ready"),
+            "{text}"
+        );
         assert!(text.contains("data 0.5s old"), "{text}");
         for path in PATHS {
             let line = lines
@@ -376,6 +390,19 @@ mod tests {
         }
         assert!(text.contains("default/web-0 → -"), "{text}");
         assert!(!text.contains("hidden"), "{text}");
+    }
+
+    #[test]
+    fn an_agent_that_is_not_ready_says_why() {
+        let mut app = app();
+        let mut reading = app.reading.clone().unwrap();
+        reading.paths.time_unix_ms += 1000;
+        reading.paths.ready = false;
+        reading.paths.problems = vec!["VPC CIDR unknown".into()];
+        app.apply(reading);
+        let text = screen(&app, 120, 30).join("\n");
+        assert!(text.contains("· not ready ·"), "{text}");
+        assert!(text.contains("· VPC CIDR unknown"), "{text}");
     }
 
     #[test]
