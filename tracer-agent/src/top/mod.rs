@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::anyhow;
 use ratatui::crossterm::event::{self, Event};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -36,7 +36,7 @@ use terminal::{Screen, ScreenError};
 
 /// One reading of the source: the two bodies of the JSON API. Also what `--once --json`
 /// prints.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Reading {
     pub paths: PathsResponse,
     pub flows: FlowsResponse,
@@ -52,7 +52,7 @@ impl From<ScreenError> for AgentError {
     }
 }
 
-/// The agent answered, but not as expected: a runtime failure (1).
+/// Reading the agent failed: a runtime failure (1).
 impl From<FetchError> for AgentError {
     fn from(error: FetchError) -> AgentError {
         AgentError::Runtime(error.into())
