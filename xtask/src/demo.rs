@@ -1,13 +1,15 @@
 //! `cargo xtask demo`: the lab node with the live agent, traffic on every path, and what the
 //! agent made of it.
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use crate::{
     agent::LabAgent,
     build,
     lab::{self, EndpointMode, Lab, LabOptions},
+    run,
     scrape::{self, Sample},
     setup,
+    tmux::Tmux,
 };
 
 #[derive(clap::Args)]
@@ -51,11 +53,14 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         args.mode
     );
     print_paths(&samples, &sent);
+    show_explain(&lab, &tracer)?;
+    show_top(&lab, &tracer, args.mode)?;
     if args.keep {
         lab.keep();
         agent.keep_running();
         println!(
-            "\nLeft running. Explore with:\n  ip netns exec {ns} curl -s http://{addr}/metrics\n  cargo xtask lab traffic\n  cargo xtask lab mode private\nTear down with: cargo xtask lab down",
+            "\nLeft running. Explore with:\n  ip netns exec {ns} {tracer} top\n  ip netns exec {ns} curl -s http://{addr}/api/v1/paths\n  cargo xtask lab traffic\n  cargo xtask lab mode private\nTear down with: cargo xtask lab down",
+            tracer = tracer.display(),
             ns = lab.ns("node"),
             addr = crate::agent::METRICS_ADDR
         );
@@ -64,6 +69,47 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let (took, code) = agent.stop()?;
     eprintln!("demo: agent stopped in {took:?} (exit code {code:?})");
     lab.down()
+}
+
+/// `tracer explain` for a pod reaching the API server through the `kubernetes` ClusterIP, with
+/// the lab's context flags: the rule and the facts behind the label.
+fn show_explain(lab: &Lab, tracer: &Path) -> anyhow::Result<()> {
+    let facts = lab.facts();
+    let (pod, service) = (facts.pod_ips["pod-a"], facts.kubernetes_service_ip);
+    println!("\n=== tracer explain {pod} {service}:443 ===");
+    let mut command = lab.command_in("node", &tracer.to_string_lossy());
+    command
+        .args(["explain", &pod.to_string(), &format!("{service}:443")])
+        .args(crate::agent::context_flags(lab));
+    print!("{}", run::command_output(&mut command)?);
+    Ok(())
+}
+
+/// `tracer top` in a real terminal (tmux) in the node namespace, reading the agent, while a
+/// second round of traffic runs; prints the screen once most paths show a rate.
+fn show_top(lab: &Lab, tracer: &Path, mode: EndpointMode) -> anyhow::Result<()> {
+    let terminal = Tmux::start("demo", 120, 46)?;
+    terminal.type_line(&format!(
+        "ip netns exec {} {} top --interval 2s",
+        lab.ns("node"),
+        tracer.display()
+    ))?;
+    lab.run_traffic(&lab::scenarios(mode))?;
+    // Rates are over the last 2 s: the refresh after the traffic shows most paths moving.
+    let moving = |screen: &str| {
+        screen
+            .lines()
+            .filter(|line| line.contains("_to_") && line.contains('k'))
+            .count()
+            >= 8
+    };
+    let screen = terminal
+        .wait_for("paths with rates", Duration::from_secs(5), moving)
+        .or_else(|_| terminal.screen())?;
+    terminal.press(&["q"])?;
+    println!("\n=== tracer top (agent mode, right after a second round of traffic) ===");
+    println!("{screen}");
+    Ok(())
 }
 
 /// One row per classified path: what the scenarios sent next to what the agent counted.
