@@ -62,23 +62,26 @@ pub struct PipelineArgs {
     pub context: ContextArgs,
 
     /// How often the cluster endpoint is resolved again.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub resolve_interval: Duration,
 
     /// Capacity of the kernel flow table, in connections (about 150 bytes each).
     #[arg(long, value_name = "ENTRIES", default_value_t = tracer_common::DEFAULT_FLOW_TABLE_SIZE,
-          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216),
+          allow_negative_numbers = true)]
     pub flow_table_size: u32,
 
     /// How often the flow table is read, e.g. 1s or 500ms. For `tracer top`, also how often the
     /// view refreshes (from an agent too): rates are computed over it.
     #[arg(long, visible_alias = "interval", value_name = "DURATION", default_value = "1s",
-          value_parser = parse_duration)]
+          value_parser = parse_duration, allow_hyphen_values = true)]
     pub poll_interval: Duration,
 
     /// How long a TCP SYN may wait for its SYN-ACK before the attempt counts as unanswered
     /// (tracer_path_unanswered_syn_total).
-    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration,
+          allow_hyphen_values = true)]
     pub syn_timeout: Duration,
 
     /// How the programs are attached: tcx links (kernel ≥ 6.6), the clsact qdisc, or the best
@@ -136,11 +139,13 @@ pub struct ContextArgs {
     pub service_cidrs: Vec<Cidr>,
 
     /// Name pattern of pod interfaces (repeatable; `*` is a wildcard). VPC CNI: eni*, vlan*.
-    #[arg(long = "pod-iface", value_name = "PATTERN", default_values = ["eni*", "vlan*"])]
+    #[arg(long = "pod-iface", value_name = "PATTERN", default_values = ["eni*", "vlan*"],
+          value_parser = parse_pattern)]
     pub pod_ifaces: Vec<String>,
 
     /// Name pattern of the node's ENIs (repeatable). AL2: eth*; AL2023: ens*.
-    #[arg(long = "node-iface", value_name = "PATTERN", default_values = ["eth*", "ens*"])]
+    #[arg(long = "node-iface", value_name = "PATTERN", default_values = ["eth*", "ens*"],
+          value_parser = parse_pattern)]
     pub node_ifaces: Vec<String>,
 
     /// The cluster endpoint hostname (e.g. ABC.gr7.us-west-2.eks.amazonaws.com), resolved with
@@ -253,8 +258,44 @@ pub enum AttachModeArg {
     Clsact,
 }
 
+/// Longest interface name Linux allows (IFNAMSIZ less the NUL).
+const MAX_INTERFACE_NAME: usize = 15;
+
+/// An interface name pattern: the characters of an interface name, and `*`. Other glob
+/// characters would be taken literally and silently match nothing, so they are refused.
+fn parse_pattern(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("an empty pattern matches no interface".to_owned());
+    }
+    if let Some(c) = text
+        .chars()
+        .find(|c| matches!(c, '?' | '[' | ']' | '{' | '}' | '!'))
+    {
+        return Err(format!(
+            "{text:?}: {c:?} is not a wildcard here; only * is (e.g. eni*)"
+        ));
+    }
+    if let Some(c) = text
+        .chars()
+        .find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{text:?}: {c:?} cannot appear in an interface name"
+        ));
+    }
+    if text.chars().filter(|c| *c != '*').count() > MAX_INTERFACE_NAME {
+        return Err(format!(
+            "{text:?} can match no interface: names are at most {MAX_INTERFACE_NAME} characters"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 /// `1s`, `250ms`, `2m`: the forms an operator types.
 fn parse_duration(text: &str) -> Result<Duration, String> {
+    if text.starts_with('-') {
+        return Err(format!("{text:?}: a duration cannot be negative"));
+    }
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("{text:?} has no unit: write e.g. 1s or 500ms"))?;
@@ -286,6 +327,23 @@ mod tests {
         assert!(parse_duration("1h").is_err());
         assert!(parse_duration("10ms").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn patterns() {
+        assert_eq!(parse_pattern("eni*"), Ok("eni*".to_owned()));
+        assert_eq!(parse_pattern("vlan.eth.1"), Ok("vlan.eth.1".to_owned()));
+        for bad in [
+            "",
+            "eni?",
+            "eth[0-9]",
+            "eth 0",
+            "eth0:1",
+            "a/b",
+            "averyverylongname*",
+        ] {
+            assert!(parse_pattern(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

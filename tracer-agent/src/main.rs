@@ -20,11 +20,8 @@ fn main() {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            if let Some(path) = config.filter(|_| error.use_stderr()) {
-                eprintln!(
-                    "note: the flags above include those set in --config {}",
-                    path.display()
-                );
+            if error.use_stderr() {
+                note_config(config.as_deref());
             }
             std::process::exit(error.exit_code());
         }
@@ -36,7 +33,21 @@ fn main() {
     };
     if let Err(error) = result {
         eprintln!("tracer: {error}");
+        if error.exit_code() == 2 {
+            note_config(config.as_deref());
+        }
         std::process::exit(error.exit_code());
+    }
+}
+
+/// Points at the configuration file, when there is one, after a usage or configuration error:
+/// the flag the message names may have come from it.
+fn note_config(config: Option<&std::path::Path>) {
+    if let Some(path) = config {
+        eprintln!(
+            "note: the flags above include those set in --config {}",
+            path.display()
+        );
     }
 }
 

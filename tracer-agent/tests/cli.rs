@@ -1,108 +1,457 @@
-//! The `tracer` binary's answers to bad usage and bad environments: one line naming the
-//! problem and the fix, exit code 2 for usage/configuration, 1 for the runtime.
+//! The `tracer` binary's answers to bad usage, bad configuration and bad environments: a short
+//! message naming the flag (and the file, for `--config`) and what is wrong, exit code 2 for
+//! usage/configuration, 1 for the runtime; never a panic.
 //!
-//! Each case runs in a fresh network namespace (`unshare --net`), so the host's interfaces are
-//! never seen, let alone attached to.
-use std::process::{Command, Output};
+//! Each case runs the real binary from a thread that has moved to a fresh network namespace
+//! (gone with the thread), so the host's interfaces are never seen, let alone attached to.
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests need root to create network namespaces (unshare --net)"
-    );
+/// Longer than any failing start takes; a case still running then did not fail at all.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the namespace holds when the binary starts.
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    /// Only loopback.
+    Empty,
+    /// A pod-like veth `eni0` and a node-like `eth0`, so that interface discovery succeeds.
+    Interfaces,
+    /// Interfaces, and a listener on 127.0.0.1:9477, the address the case asks the agent for.
+    PortTaken,
 }
 
-/// Runs `script` with `sh -c` in a new network namespace; `$TRACER` is the binary.
-fn in_fresh_netns(script: &str) -> Output {
-    require_root();
-    Command::new("unshare")
-        .args(["--net", "sh", "-c", script])
-        .env("TRACER", env!("CARGO_BIN_EXE_tracer"))
-        .output()
-        .expect("unshare (util-linux) runs")
+/// How a run ended.
+struct Ended {
+    /// `None` when it was still running after `TIMEOUT` (and was killed).
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
 }
 
-fn assert_failure(output: &Output, code: i32, message: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
+/// Runs `tracer args` in a fresh namespace prepared as `setup`.
+fn run_in_fresh_netns(setup: Setup, args: Vec<String>) -> Ended {
+    in_fresh_netns(move || {
+        if setup != Setup::Empty {
+            ip(&[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "eni0",
+            ]);
+        }
+        // Held until the run ends.
+        let _listener = (setup == Setup::PortTaken)
+            .then(|| TcpListener::bind("127.0.0.1:9477").expect("binding 127.0.0.1:9477"));
+        run_bounded(Command::new(env!("CARGO_BIN_EXE_tracer")).args(&args))
+    })
+}
+
+/// Runs `work` on a thread of its own in a new network namespace with loopback up.
+fn in_fresh_netns<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare takes no pointers; it moves only this thread to a new namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!(
+                "these tests need root to create network namespaces: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        ip(&["link", "set", "lo", "up"]);
+        work()
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Runs `command` (from the calling thread, so in its namespace) for at most `TIMEOUT`.
+/// Its output is small: the pipes never fill while it runs.
+fn run_bounded(command: &mut Command) -> Ended {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the tracer binary starts");
+    let started = Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("waiting for tracer") {
+            break status.code();
+        }
+        if started.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let read = |pipe: &mut dyn std::io::Read| {
+        let mut text = String::new();
+        pipe.read_to_string(&mut text).expect("reading the output");
+        text
+    };
+    let stdout = read(child.stdout.as_mut().expect("stdout is piped"));
+    let stderr = read(child.stderr.as_mut().expect("stderr is piped"));
+    Ended {
+        code,
+        stdout,
+        stderr,
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status();
     assert!(
-        stderr.contains(message),
-        "expected {message:?} in: {stderr}"
+        status.as_ref().is_ok_and(|status| status.success()),
+        "ip {}: {status:?}",
+        args.join(" ")
     );
 }
 
-#[test]
-fn no_matching_interface_is_a_configuration_error() {
-    let output = in_fresh_netns("$TRACER agent --metrics-addr 127.0.0.1:0");
-    assert_failure(&output, 2, "no interface matches --pod-iface");
+/// One bad invocation and the words its message must contain.
+struct Case {
+    args: &'static str,
+    /// A `--config` file's content, appended to the arguments as `--config PATH`.
+    config: Option<&'static str>,
+    setup: Setup,
+    expected: &'static [&'static str],
+}
+
+const fn flags(args: &'static str, expected: &'static [&'static str]) -> Case {
+    Case {
+        args,
+        config: None,
+        setup: Setup::Empty,
+        expected,
+    }
+}
+
+const fn file(args: &'static str, config: &'static str, expected: &'static [&'static str]) -> Case {
+    Case {
+        args,
+        config: Some(config),
+        setup: Setup::Empty,
+        expected,
+    }
+}
+
+/// Every way to get the configuration wrong that the binary must refuse with exit code 2.
+const BAD_CONFIGURATION: &[Case] = &[
+    // Address blocks.
+    flags(
+        "agent --vpc-cidr banana",
+        &["--vpc-cidr", "not a CIDR block"],
+    ),
+    flags(
+        "agent --vpc-cidr 10.0.0.0",
+        &["--vpc-cidr", "not a CIDR block"],
+    ),
+    flags(
+        "agent --vpc-cidr 10.0.1.7/16",
+        &["--vpc-cidr", "host bits set", "10.0.0.0/16"],
+    ),
+    flags(
+        "agent --vpc-cidr 10.0.0.0/33",
+        &["--vpc-cidr", "prefix length larger"],
+    ),
+    flags(
+        "agent --vpc-cidr fd00::/129",
+        &["--vpc-cidr", "prefix length larger"],
+    ),
+    flags(
+        "agent --service-cidr 10.100.0.0/-1",
+        &["--service-cidr", "not a CIDR block"],
+    ),
+    // Addresses. No flag is IPv4-only; an address of the wrong family shows as a contradiction.
+    flags(
+        "agent --cluster-dns 10.100.0",
+        &["--cluster-dns", "invalid"],
+    ),
+    flags(
+        "agent --apiserver-ip api.example",
+        &["--apiserver-ip", "invalid"],
+    ),
+    flags(
+        "agent --controlplane-ip 10.0.1.300",
+        &["--controlplane-ip", "invalid"],
+    ),
+    flags("agent --metrics-addr 9477", &["--metrics-addr", "invalid"]),
+    flags(
+        "agent --metrics-addr 127.0.0.1:99999",
+        &["--metrics-addr", "invalid"],
+    ),
+    flags(
+        "agent --imds-addr 169.254.169.254",
+        &["--imds-addr", "invalid"],
+    ),
+    flags(
+        "agent --service-cidr 10.100.0.0/16 --cluster-dns fd00::a",
+        &[
+            "--cluster-dns",
+            "--service-cidr",
+            "outside every service CIDR",
+        ],
+    ),
+    // Facts that cannot all be true.
+    flags(
+        "agent --vpc-cidr 10.0.0.0/16 --vpc-cidr 10.0.0.0/8",
+        &["--vpc-cidr", "overlap"],
+    ),
+    flags(
+        "agent --vpc-cidr 10.0.0.0/16 --service-cidr 10.0.128.0/20",
+        &["--service-cidr", "--vpc-cidr"],
+    ),
+    flags(
+        "agent --vpc-cidr 10.0.0.0/16 --controlplane-ip 192.0.2.50",
+        &["--controlplane-ip", "outside every VPC CIDR"],
+    ),
+    // Durations.
+    flags(
+        "agent --poll-interval 0s",
+        &["--poll-interval", "between 100ms and 60s"],
+    ),
+    flags(
+        "agent --poll-interval -1s",
+        &["--poll-interval", "negative"],
+    ),
+    flags(
+        "agent --poll-interval=-500ms",
+        &["--poll-interval", "negative"],
+    ),
+    flags("agent --poll-interval 1", &["--poll-interval", "no unit"]),
+    flags(
+        "agent --poll-interval 1h",
+        &["--poll-interval", "unit must be ms, s or m"],
+    ),
+    flags(
+        "agent --poll-interval soon",
+        &["--poll-interval", "whole number"],
+    ),
+    flags(
+        "agent --syn-timeout 10ms",
+        &["--syn-timeout", "between 100ms and 60s"],
+    ),
+    flags("agent --syn-timeout -3s", &["--syn-timeout", "negative"]),
+    flags(
+        "agent --resolve-interval 2m",
+        &["--resolve-interval", "between 100ms and 60s"],
+    ),
+    // Table size.
+    flags(
+        "agent --flow-table-size 0",
+        &["--flow-table-size", "1024..=16777216"],
+    ),
+    flags(
+        "agent --flow-table-size 1023",
+        &["--flow-table-size", "1024..=16777216"],
+    ),
+    flags(
+        "agent --flow-table-size 16777217",
+        &["--flow-table-size", "1024..=16777216"],
+    ),
+    flags("agent --flow-table-size -5", &["--flow-table-size", "-5"]),
+    flags(
+        "agent --flow-table-size lots",
+        &["--flow-table-size", "lots"],
+    ),
+    // Attach mode.
+    flags(
+        "agent --attach-mode xdp",
+        &["--attach-mode", "possible values: auto, tcx, clsact"],
+    ),
+    // Interface patterns.
+    flags("agent --pod-iface eni?", &["--pod-iface", "only * is"]),
+    flags(
+        "agent --node-iface eth[0-9]",
+        &["--node-iface", "only * is"],
+    ),
+    flags(
+        "agent --pod-iface eni0:1",
+        &["--pod-iface", "cannot appear in an interface name"],
+    ),
+    flags("agent --pod-iface ", &["--pod-iface", "empty pattern"]),
+    flags(
+        "agent --node-iface ens-with-a-long-name*",
+        &["--node-iface", "at most 15"],
+    ),
+    // Usage.
+    flags("agent --no-such-flag", &["--no-such-flag"]),
+    flags("agent --vpc-cidr", &["--vpc-cidr", "a value is required"]),
+    flags("frobnicate", &["frobnicate"]),
+    // Configuration files: the flag a key stands for and the file are named.
+    file(
+        "agent",
+        "vpc-cidr = [\"10.0.1.7/16\"]",
+        &["--vpc-cidr", "host bits set", "--config"],
+    ),
+    file(
+        "agent",
+        "poll-interval = \"0s\"",
+        &["--poll-interval", "--config"],
+    ),
+    file(
+        "agent",
+        "flow-table-size = 12",
+        &["--flow-table-size", "--config"],
+    ),
+    file(
+        "agent",
+        "flow-table-size = \"big\"",
+        &["--flow-table-size", "--config"],
+    ),
+    file(
+        "agent",
+        "attach-mode = \"xdp\"",
+        &["--attach-mode", "--config"],
+    ),
+    file(
+        "agent",
+        "pod-iface = [\"eni?\"]",
+        &["--pod-iface", "only * is", "--config"],
+    ),
+    file(
+        "agent",
+        "metrics_addr = \"127.0.0.1:1\"",
+        &["--metrics_addr", "--config"],
+    ),
+    file("agent", "vpc-cidr = [", &["--config", "not valid TOML"]),
+    file(
+        "agent",
+        "[agent]\nvpc-cidr = \"10.0.0.0/16\"",
+        &["--config", "key \"agent\""],
+    ),
+    file(
+        "agent",
+        "vpc-cidr = [\"10.0.0.0/16\", \"10.0.0.0/8\"]",
+        &["--vpc-cidr", "overlap", "--config"],
+    ),
+    flags(
+        "agent --config /nonexistent/tracer.toml",
+        &["cannot read --config", "/nonexistent/tracer.toml"],
+    ),
+    flags("agent --config", &["--config needs a file name"]),
+    // The environment contradicts the flags.
+    flags(
+        "agent --metrics-addr 127.0.0.1:0",
+        &["no interface matches --pod-iface"],
+    ),
+    Case {
+        args: "agent --metrics-addr 127.0.0.1:9477",
+        config: None,
+        setup: Setup::PortTaken,
+        expected: &["cannot listen on --metrics-addr 127.0.0.1:9477"],
+    },
+    Case {
+        args: "agent --metrics-addr 127.0.0.1:0 --pod-iface vlan* --node-iface ens*",
+        config: None,
+        setup: Setup::Interfaces,
+        expected: &["no interface matches --pod-iface [\"vlan*\"]"],
+    },
+];
+
+/// Splits a case's arguments on spaces; a trailing space stands for an empty last argument.
+fn argv(args: &str) -> Vec<String> {
+    args.split(' ').map(str::to_owned).collect()
+}
+
+fn config_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("tracer-cli-{}", std::process::id()))
+}
+
+/// Writes a case's configuration file; returns its path.
+fn write_config(n: usize, text: &str) -> PathBuf {
+    let path = config_dir().join(format!("case-{n}.toml"));
+    std::fs::create_dir_all(config_dir()).expect("temp dir");
+    std::fs::write(&path, text).expect("write config");
+    path
 }
 
 #[test]
-fn a_malformed_flag_names_the_flag() {
-    let output = in_fresh_netns("$TRACER agent --metrics-addr not-an-address");
-    assert_failure(&output, 2, "--metrics-addr");
-    let output = in_fresh_netns("$TRACER agent --vpc-cidr 10.0.1.7/16");
-    assert_failure(&output, 2, "host bits set");
-    let output = in_fresh_netns("$TRACER agent --no-such-flag");
-    assert_failure(&output, 2, "--no-such-flag");
-}
-
-#[test]
-fn an_address_already_in_use_names_the_flag() {
-    // A listener holds the port while the agent starts.
-    let output = in_fresh_netns(
-        "ip link set lo up; ip link add eth0 type veth peer name eni0; \
-         python3 -c 'import socket,time; s=socket.socket(); s.bind((\"127.0.0.1\",9477)); s.listen(); time.sleep(5)' & \
-         sleep 0.5; $TRACER agent --metrics-addr 127.0.0.1:9477; code=$?; kill $!; exit $code",
+fn bad_configuration_is_refused_with_exit_code_2_naming_the_flag() {
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    for (n, case) in BAD_CONFIGURATION.iter().enumerate() {
+        let mut args = argv(case.args);
+        if let Some(text) = case.config {
+            args.push("--config".into());
+            args.push(write_config(n, text).display().to_string());
+        }
+        let shown = format!("tracer {}", args.join(" "));
+        let ended = run_in_fresh_netns(case.setup, args);
+        let stderr = ended.stderr.trim_end();
+        let missing: Vec<&str> = case
+            .expected
+            .iter()
+            .copied()
+            .filter(|word| !stderr.contains(word))
+            .collect();
+        if ended.code != Some(2) || !missing.is_empty() || stderr.contains("panicked") {
+            let how = match ended.code {
+                Some(code) => format!("exit code {code}"),
+                None => format!("still running after {TIMEOUT:?}"),
+            };
+            failures.push(format!(
+                "{shown}\n  {how}, missing {missing:?} in:\n  {}",
+                stderr.replace('\n', "\n  ")
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(config_dir());
+    eprintln!(
+        "{} bad configurations checked in {:.1?}",
+        BAD_CONFIGURATION.len(),
+        started.elapsed()
     );
-    assert_failure(&output, 2, "cannot listen on --metrics-addr 127.0.0.1:9477");
+    assert!(
+        failures.is_empty(),
+        "{} of {} bad configurations were not refused as they should be:\n{}",
+        failures.len(),
+        BAD_CONFIGURATION.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn missing_privileges_are_a_runtime_error_that_says_what_is_needed() {
-    let output = in_fresh_netns(
-        "ip link add eth0 type veth peer name eni0 && \
-         setpriv --reuid 65534 --regid 65534 --clear-groups --inh-caps=-all \
-         $TRACER agent --metrics-addr 127.0.0.1:0",
-    );
-    assert_failure(&output, 1, "CAP_BPF");
+    let drop_everything = "--reuid 65534 --regid 65534 --clear-groups --inh-caps=-all";
+    let ended = in_fresh_netns(move || {
+        ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eni0",
+        ]);
+        run_bounded(
+            Command::new("setpriv")
+                .args(drop_everything.split(' '))
+                .args([env!("CARGO_BIN_EXE_tracer"), "agent"])
+                .args(["--metrics-addr", "127.0.0.1:0"]),
+        )
+    });
+    assert_eq!(ended.code, Some(1), "stderr: {}", ended.stderr);
+    assert!(ended.stderr.contains("CAP_BPF"), "{}", ended.stderr);
 }
 
 #[test]
-fn a_config_file_sets_flags_and_its_mistakes_are_named() {
-    let dir = std::env::temp_dir().join(format!("tracer-cli-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let good = dir.join("good.toml");
-    std::fs::write(
-        &good,
+fn a_config_file_sets_flags() {
+    let path = write_config(
+        BAD_CONFIGURATION.len(),
         "vpc-cidr = [\"10.0.0.0/16\"]\nservice-cidr = \"10.100.0.0/16\"\njson = true\n",
-    )
-    .expect("write config");
-    let output = in_fresh_netns(&format!(
-        "$TRACER explain 10.0.1.7 10.100.0.1:443 --config {}",
-        good.display()
-    ));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("10.0.0.0/16 (--vpc-cidr)"), "{stdout}");
-    assert!(stdout.contains("\"path\": \"unknown\""), "{stdout}");
-
-    let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "vpc-cidr = [\"10.0.0.1/16\"]\n").expect("write config");
-    let output = in_fresh_netns(&format!("$TRACER agent --config {}", bad.display()));
-    assert_failure(&output, 2, "--vpc-cidr");
-    assert_failure(&output, 2, &format!("--config {}", bad.display()));
-
-    let output = in_fresh_netns(&format!(
-        "$TRACER agent --config {}",
-        dir.join("none.toml").display()
-    ));
-    assert_failure(&output, 2, "cannot read --config");
-    std::fs::remove_dir_all(&dir).expect("remove temp dir");
+    let args = ["explain", "10.0.1.7", "10.100.0.1:443", "--config"]
+        .map(String::from)
+        .into_iter()
+        .chain([path.display().to_string()])
+        .collect();
+    let ended = run_in_fresh_netns(Setup::Empty, args);
+    let _ = std::fs::remove_dir_all(config_dir());
+    assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+    assert!(
+        ended.stdout.contains("10.0.0.0/16 (--vpc-cidr)"),
+        "{}",
+        ended.stdout
+    );
+    assert!(
+        ended.stdout.contains("\"path\": \"unknown\""),
+        "{}",
+        ended.stdout
+    );
 }
