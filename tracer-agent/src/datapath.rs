@@ -281,6 +281,25 @@ impl Datapath {
         read_batched(data.fd().as_fd()).map_err(DatapathError::Batch)
     }
 
+    /// One connection's entry, if the table holds it.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowStats>, DatapathError> {
+        let map_error = |source| DatapathError::Map {
+            name: FLOWS_MAP,
+            source,
+        };
+        let map = self
+            .ebpf
+            .map(FLOWS_MAP)
+            .ok_or(DatapathError::Missing(FLOWS_MAP))?;
+        let map: BpfHashMap<&MapData, FlowKey, FlowStats> =
+            BpfHashMap::try_from(map).map_err(map_error)?;
+        match map.get(key, 0) {
+            Ok(stats) => Ok(Some(stats)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_error(source)),
+        }
+    }
+
     /// Removes connections from the flow table (after their last counts were read).
     pub fn forget(&mut self, keys: &[FlowKey]) -> Result<(), DatapathError> {
         let map = self

@@ -1,174 +1,28 @@
 //! The real kernel classifiers under `BPF_PROG_TEST_RUN`: crafted packets in, the exact flow
-//! table and datapath counters out.
-//!
-//! Every test body runs in a thread of its own inside a fresh, anonymous network namespace
-//! (gone with the thread, so nothing needs cleaning up, even after a failure), with veth
-//! interfaces standing in for pod veths and node ENIs, and loads its own datapath: tests run in
-//! parallel without seeing each other's maps, and never touch the root namespace. They need
-//! root; without it they fail, they never skip.
-use std::{ffi::CString, net::SocketAddr, process::Command};
+//! table and datapath counters out. The harness (a fresh node per test) is in `common`.
+mod common;
 
-use aya::programs::{TestRun, TestRunOptions};
+use std::net::SocketAddr;
+
+use common::{
+    ETH_HLEN, Node, Skb, UNTAGGED_IPV4_MIN, UNTAGGED_IPV6_MIN, addr, key, on_fresh_node,
+    on_fresh_node_with_table,
+};
 use tracer_agent::{
     aggregate::{Aggregator, NatTable, Unread},
     classify::NodeContext,
     craft::{ETH_P_8021AD, ETH_P_8021Q, ExtHeader, Fragment, Frame, Icmp, arp_request},
-    datapath::{AttachMode, Datapath},
 };
 use tracer_common::{
-    DEFAULT_FLOW_TABLE_SIZE, DIR_HI_TO_LO, DIR_LO_TO_HI,
+    DIR_HI_TO_LO, DIR_LO_TO_HI,
     DatapathCounter::{self, *},
-    FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowStats, Hook, PROGRAM_EGRESS, PROGRAM_INGRESS,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TC_NEXT, TCP_ACK, TCP_SYN,
+    FlowKey, FlowStats, Hook, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN,
 };
 
-const NEED_ROOT: &str = "kernel-program tests need root (CAP_BPF, CAP_NET_ADMIN)";
-/// The shortest frames BPF_PROG_TEST_RUN takes (EINVAL otherwise): an Ethernet header, and for
-/// an untagged IPv4 or IPv6 frame, an Ethernet and a fixed IP header. Cuts inside the fixed IP
-/// header are therefore made on VLAN-tagged frames.
-const ETH_HLEN: usize = 14;
-const UNTAGGED_IPV4_MIN: usize = ETH_HLEN + 20;
-const UNTAGGED_IPV6_MIN: usize = ETH_HLEN + 40;
 /// What `Node::flows` puts in place of a handshake timestamp that was set.
 const SEEN: u64 = 1;
 
-/// The fields of the `struct __sk_buff` context (uapi linux/bpf.h, 192 bytes) that a test sets.
-/// BPF_PROG_TEST_RUN copies them into the skb it builds, and rejects any other non-zero field.
-#[derive(Clone, Copy)]
-struct Skb {
-    /// Interface the packet is seen at, looked up in the caller's network namespace.
-    ifindex: u32,
-    /// GSO: how many wire segments the buffer stands for, and their payload size.
-    gso_segs: u32,
-    gso_size: u32,
-}
-
-impl Skb {
-    const SIZE: usize = 192;
-    const IFINDEX_OFFSET: usize = 40;
-    const GSO_SEGS_OFFSET: usize = 164;
-    const GSO_SIZE_OFFSET: usize = 176;
-
-    fn at(ifindex: u32) -> Skb {
-        Skb {
-            ifindex,
-            gso_segs: 0,
-            gso_size: 0,
-        }
-    }
-
-    fn bytes(self) -> [u8; Skb::SIZE] {
-        let mut ctx = [0; Skb::SIZE];
-        for (offset, value) in [
-            (Skb::IFINDEX_OFFSET, self.ifindex),
-            (Skb::GSO_SEGS_OFFSET, self.gso_segs),
-            (Skb::GSO_SIZE_OFFSET, self.gso_size),
-        ] {
-            ctx[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
-        }
-        ctx
-    }
-}
-
-/// One test's node: interfaces in a namespace of its own, and a datapath of its own.
-struct Node {
-    datapath: Datapath,
-    /// ifindex of the interfaces `d0`, `d1`, …
-    ifindex: Vec<u32>,
-    /// The counters as of the last `counter_deltas`.
-    counters: [u64; DatapathCounter::COUNT as usize],
-}
-
-/// Runs `body` on a fresh node with `interfaces` interfaces, in a thread of its own that lives
-/// in a new network namespace; a failure in `body` fails the calling test.
-fn on_fresh_node(interfaces: usize, body: impl FnOnce(&mut Node) + Send + 'static) {
-    on_fresh_node_with_table(interfaces, DEFAULT_FLOW_TABLE_SIZE, body);
-}
-
-/// `on_fresh_node` with a flow table of `table_size` entries.
-fn on_fresh_node_with_table(
-    interfaces: usize,
-    table_size: u32,
-    body: impl FnOnce(&mut Node) + Send + 'static,
-) {
-    let outcome = std::thread::spawn(move || {
-        // SAFETY: unshare takes no pointers; it moves only this thread to a new namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            let error = std::io::Error::last_os_error();
-            panic!("{NEED_ROOT}: cannot create a network namespace: {error}");
-        }
-        ip(&["link", "set", "lo", "up"]);
-        // veth, like a pod's: this kernel has no dummy interfaces. Only `dN` is used.
-        let ifindex = (0..interfaces)
-            .map(|n| {
-                let (name, peer) = (format!("d{n}"), format!("p{n}"));
-                ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
-                let c_name = CString::new(name).expect("no NUL in an interface name");
-                // SAFETY: a valid NUL-terminated string; this thread's namespace is searched.
-                unsafe { libc::if_nametoindex(c_name.as_ptr()) }
-            })
-            .collect();
-        let datapath = Datapath::load(table_size, AttachMode::Tcx)
-            .unwrap_or_else(|error| panic!("{NEED_ROOT}: {error}"));
-        body(&mut Node {
-            datapath,
-            ifindex,
-            counters: [0; DatapathCounter::COUNT as usize],
-        });
-    })
-    .join();
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
-}
-
-/// Runs `ip` from the calling thread, so that it works in that thread's namespace.
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status();
-    assert!(
-        status.as_ref().is_ok_and(|status| status.success()),
-        "ip {}: {status:?}",
-        args.join(" ")
-    );
-}
-
 impl Node {
-    /// Runs the program of `hook` on `frame`; checks that it hands the packet on, unchanged.
-    fn run(&mut self, hook: Hook, skb: Skb, frame: &[u8]) {
-        let name = match hook {
-            Hook::Ingress => PROGRAM_INGRESS,
-            Hook::Egress => PROGRAM_EGRESS,
-        };
-        let ctx = skb.bytes();
-        let mut data_out = vec![0; frame.len()];
-        let program = self
-            .datapath
-            .program(name)
-            .unwrap_or_else(|error| panic!("{error}"));
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut data_out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|error| {
-                panic!(
-                    "BPF_PROG_TEST_RUN of {name} on {} bytes: {error:?}",
-                    frame.len()
-                )
-            });
-        assert_eq!(
-            result.return_value, TC_NEXT as u32,
-            "{name} must hand every packet on"
-        );
-        assert_eq!(
-            &data_out[..result.data_size_out as usize],
-            frame,
-            "{name} must not alter the packet"
-        );
-    }
-
     /// The flow table, sorted, with each handshake timestamp that is set replaced by `SEEN`,
     /// so that whole entries compare exactly.
     fn flows(&self) -> Vec<(FlowKey, FlowStats)> {
@@ -185,23 +39,6 @@ impl Node {
         expected.sort_by_key(|&(key, _)| key);
         assert_eq!(self.flows(), expected);
     }
-
-    /// The counters that changed since the last call, by name, in `DatapathCounter` order.
-    fn counter_deltas(&mut self) -> Vec<(&'static str, u64)> {
-        let now = self.datapath.counters().expect("reading the counters");
-        let deltas = DatapathCounter::ALL
-            .iter()
-            .map(|&counter| {
-                (
-                    counter.name(),
-                    now[counter as usize] - self.counters[counter as usize],
-                )
-            })
-            .filter(|&(_, delta)| delta != 0)
-            .collect();
-        self.counters = now;
-        deltas
-    }
 }
 
 /// Expected counter deltas in the shape `Node::counter_deltas` returns them.
@@ -213,36 +50,6 @@ fn counts(expected: &[(DatapathCounter, u64)]) -> Vec<(&'static str, u64)> {
             Some((counter.name(), *delta))
         })
         .collect()
-}
-
-fn addr(text: &str) -> SocketAddr {
-    text.parse().expect("a valid socket address")
-}
-
-/// The key of a connection whose canonical low and high endpoints are `lo` and `hi`: spelt out
-/// by each test rather than computed by the code under test.
-fn key(proto: u8, lo: SocketAddr, hi: SocketAddr) -> FlowKey {
-    let octets = |endpoint: SocketAddr| {
-        let mut bytes = [0; 16];
-        match endpoint {
-            SocketAddr::V4(v4) => bytes[..4].copy_from_slice(&v4.ip().octets()),
-            SocketAddr::V6(v6) => bytes = v6.ip().octets(),
-        }
-        bytes
-    };
-    FlowKey {
-        lo_addr: octets(lo),
-        hi_addr: octets(hi),
-        lo_port: lo.port(),
-        hi_port: hi.port(),
-        proto,
-        family: if lo.is_ipv4() {
-            FAMILY_IPV4
-        } else {
-            FAMILY_IPV6
-        },
-        _pad: [0; 2],
-    }
 }
 
 /// An entry's fields fixed by the first packet: the interface and hook that saw it, its direction.
@@ -628,6 +435,34 @@ fn truncated_at_every_header_boundary_is_never_attributed() {
             "truncated packets were attributed or miscounted:\n{}",
             failures.join("\n")
         );
+    });
+}
+
+#[test]
+fn a_length_field_that_disagrees_with_the_packet_is_never_believed() {
+    on_fresh_node(1, |node| {
+        let eni = node.ifindex[0];
+        let ipv4 = Frame::tcp(addr("10.0.0.1:40000"), addr("10.0.0.2:80"), TCP_ACK)
+            .payload(20)
+            .build();
+        let ipv6 = Frame::udp(addr("[fd00::1]:4000"), addr("[fd00::2]:53"))
+            .payload(20)
+            .build();
+        // (frame, offset of the length field, the length written there)
+        let lies = [
+            // More than the buffer holds: the datagram was cut, or lies.
+            (&ipv4, ipv4.l3_offset + 2, ipv4.l3_len + 100),
+            (&ipv6, ipv6.l3_offset + 4, ipv6.l3_len),
+            // Less than the IP and TCP headers: the TCP header is not part of the datagram.
+            (&ipv4, ipv4.l3_offset + 2, 30),
+        ];
+        for (frame, offset, length) in lies {
+            let mut bytes = frame.bytes.clone();
+            bytes[offset..offset + 2].copy_from_slice(&(length as u16).to_be_bytes());
+            node.run(Hook::Ingress, Skb::at(eni), &bytes);
+        }
+        node.assert_flows(Vec::new());
+        assert_eq!(node.counter_deltas(), counts(&[(Seen, 3), (Truncated, 3)]));
     });
 }
 

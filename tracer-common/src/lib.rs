@@ -175,8 +175,9 @@ pub enum DatapathCounter {
     Duplicate = 2,
     /// Not IPv4 or IPv6 (ARP, LLDP, …).
     NotIp = 3,
-    /// Too short for the headers they announce, or with headers the parser does not walk
-    /// (an IPv6 extension chain longer than six): never attributed to a flow.
+    /// Too short for the headers or the length they announce (or announcing a length too short
+    /// for their own headers), or with headers the parser does not walk (an IPv6 extension
+    /// chain longer than six): never attributed to a flow.
     Truncated = 4,
     /// Non-first fragments whose first fragment was not seen: not attributed to a flow.
     FragmentUnmatched = 5,

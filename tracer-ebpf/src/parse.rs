@@ -145,6 +145,12 @@ pub fn packet(
         ETH_P_IPV6 => ipv6(ctx, l3_offset)?,
         _ => return Err(ParseError::NotIp),
     };
+    // A datagram longer than the buffer was cut on the way (or lies about its length): the
+    // stack drops it, and its announced length would count bytes that never came.
+    let skb_l3_len = (ctx.len() as usize).saturating_sub(l3_offset);
+    if net.l3_len > skb_l3_len {
+        return Err(ParseError::Truncated);
+    }
     let transport = match net.fragment {
         Fragment::Later { id, last } => {
             let key = fragment_key(&net, id);
@@ -174,8 +180,11 @@ pub fn packet(
         }
         Fragment::None => transport(ctx, net.proto, net.l4_offset)?,
     };
+    // Headers past the datagram's announced end are not part of it: the stack drops it too.
+    if net.l3_len != 0 && net.l4_offset + transport.header_len > l3_offset + net.l3_len {
+        return Err(ParseError::Truncated);
+    }
 
-    let skb_l3_len = (ctx.len() as usize).saturating_sub(net.l4_offset - net.header_len);
     // SAFETY: the context pointer is valid for the whole program run.
     let gso_segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
     let (segments, l3_bytes) = if gso_segs > 1 {
