@@ -23,6 +23,15 @@ use tracer_common::{
 /// The kernel programs, built by build.rs and embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
+/// A stand-in for the VPC CNI's network-policy agent (`policy_standin`: drops TCP to the port
+/// in its global `DENIED_TCP_PORT`), built with the kernel programs for the coexistence tests.
+/// The agent never loads it.
+pub static POLICY_STANDIN_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-standin"));
+/// The stand-in's program and the global that holds its denied port.
+pub const POLICY_STANDIN_PROGRAM: &str = "policy_standin";
+pub const POLICY_STANDIN_PORT_GLOBAL: &str = "DENIED_TCP_PORT";
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("loading the eBPF object failed: {0}")]
