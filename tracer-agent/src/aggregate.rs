@@ -292,8 +292,6 @@ pub struct PollResult {
     pub deltas: PathTable,
     /// Idle connections whose kernel entries can be removed.
     pub idle: Vec<FlowKey>,
-    /// Connections that left the kernel table without being read out: LRU evictions.
-    pub evicted: u64,
     /// SYN → SYN-ACK times of the handshakes completed since the previous poll.
     pub handshakes: Vec<(Classification, std::time::Duration)>,
     /// Kernel entries read for the first time (new connections, and connections evicted and
@@ -467,9 +465,8 @@ impl Aggregator {
                 tracked.last = *stats;
             }
         }
-        let before = self.tracked.len();
+        // Gone from the kernel table (evicted): a connection seen again starts from zero.
         self.tracked.retain(|key, _| present.contains(key));
-        result.evicted = (before - self.tracked.len()) as u64;
         for key in &result.idle {
             self.tracked.remove(key);
         }
@@ -807,14 +804,13 @@ mod tests {
     }
 
     #[test]
-    fn an_evicted_connection_is_counted_and_its_recreation_starts_from_zero() {
+    fn an_evicted_connection_recreated_starts_from_zero() {
         let (view, dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
         let mut aggregator = Aggregator::default();
         let none = NatTable::default();
         aggregator.poll(&[(view, stats(dir, 4_000, 0))], &context(), &none, 0);
         aggregator.poll(&[(view, stats(dir, 8_000, 0))], &context(), &none, 0);
-        let gone = aggregator.poll(&[], &context(), &none, 0);
-        assert_eq!(gone.evicted, 1);
+        aggregator.poll(&[], &context(), &none, 0);
         aggregator.poll(&[(view, stats(dir, 2_000, 0))], &context(), &none, 0);
         let back = aggregator.poll(&[(view, stats(dir, 3_000, 0))], &context(), &none, 0);
         assert_eq!(

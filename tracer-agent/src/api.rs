@@ -43,7 +43,8 @@ pub struct AttachedInterfaces {
 pub struct FlowTableStats {
     pub entries: u64,
     pub capacity: u64,
-    /// Connections the kernel evicted before the agent read them out (cumulative).
+    /// Connections the kernel table evicted to make room for new ones (cumulative), whether a
+    /// poll had read them or not.
     pub evictions: u64,
 }
 

@@ -309,8 +309,9 @@ impl Datapath {
         }
     }
 
-    /// Removes connections from the flow table (after their last counts were read).
-    pub fn forget(&mut self, keys: &[FlowKey]) -> Result<(), DatapathError> {
+    /// Removes connections from the flow table (after their last counts were read); returns
+    /// how many were still there.
+    pub fn forget(&mut self, keys: &[FlowKey]) -> Result<u64, DatapathError> {
         let map = self
             .ebpf
             .map_mut(FLOWS_MAP)
@@ -320,9 +321,11 @@ impl Datapath {
                 name: FLOWS_MAP,
                 source,
             })?;
+        let mut removed = 0;
         for key in keys {
             match map.remove(key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Ok(()) => removed += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(source) => {
                     return Err(DatapathError::Map {
                         name: FLOWS_MAP,
@@ -331,7 +334,7 @@ impl Datapath {
                 }
             }
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// The datapath counters, summed over CPUs, indexed by `DatapathCounter`.
@@ -367,6 +370,32 @@ impl Datapath {
     }
 }
 
+/// The flow table's LRU evictions, which the kernel makes silently: every connection the
+/// datapath created (`DatapathCounter::FlowsCreated`) is still in the table, was removed by the
+/// agent, or was evicted. Counts also the connections evicted before any read saw them.
+#[derive(Debug, Default)]
+pub struct Evictions {
+    removed: u64,
+    evicted: u64,
+}
+
+impl Evictions {
+    /// Connections the agent removed from the table itself.
+    pub fn removed(&mut self, count: u64) {
+        self.removed += count;
+    }
+
+    /// The evictions so far, from the `created` counter and the `entries` found in the table
+    /// afterwards. Reading the counter first errs low (a connection created in between is in
+    /// the table but not in `created`), and a low estimate is made good by a later one: the
+    /// total never goes back.
+    pub fn update(&mut self, created: u64, entries: usize) -> u64 {
+        let evicted = created.saturating_sub(entries as u64 + self.removed);
+        self.evicted = self.evicted.max(evicted);
+        self.evicted
+    }
+}
+
 fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -386,5 +415,25 @@ fn raise_memlock_limit() {
     // SAFETY: setrlimit reads the struct we pass and nothing else.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         log::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels ≥ 5.11");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Evictions;
+
+    #[test]
+    fn evictions_are_what_was_created_and_is_neither_in_the_table_nor_removed() {
+        let mut evictions = Evictions::default();
+        assert_eq!(evictions.update(100, 100), 0);
+        // 50 more created, the table holds 120: 30 evicted.
+        assert_eq!(evictions.update(150, 120), 30);
+        // The agent removes 20 idle ones: not evictions.
+        evictions.removed(20);
+        assert_eq!(evictions.update(150, 100), 30);
+        // Created after the counter was read, found in the table: an estimate too low for a
+        // while, never a count that goes back.
+        assert_eq!(evictions.update(150, 110), 30);
+        assert_eq!(evictions.update(200, 120), 60);
     }
 }

@@ -248,7 +248,7 @@ fn render_health(out: &mut Exposition, snapshot: &Snapshot) {
         (
             "tracer_flow_table_evictions_total",
             "counter",
-            "Connections the kernel flow table evicted before the agent read them out",
+            "Connections the kernel flow table evicted to make room for new ones (full table)",
             table.evictions,
         ),
         (

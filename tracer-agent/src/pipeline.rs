@@ -40,7 +40,7 @@ use crate::{
     cli::{AttachModeArg, PipelineArgs},
     conntrack::Conntrack,
     context,
-    datapath::{AttachMode, Datapath},
+    datapath::{AttachMode, Datapath, Evictions},
     discovery::{self, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
     imds::{self, ImdsClient},
@@ -77,6 +77,7 @@ pub struct Pipeline {
     /// The datapath's counters as last read.
     datapath_counters: [u64; DatapathCounter::COUNT as usize],
     unread: Unread,
+    evictions: Evictions,
     problems: BTreeSet<Problem>,
     /// The problems last published: only changes are logged.
     published: BTreeSet<Problem>,
@@ -156,6 +157,7 @@ impl Pipeline {
             },
             datapath_counters: [0; DatapathCounter::COUNT as usize],
             unread: Unread::default(),
+            evictions: Evictions::default(),
             problems: BTreeSet::new(),
             published: BTreeSet::new(),
             latest: Arc::default(),
@@ -260,15 +262,16 @@ impl Pipeline {
                 &self.context.cluster.pods,
             );
         }
-        self.flow_table.entries = flows.len() as u64;
-        self.flow_table.evictions += result.evicted;
         let created = self.datapath_counters[DatapathCounter::FlowsCreated as usize];
+        self.flow_table.entries = flows.len() as u64;
+        self.flow_table.evictions = self.evictions.update(created, flows.len());
         self.unread.update(created, &result);
-        if let Err(error) = self.datapath.forget(&result.idle) {
-            self.problem(
+        match self.datapath.forget(&result.idle) {
+            Ok(removed) => self.evictions.removed(removed),
+            Err(error) => self.problem(
                 Reason::FlowTable,
                 format!("removing idle connections: {error}"),
-            );
+            ),
         }
     }
 
