@@ -11,10 +11,12 @@
 //! table's load, not the cache misses of a real mix of flows.
 //!
 //! `--check` makes a missed goal an error (exit status 1); `--json PATH` writes the results.
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::{Context as _, bail};
-use aya::programs::{TestRun, TestRunOptions};
+use common::{median, run};
 use serde::Serialize;
 use tracer_agent::{
     craft::Frame,
@@ -80,22 +82,10 @@ struct Report {
     results: Vec<Row>,
 }
 
-struct Options {
-    check: bool,
-    json: Option<String>,
-}
-
 fn main() -> anyhow::Result<()> {
-    let options = parse_options(std::env::args().skip(1))?;
-    // SAFETY: unshare takes no pointers; the benchmark is single-threaded here, so the whole
-    // process moves to a new network namespace and never touches the root one.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        bail!(
-            "the datapath benchmark needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN): \
-             cannot create a network namespace: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let options = common::options("datapath")?;
+    // The benchmark is single-threaded here: the whole process moves.
+    common::enter_fresh_netns("datapath")?;
     let (client, server) = (addr("10.0.0.1:40000"), addr("10.0.0.2:443"));
     let (client6, server6) = (addr("[fd00::1]:40000"), addr("[fd00::2]:443"));
     let packets = [
@@ -115,36 +105,12 @@ fn main() -> anyhow::Result<()> {
     print_table(&results);
 
     let missed = results.iter().filter(|row| !row.pass).count();
-    if let Some(path) = &options.json {
-        let report = Report {
-            repeat: REPEAT,
-            rounds: ROUNDS,
-            results,
-        };
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {path}"))?;
-    }
-    if options.check && missed > 0 {
-        bail!("{missed} case(s) missed their goal");
-    }
-    Ok(())
-}
-
-fn parse_options(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
-    let mut options = Options {
-        check: false,
-        json: None,
+    let report = Report {
+        repeat: REPEAT,
+        rounds: ROUNDS,
+        results,
     };
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--check" => options.check = true,
-            "--json" => options.json = Some(args.next().context("--json needs a path")?),
-            // What `cargo bench` passes to every benchmark.
-            "--bench" => {}
-            other => bail!("unknown argument {other:?}; usage: datapath [--check] [--json PATH]"),
-        }
-    }
-    Ok(options)
+    common::finish(&options, &report, missed)
 }
 
 /// Loads a datapath with the state's table, fills it, and measures every packet in it.
@@ -197,29 +163,6 @@ fn measure_state(state: &State, packets: &[(&'static str, Vec<u8>)]) -> anyhow::
             }
         })
         .collect())
-}
-
-/// Runs `program` `repeat` times on `frame`; the kernel's mean ns per run.
-fn run(
-    datapath: &mut Datapath,
-    program: &'static str,
-    frame: &[u8],
-    repeat: u32,
-) -> anyhow::Result<f64> {
-    let result = datapath
-        .program(program)?
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..TestRunOptions::default()
-        })
-        .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
-    Ok(result.duration.as_nanos() as f64)
-}
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
 }
 
 fn print_table(rows: &[Row]) {

@@ -75,6 +75,13 @@ enum Bench {
         #[arg(long, value_name = "PATH")]
         json: Option<std::path::PathBuf>,
     },
+    /// ns a new connection per packet adds as the flow table fills and evicts
+    /// (BPF_PROG_TEST_RUN).
+    Churn {
+        /// Passed on to the benchmark (e.g. --check, --json PATH).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// iperf3 between two lab pods, no program vs the agent attached (tcx), interleaved rounds.
     Veth {
         /// Exit non-zero when the UDP packet-rate loss exceeds the goal (10 %).
@@ -117,6 +124,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             which: Bench::Footprint { check, json },
         } => xtask::bench::footprint(check, json.as_deref()),
+        Command::Bench {
+            which: Bench::Churn { args },
+        } => xtask::bench::churn(&args),
         Command::Bench {
             which: Bench::Veth { check, json },
         } => xtask::bench::veth(check, json.as_deref()),

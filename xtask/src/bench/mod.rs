@@ -22,6 +22,12 @@ pub fn scrape(args: &[String]) -> anyhow::Result<()> {
     cargo_bench("scrape", "a few seconds of measuring", args)
 }
 
+/// The ns a new connection per packet adds while the flow table fills and once it evicts
+/// (BPF_PROG_TEST_RUN, needs root); `args` as for `datapath`.
+pub fn churn(args: &[String]) -> anyhow::Result<()> {
+    cargo_bench("churn", "a few seconds of measuring", args)
+}
+
 /// `cargo bench -p tracer-agent --bench NAME -- ARGS`: one benchmark binary of the agent.
 fn cargo_bench(name: &str, takes: &str, args: &[String]) -> anyhow::Result<()> {
     eprintln!(
