@@ -255,6 +255,20 @@ const BAD_CONFIGURATION: &[Case] = &[
         "agent --flow-table-size lots",
         &["--flow-table-size", "lots"],
     ),
+    // Exposition and the Kubernetes API.
+    flags("agent --max-series 0", &["--max-series", "1..=10000000"]),
+    flags(
+        "agent --workload-metrics 0",
+        &["--workload-metrics", "1..=1000"],
+    ),
+    flags(
+        "agent --workload-metrics 5000",
+        &["--workload-metrics", "1..=1000"],
+    ),
+    flags(
+        "agent --kubernetes maybe",
+        &["--kubernetes", "possible values: auto, on, off"],
+    ),
     // Attach mode.
     flags(
         "agent --attach-mode xdp",
