@@ -207,6 +207,16 @@ impl Datapath {
             None => {}
         }
         if self.mode == AttachMode::Clsact {
+            // An agent killed before it could detach (SIGKILL, OOM) leaves its clsact filters
+            // behind, still running on every packet: remove them, or each restart adds one more
+            // program per hook (tcx links die with their process). One datapath runs per node,
+            // so a tracer filter found here is a dead one's.
+            for (program, hook) in [
+                (PROGRAM_INGRESS, TcAttachType::Ingress),
+                (PROGRAM_EGRESS, TcAttachType::Egress),
+            ] {
+                let _ = tc::qdisc_detach_program(interface, hook, program);
+            }
             // Already present is fine: another tool (or the CNI) may have added it.
             let _ = tc::qdisc_add_clsact(interface);
         }
