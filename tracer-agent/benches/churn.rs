@@ -12,13 +12,14 @@
 //!
 //! One run per packet is timed by the kernel alone, so single measurements are coarse; the
 //! means over 16,384 packets per quarter are not.
-mod common;
+mod report;
+mod test_run;
 
 use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::{Context as _, bail};
-use common::{median, run};
 use serde::Serialize;
+use test_run::{median, run};
 use tracer_agent::{
     craft::Frame,
     datapath::{AttachMode, Datapath},
@@ -58,9 +59,9 @@ struct Report {
 }
 
 fn main() -> anyhow::Result<()> {
-    let options = common::options("churn")?;
+    let options = report::options("churn")?;
     // The benchmark is single-threaded here: the whole process moves.
-    common::enter_fresh_netns("churn")?;
+    test_run::enter_fresh_netns("churn")?;
     let mut datapath = Datapath::load(TABLE_SIZE, AttachMode::Tcx)
         .context("loading the datapath (the benchmark needs root: CAP_BPF, CAP_NET_ADMIN)")?;
     eprintln!(
@@ -115,7 +116,7 @@ fn main() -> anyhow::Result<()> {
         entries_at_end: entries,
         results,
     };
-    common::finish(&options, &report, missed)
+    report::finish(&options, &report, missed)
 }
 
 /// A 60-byte UDP datagram of connection number `n`: its own source address in 10.128.0.0/9.
@@ -138,7 +139,7 @@ fn print_table(rows: &[Row], created: u64, failed: u64, entries: usize) {
     );
     for row in rows {
         println!(
-            "{:<15} {:>8}  {:>8.0} {:>7.0} {:>6.0} {:>5}  {}",
+            "{:<15} {:>8}  {:>8.0} {:>7.0} {:>6.0} {:>5}  {:>13.0}  {}",
             row.band,
             row.new_connections,
             row.baseline_ns,
@@ -146,6 +147,7 @@ fn print_table(rows: &[Row], created: u64, failed: u64, entries: usize) {
             row.added_ns,
             row.goal_ns
                 .map_or("-".to_owned(), |goal| format!("{goal:.0}")),
+            row.tracer_median_ns,
             if row.pass { "pass" } else { "FAIL" }
         );
     }

@@ -11,13 +11,14 @@
 //! table's load, not the cache misses of a real mix of flows.
 //!
 //! `--check` makes a missed goal an error (exit status 1); `--json PATH` writes the results.
-mod common;
+mod report;
+mod test_run;
 
 use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::{Context as _, bail};
-use common::{median, run};
 use serde::Serialize;
+use test_run::{median, run};
 use tracer_agent::{
     craft::Frame,
     datapath::{AttachMode, Datapath},
@@ -83,9 +84,9 @@ struct Report {
 }
 
 fn main() -> anyhow::Result<()> {
-    let options = common::options("datapath")?;
+    let options = report::options("datapath")?;
     // The benchmark is single-threaded here: the whole process moves.
-    common::enter_fresh_netns("datapath")?;
+    test_run::enter_fresh_netns("datapath")?;
     let (client, server) = (addr("10.0.0.1:40000"), addr("10.0.0.2:443"));
     let (client6, server6) = (addr("[fd00::1]:40000"), addr("[fd00::2]:443"));
     let packets = [
@@ -110,7 +111,7 @@ fn main() -> anyhow::Result<()> {
         rounds: ROUNDS,
         results,
     };
-    common::finish(&options, &report, missed)
+    report::finish(&options, &report, missed)
 }
 
 /// Loads a datapath with the state's table, fills it, and measures every packet in it.

@@ -12,6 +12,8 @@
 //!
 //! Goals (issue 4): ≤ 10 ms at 10k series, ≤ 50 ms at 100k, ≤ 300 B of heap per series.
 //! `--check` makes a missed goal an error (exit status 1); `--json PATH` writes the results.
+mod report;
+
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     hint::black_box,
@@ -19,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use serde::Serialize;
 use tracer_agent::{
     api::{AttachedInterfaces, FlowTableStats, Handshakes, PathRow, PathsResponse},
@@ -117,13 +119,8 @@ struct Report {
     results: Vec<Row>,
 }
 
-struct Options {
-    check: bool,
-    json: Option<String>,
-}
-
 fn main() -> anyhow::Result<()> {
-    let options = parse_options(std::env::args().skip(1))?;
+    let options = report::options("scrape")?;
     eprintln!("scrape benchmark: render medians of {ROUNDS}, heap by a counting allocator");
     let snapshot = every_path();
     let mut results = Vec::new();
@@ -132,35 +129,11 @@ fn main() -> anyhow::Result<()> {
     }
     print_table(&results);
     let missed = results.iter().filter(|row| !row.pass).count();
-    if let Some(path) = &options.json {
-        let report = Report {
-            rounds: ROUNDS,
-            results,
-        };
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {path}"))?;
-    }
-    if options.check && missed > 0 {
-        bail!("{missed} case(s) missed their goal");
-    }
-    Ok(())
-}
-
-fn parse_options(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
-    let mut options = Options {
-        check: false,
-        json: None,
+    let report = Report {
+        rounds: ROUNDS,
+        results,
     };
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--check" => options.check = true,
-            "--json" => options.json = Some(args.next().context("--json needs a path")?),
-            // What `cargo bench` passes to every benchmark.
-            "--bench" => {}
-            other => bail!("unknown argument {other:?}; usage: scrape [--check] [--json PATH]"),
-        }
-    }
-    Ok(options)
+    report::finish(&options, &report, missed)
 }
 
 fn measure(case: &Case, snapshot: &Snapshot) -> anyhow::Result<Row> {

@@ -1,0 +1,42 @@
+//! What the `BPF_PROG_TEST_RUN` benchmarks share: a network namespace of their own, timed runs
+//! of a loaded program, medians.
+use anyhow::{Context as _, bail};
+use aya::programs::{TestRun, TestRunOptions};
+use tracer_agent::datapath::Datapath;
+
+/// Moves the whole process to a new network namespace, so that it never touches the root one.
+/// Call it while the process has a single thread.
+pub fn enter_fresh_netns(bench: &str) -> anyhow::Result<()> {
+    // SAFETY: unshare takes no pointers.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "the {bench} benchmark needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN): \
+             cannot create a network namespace: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `program` `repeat` times on `frame`; the kernel's mean ns per run.
+pub fn run(
+    datapath: &mut Datapath,
+    program: &'static str,
+    frame: &[u8],
+    repeat: u32,
+) -> anyhow::Result<f64> {
+    let result = datapath
+        .program(program)?
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
+    Ok(result.duration.as_nanos() as f64)
+}
+
+pub fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
