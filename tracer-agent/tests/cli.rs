@@ -289,6 +289,14 @@ const BAD_CONFIGURATION: &[Case] = &[
         "agent --node-iface ens-with-a-long-name*",
         &["--node-iface", "at most 15"],
     ),
+    // tracer top.
+    flags(
+        "top --agent ftp://node:9477",
+        &["--agent", "must start with http://"],
+    ),
+    flags("top --limit 0", &["--limit", "1..=1000"]),
+    flags("top --interval -1s", &["--poll-interval", "negative"]),
+    flags("top --once", &["--json"]),
     // Usage.
     flags("agent --no-such-flag", &["--no-such-flag"]),
     flags("agent --vpc-cidr", &["--vpc-cidr", "a value is required"]),
