@@ -13,4 +13,5 @@ pub mod run;
 pub mod scrape;
 pub mod setup;
 pub mod test;
+pub mod testing;
 pub mod tmux;

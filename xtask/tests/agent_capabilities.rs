@@ -9,19 +9,10 @@ use std::{collections::BTreeSet, process::Command, time::Duration};
 use xtask::{
     agent::{Confinement, LabAgent},
     build, deploy,
-    lab::{self, EndpointMode, Lab, LabOptions},
+    lab::{self, EndpointMode, Lab},
     run::command_output,
-    scrape,
+    scrape, testing,
 };
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root to build the lab and to drop to the DaemonSet's uid and capabilities"
-    );
-}
 
 /// The DaemonSet's confinement, from the rendered base and the Dockerfile.
 fn manifest_confinement() -> Confinement {
@@ -32,13 +23,8 @@ fn manifest_confinement() -> Confinement {
 }
 
 fn lab_up() -> Lab {
-    require_root();
-    Lab::up(&LabOptions {
-        mode: EndpointMode::PublicPrivate,
-        external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-    })
-    .expect("lab up")
+    testing::require_root();
+    testing::lab(EndpointMode::PublicPrivate, env!("CARGO_BIN_EXE_xtask"))
 }
 
 /// A line of /proc/PID/status, e.g. `CapEff`.

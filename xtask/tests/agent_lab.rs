@@ -7,8 +7,9 @@ use std::{collections::BTreeMap, time::Duration};
 use xtask::{
     agent::{self, LabAgent},
     build,
-    lab::{self, EndpointMode, Lab, LabOptions, Scenario},
+    lab::{self, EndpointMode, Lab, Scenario},
     scrape::{self, Sample},
+    testing,
 };
 
 /// Growth of forward bytes allowed on series a scenario does not use (and on `unknown`).
@@ -34,28 +35,8 @@ fn forward_bytes(samples: &[Sample]) -> Growth {
     by_series
 }
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the lab tests need root (CAP_NET_ADMIN, CAP_BPF) to create network namespaces and load eBPF programs"
-    );
-}
-
 fn start(mode: EndpointMode) -> (Lab, LabAgent) {
-    require_root();
-    let lab = Lab::up(&LabOptions {
-        mode,
-        external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-    })
-    .expect("lab up");
-    let mut agent = LabAgent::start(&lab, &build::tracer_path()).expect("agent start");
-    agent
-        .wait_ready(Duration::from_secs(15))
-        .expect("agent ready");
-    (lab, agent)
+    testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_xtask"))
 }
 
 /// Runs one scenario and returns what was sent and the growth it caused, by series.
@@ -279,13 +260,8 @@ fn switching_the_endpoint_mode_moves_node_traffic_between_public_and_private() {
 
 #[test]
 fn missing_context_is_reported_and_nothing_is_guessed() {
-    require_root();
-    let lab = Lab::up(&LabOptions {
-        mode: EndpointMode::Public,
-        external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-    })
-    .expect("lab up");
+    testing::require_root();
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
     // IMDS on a closed port, a cluster endpoint no resolver knows.
     let mut flags = agent::quick_flags();
     flags.extend(

@@ -12,33 +12,13 @@ use std::{
 use serde_json::Value;
 use xtask::{
     agent::LabAgent,
-    build,
-    lab::{self, EndpointMode, Lab, LabOptions, Scenario},
+    lab::{self, EndpointMode, Lab, Scenario},
     scrape::{self, Sample},
+    testing,
 };
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the lab tests need root (CAP_NET_ADMIN, CAP_BPF) to create network namespaces and load eBPF programs"
-    );
-}
-
 fn start(mode: EndpointMode) -> (Lab, LabAgent) {
-    require_root();
-    let lab = Lab::up(&LabOptions {
-        mode,
-        external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-    })
-    .expect("lab up");
-    let mut agent = LabAgent::start(&lab, &build::tracer_path()).expect("agent start");
-    agent
-        .wait_ready(Duration::from_secs(15))
-        .expect("agent ready");
-    (lab, agent)
+    testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_xtask"))
 }
 
 fn scenarios(mode: EndpointMode, names: &[&str]) -> Vec<Scenario> {

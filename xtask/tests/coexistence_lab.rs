@@ -32,8 +32,8 @@ use tracer_agent::datapath::{
 use xtask::{
     agent::{self, LabAgent},
     build,
-    lab::{EndpointMode, Lab, LabOptions, exec},
-    scrape,
+    lab::{EndpointMode, Lab, exec},
+    scrape, testing,
 };
 
 /// The port the policy denies on pod-b, and one it allows; pod-b listens on both.
@@ -304,12 +304,7 @@ fn coexists(agent: Mechanism) {
         0,
         "the lab tests need root to create namespaces and load eBPF programs"
     );
-    let lab = Lab::up(&LabOptions {
-        mode: EndpointMode::Public,
-        external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-    })
-    .expect("lab up");
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
     let _servers = Servers::start(&lab, lab.facts().pod_ips["pod-b"]);
     let mut failures = Vec::new();
     for policy in [Mechanism::Tcx, Mechanism::Clsact] {

@@ -16,8 +16,9 @@ use xtask::{
     build,
     dashboards::{self, Dashboard, PanelQuery},
     figures,
-    lab::{self, EndpointMode, Lab, LabOptions, Scenario},
+    lab::{self, EndpointMode, Lab, Scenario},
     prometheus::{Config, Prometheus, Rule, ScrapeTarget, Series},
+    testing,
 };
 
 /// Names agreed with another branch that this branch's agent does not export yet. Panels and
@@ -154,12 +155,7 @@ impl Observed {
             "the lab tests need root to create network namespaces and load eBPF programs"
         );
         let began = Instant::now();
-        let lab = Lab::up(&LabOptions {
-            mode,
-            external_snat: false,
-            helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-        })
-        .expect("lab up");
+        let lab = testing::lab(mode, env!("CARGO_BIN_EXE_xtask"));
         let mut agent = LabAgent::start(&lab, &build::tracer_path()).expect("agent start");
         agent
             .wait_ready(Duration::from_secs(15))

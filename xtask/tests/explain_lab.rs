@@ -7,17 +7,9 @@ use serde_json::Value;
 use xtask::{
     agent::context_flags,
     build,
-    lab::{EndpointMode, Lab, LabOptions},
+    lab::{EndpointMode, Lab},
+    testing,
 };
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the lab tests need root to create network namespaces"
-    );
-}
 
 fn explain(lab: &Lab, argv: &[String]) -> Output {
     let tracer = build::tracer_path();
@@ -59,13 +51,8 @@ fn classify(lab: &Lab, source: String, destination: String, proto: &str) -> (Str
 
 #[test]
 fn explain_uses_the_live_context_of_the_node() {
-    require_root();
-    let lab = Lab::up(&LabOptions {
-        mode: EndpointMode::PublicPrivate,
-        external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-    })
-    .expect("lab up");
+    testing::require_root();
+    let lab = testing::lab(EndpointMode::PublicPrivate, env!("CARGO_BIN_EXE_xtask"));
     let facts = lab.facts().clone();
     let pod = |name: &str| facts.pod_ips[name].to_string();
     let (pod_a, pod_b, pod_r) = (pod("pod-a"), pod("pod-b"), pod("pod-r"));

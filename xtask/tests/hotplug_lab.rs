@@ -9,8 +9,8 @@ use xtask::{
     build,
     churn::{self, DATAGRAM_BYTES, DATAGRAMS},
     figures,
-    lab::{EndpointMode, Lab, LabOptions},
-    scrape,
+    lab::EndpointMode,
+    scrape, testing,
 };
 
 const PODS: u32 = 200;
@@ -25,12 +25,7 @@ fn pods_churning_at_20_per_second_are_attached_counted_and_forgotten() {
         0,
         "the lab tests need root to create namespaces and load eBPF programs"
     );
-    let lab = Lab::up(&LabOptions {
-        mode: EndpointMode::Public,
-        external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-    })
-    .expect("lab up");
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
     let mut agent = LabAgent::start(&lab, &build::tracer_path()).expect("agent start");
     agent
         .wait_ready(Duration::from_secs(15))

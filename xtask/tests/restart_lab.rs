@@ -17,20 +17,11 @@ use std::{
 use xtask::{
     agent::{self, LabAgent},
     build,
-    lab::{self, EndpointMode, Lab, LabOptions},
-    scrape,
+    lab::{self, EndpointMode, Lab},
+    scrape, testing,
 };
 
 const KILLS: usize = 20;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the lab tests need root to create namespaces and load eBPF programs"
-    );
-}
 
 fn start(lab: &Lab, mode: &str) -> LabAgent {
     let mut flags = agent::quick_flags();
@@ -93,13 +84,8 @@ fn clsact_filters(lab: &Lab) -> Vec<String> {
 
 #[test]
 fn killed_agents_leave_nothing_behind_once_restarted() {
-    require_root();
-    let lab = Lab::up(&LabOptions {
-        mode: EndpointMode::Public,
-        external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-    })
-    .expect("lab up");
+    testing::require_root();
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
     let traced = {
         let agent = start(&lab, "tcx");
         let linked = agent.linked_ifindexes().len();

@@ -15,8 +15,9 @@ use std::{
 use xtask::{
     agent::{self, LabAgent},
     build, figures,
-    lab::{EndpointMode, Lab, LabOptions, exec},
+    lab::{EndpointMode, Lab, exec},
     scrape::{self, Sample},
+    testing,
 };
 
 const TABLE_SIZE: u32 = 1024;
@@ -42,15 +43,6 @@ const MEMORY_BOUND_KIB: u64 = 64 * 1024;
 /// Connections the lab's own background (the agent's DNS and IMDS lookups) may open or close
 /// between two reads of the table and the counters.
 const SLACK: f64 = 5.0;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the lab tests need root to create namespaces and load eBPF programs"
-    );
-}
 
 /// A UDP socket in `ns` bound to `addr`: a sink, or a connection's source port.
 fn udp_in(lab: &Lab, role: &str, addr: SocketAddr) -> UdpSocket {
@@ -90,14 +82,9 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 
 #[test]
 fn a_full_flow_table_evicts_counts_it_and_keeps_classifying() {
-    require_root();
+    testing::require_root();
     let started = Instant::now();
-    let lab = Lab::up(&LabOptions {
-        mode: EndpointMode::Public,
-        external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-    })
-    .expect("lab up");
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
     let mut flags = agent::quick_flags();
     flags.extend(agent::context_flags(&lab));
     flags.extend(["--flow-table-size".into(), TABLE_SIZE.to_string()]);

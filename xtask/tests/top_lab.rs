@@ -13,8 +13,8 @@ use serde_json::Value;
 use xtask::{
     agent::{self, LabAgent},
     build,
-    lab::{self, EndpointMode, Lab, LabOptions, Scenario},
-    scrape,
+    lab::{self, EndpointMode, Lab, Scenario},
+    scrape, testing,
     tmux::{PROMPT, Tmux},
 };
 
@@ -23,15 +23,6 @@ const AGENT_URL: &str = "http://127.0.0.1:9477";
 const INTERVAL: &str = "500ms";
 /// How long a traffic loop may run at most (a round takes a few seconds).
 const MAX_ROUNDS: u32 = 20;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the tracer top lab tests need root to create network namespaces and load eBPF programs"
-    );
-}
 
 fn tracer() -> PathBuf {
     let tracer = build::tracer_path();
@@ -44,13 +35,8 @@ fn tracer() -> PathBuf {
 }
 
 fn lab_up() -> Lab {
-    require_root();
-    Lab::up(&LabOptions {
-        mode: EndpointMode::PublicPrivate,
-        external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
-    })
-    .expect("lab up")
+    testing::require_root();
+    testing::lab(EndpointMode::PublicPrivate, env!("CARGO_BIN_EXE_xtask"))
 }
 
 fn agent_up(lab: &Lab) -> LabAgent {
@@ -479,7 +465,7 @@ fn top_once_json_equals_the_agents_own_api() {
 
 #[test]
 fn without_an_agent_or_privileges_top_says_what_it_needs() {
-    require_root();
+    testing::require_root();
     // A copy anyone may run, run as nobody with no capabilities, against a port where no agent
     // listens (loopback of the root namespace: refused at once, nothing leaves the host).
     let dir = std::env::temp_dir().join(format!("tracer-top-nobody-{}", std::process::id()));
