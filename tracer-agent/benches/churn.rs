@@ -92,7 +92,7 @@ fn main() -> anyhow::Result<()> {
             added_ns,
             tracer_median_ns,
             goal_ns,
-            pass: goal_ns.is_none_or(|goal| added_ns <= goal),
+            pass: goal_ns.is_none_or(|goal| added_ns <= options.goal(goal)),
         });
     }
 

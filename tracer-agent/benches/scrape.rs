@@ -125,7 +125,7 @@ fn main() -> anyhow::Result<()> {
     let snapshot = every_path();
     let mut results = Vec::new();
     for case in &CASES {
-        results.push(measure(case, &snapshot)?);
+        results.push(measure(case, &snapshot, &options)?);
     }
     print_table(&results);
     let missed = results.iter().filter(|row| !row.pass).count();
@@ -136,7 +136,7 @@ fn main() -> anyhow::Result<()> {
     report::finish(&options, &report, missed)
 }
 
-fn measure(case: &Case, snapshot: &Snapshot) -> anyhow::Result<Row> {
+fn measure(case: &Case, snapshot: &Snapshot, options: &report::Options) -> anyhow::Result<Row> {
     let baseline = Metrics::new(case.series);
     let baseline_render_ms = median_render_ms(&baseline, snapshot);
 
@@ -167,8 +167,10 @@ fn measure(case: &Case, snapshot: &Snapshot) -> anyhow::Result<Row> {
     let exposition_series = text.lines().filter(|line| !line.starts_with('#')).count();
 
     let heap_bytes_per_series = held as f64 / case.series as f64;
-    let pass = heap_bytes_per_series <= GOAL_HEAP_BYTES_PER_SERIES
-        && case.goal_ms.is_none_or(|goal| render_ms <= goal);
+    let pass = heap_bytes_per_series <= options.goal(GOAL_HEAP_BYTES_PER_SERIES)
+        && case
+            .goal_ms
+            .is_none_or(|goal| render_ms <= options.goal(goal));
     Ok(Row {
         workload_series: case.series,
         exposition_series,

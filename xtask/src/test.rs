@@ -48,6 +48,16 @@ pub fn test() -> anyhow::Result<()> {
             "unit, kernel-program and lab tests",
             user_space(&["test", "--", "--test-threads=1"]),
         ),
+        // Regression guards: a second clock read or a per-packet event in the datapath, or a
+        // slower exposition, fails the build (goals loosened by a quarter for shared machines).
+        (
+            "datapath benchmark (guard)",
+            user_space(&["xtask", "bench", "datapath", "--guard"]),
+        ),
+        (
+            "scrape benchmark (guard)",
+            user_space(&["xtask", "bench", "scrape", "--guard"]),
+        ),
     ];
     figures::clear()?;
     for (name, mut command) in steps {

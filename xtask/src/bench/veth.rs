@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use crate::{
-    agent::LabAgent,
+    agent::{LabAgent, context_flags},
     build,
     lab::{EndpointMode, Lab, LabOptions},
     run::command_output,
@@ -49,7 +49,9 @@ struct Report {
 }
 
 pub fn veth(check: bool, json: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let tracer = build::agent()?;
+    // The release agent at its default poll interval: its own CPU competes with iperf3 on a
+    // small machine, as it would on a node.
+    let tracer = build::agent_release()?;
     let helper_exe = std::env::current_exe()?;
     let lab = Lab::up(&LabOptions {
         mode: EndpointMode::Public,
@@ -69,7 +71,7 @@ pub fn veth(check: bool, json: Option<&std::path::Path>) -> anyhow::Result<()> {
         eprintln!("bench veth: round {round}/{ROUNDS}, no program attached");
         none.push(measure(&lab, &server)?);
         eprintln!("bench veth: round {round}/{ROUNDS}, agent attached");
-        let mut agent = LabAgent::start(&lab, &tracer)?;
+        let mut agent = LabAgent::start_with(&lab, &tracer, context_flags(&lab))?;
         agent.wait_ready(Duration::from_secs(15))?;
         traced.push(measure(&lab, &server)?);
         agent.stop()?;
