@@ -89,12 +89,14 @@ async fn poll_until_signal(
     };
     loop {
         tokio::select! {
+            // A new interface first: attaching it must not wait behind a poll that is due.
+            biased;
+            _ = changed(changes.as_deref()) => pipeline.rescan(),
             _ = ticker.tick() => {
                 let snapshot = pipeline.poll();
                 metrics.record_workloads(&snapshot.workloads);
                 snapshots.send_replace(snapshot);
             }
-            _ = changed(changes.as_deref()) => pipeline.rescan(),
             _ = terminate.recv() => return Ok(()),
             _ = interrupt.recv() => return Ok(()),
         }

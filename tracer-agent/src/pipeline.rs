@@ -191,6 +191,17 @@ impl Pipeline {
     /// new snapshot. Problems along the way do not stop it: they make the snapshot not ready.
     pub fn poll(&mut self) -> Arc<Snapshot> {
         self.problems.clear();
+        // Counters before the flow table, so that every entry the count includes is either in
+        // the table read next or gone unread; the table before the context, so that a pod
+        // whose first packets are in it is known as a pod (its route came before them).
+        match self.datapath.counters() {
+            Ok(counters) => self.datapath_counters = counters,
+            Err(error) => self.problem(
+                Reason::FlowTable,
+                format!("reading datapath counters: {error}"),
+            ),
+        }
+        let flows = self.datapath.flows();
         self.rescan();
         self.receive_imds();
         self.receive_apiserver_addresses();
@@ -209,16 +220,7 @@ impl Pipeline {
                 ),
             );
         }
-        // Read before the flow table, so that every entry the count includes is either in the
-        // table read next or gone unread.
-        match self.datapath.counters() {
-            Ok(counters) => self.datapath_counters = counters,
-            Err(error) => self.problem(
-                Reason::FlowTable,
-                format!("reading datapath counters: {error}"),
-            ),
-        }
-        match self.datapath.flows() {
+        match flows {
             Ok(flows) => self.aggregate(&flows),
             Err(error) => self.problem(
                 Reason::FlowTable,

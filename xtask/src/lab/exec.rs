@@ -91,25 +91,38 @@ pub fn sysctl(ns: &str, settings: &str) -> anyhow::Result<()> {
 /// Replaces the tables named in `rules` (iptables-restore format) in `ns`.
 pub fn iptables_restore(ns: &str, rules: &str) -> anyhow::Result<()> {
     let mut command = in_ns(ns, "iptables-restore");
+    command.args(["-w", "5"]);
+    feed(&mut command, rules)
+}
+
+/// Runs `ip -n <ns> -batch -` on `commands` (one `ip` command line each): one process instead
+/// of one per command.
+pub fn ip_batch(ns: &str, commands: &[String]) -> anyhow::Result<()> {
+    let mut command = Command::new("ip");
+    command.args(["-n", ns, "-batch", "-"]);
+    feed(&mut command, &commands.join("\n"))
+}
+
+/// Runs `command` with `input` on its standard input; its error output on failure.
+fn feed(command: &mut Command, input: &str) -> anyhow::Result<()> {
     command
-        .args(["-w", "5"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = command
         .spawn()
-        .with_context(|| format!("cannot run {}", describe(&command)))?;
+        .with_context(|| format!("cannot run {}", describe(command)))?;
     child
         .stdin
         .take()
         .expect("stdin is piped")
-        .write_all(rules.as_bytes())
-        .with_context(|| format!("writing rules to {}", describe(&command)))?;
+        .write_all(input.as_bytes())
+        .with_context(|| format!("writing to {}", describe(command)))?;
     let result = child.wait_with_output()?;
     if !result.status.success() {
         bail!(
-            "{} failed ({}): {}\n--- rules ---\n{rules}",
-            describe(&command),
+            "{} failed ({}): {}\n--- input ---\n{input}",
+            describe(command),
             result.status,
             String::from_utf8_lossy(&result.stderr).trim()
         );

@@ -73,6 +73,11 @@ impl Ns {
     fn sysctl(&self, settings: &str) -> anyhow::Result<()> {
         exec::sysctl(&self.0, settings)
     }
+
+    /// Several `ip` command lines in one `ip -batch` process.
+    fn ip_batch(&self, commands: &[String]) -> anyhow::Result<()> {
+        exec::ip_batch(&self.0, commands)
+    }
 }
 
 impl fmt::Display for Ns {
@@ -249,7 +254,7 @@ impl Builder<'_> {
     /// a /32 route to the pod; in the pod `eth0` with the /32, a default route through
     /// 169.254.1.1 and a permanent ARP entry for it. Pods whose IP belongs to a secondary ENI
     /// get the CNI's policy rules, so that their traffic leaves through that ENI.
-    /// Plumbs `pod`; returns when its host-side veth came into existence.
+    /// Plumbs `pod`; returns when its host-side veth came into existence (at the latest).
     fn pod(&self, pod: &PodSpec) -> anyhow::Result<std::time::Instant> {
         let (node, ns, ip) = (self.ns(pod.node), self.ns(pod.name), pod.ip);
         let veth = &host_veth_name(self.id, pod.name);
@@ -258,25 +263,27 @@ impl Builder<'_> {
             pod.name, pod.node, pod.eni
         );
         let mac = self.mac(&format!("{}/{veth}", pod.node));
-        node.ip(format!(
-            "link add {veth} address {mac} type veth peer name eth0 netns {ns}"
-        ))?;
-        let created = std::time::Instant::now();
-        node.ip(format!("link set {veth} up"))?;
-        node.ip(format!("route add {ip}/32 dev {veth} scope link"))?;
-        node.ip(format!("rule add to {ip} lookup main prio 512"))?;
+        let mut on_node = vec![
+            format!("link add {veth} address {mac} type veth peer name eth0 netns {ns}"),
+            format!("link set {veth} up"),
+            format!("route add {ip}/32 dev {veth} scope link"),
+            format!("rule add to {ip} lookup main prio 512"),
+        ];
         if pod.eni != "eth0" {
-            node.ip(format!(
+            on_node.push(format!(
                 "rule add from {ip} lookup {SECONDARY_TABLE} prio 1536"
-            ))?;
+            ));
         }
-        ns.ip(format!("addr add {ip}/32 dev eth0"))?;
-        ns.ip("link set eth0 up")?;
-        ns.ip(format!("route add {POD_GATEWAY} dev eth0 scope link"))?;
-        ns.ip(format!("route add default via {POD_GATEWAY} dev eth0"))?;
-        ns.ip(format!(
-            "neigh add {POD_GATEWAY} lladdr {mac} dev eth0 nud permanent"
-        ))?;
+        // The veth appears during the batch: taking the time before it errs on the late side.
+        let created = std::time::Instant::now();
+        node.ip_batch(&on_node)?;
+        ns.ip_batch(&[
+            format!("addr add {ip}/32 dev eth0"),
+            "link set eth0 up".to_owned(),
+            format!("route add {POD_GATEWAY} dev eth0 scope link"),
+            format!("route add default via {POD_GATEWAY} dev eth0"),
+            format!("neigh add {POD_GATEWAY} lladdr {mac} dev eth0 nud permanent"),
+        ])?;
         Ok(created)
     }
 
