@@ -159,6 +159,14 @@ impl Confinement {
     }
 }
 
+/// A process's resident memory, in KiB.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    pub rss_kib: u64,
+    /// The peak since the process started.
+    pub peak_kib: u64,
+}
+
 pub struct LabAgent {
     ns: String,
     child: Child,
@@ -312,6 +320,24 @@ impl LabAgent {
     /// may run beside it: theirs are not in the list).
     pub fn programs(&self) -> Vec<u64> {
         fdinfo_values(self.pid(), "prog_id:", |_| true)
+    }
+
+    /// The agent's resident memory now and at its peak (`VmRSS`, `VmHWM`), in KiB.
+    pub fn memory_kib(&self) -> anyhow::Result<Memory> {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| value.split_whitespace().next()?.parse().ok())
+                .with_context(|| format!("{name} missing from /proc/{pid}/status"))
+        };
+        Ok(Memory {
+            rss_kib: field("VmRSS:")?,
+            peak_kib: field("VmHWM:")?,
+        })
     }
 
     /// The kernel memory charged for the agent's maps (the `memlock` of each map it holds).

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::{
     agent::LabAgent,
     build,
-    lab::{EndpointMode, Lab, LabOptions},
+    lab::{self, EndpointMode, Lab, LabOptions, Scenario},
     run,
 };
 
@@ -37,4 +37,14 @@ pub fn lab_with_agent(mode: EndpointMode, helper_exe: &str) -> (Lab, LabAgent) {
         .wait_ready(Duration::from_secs(15))
         .expect("agent ready");
     (lab, agent)
+}
+
+/// The lab's scenarios called `names` in `mode`; fails the test if one is missing.
+pub fn scenarios(mode: EndpointMode, names: &[&str]) -> Vec<Scenario> {
+    let chosen: Vec<Scenario> = lab::scenarios(mode)
+        .into_iter()
+        .filter(|s| names.contains(&s.name))
+        .collect();
+    assert_eq!(chosen.len(), names.len(), "the lab lacks one of {names:?}");
+    chosen
 }

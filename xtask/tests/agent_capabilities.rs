@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, process::Command, time::Duration};
 use xtask::{
     agent::{Confinement, LabAgent},
     build, deploy,
-    lab::{self, EndpointMode, Lab},
+    lab::{EndpointMode, Lab},
     run::command_output,
     scrape, testing,
 };
@@ -120,15 +120,7 @@ fn the_manifests_capabilities_suffice_for_a_non_root_agent() {
 
     // Plain, DNATed and SNATed traffic: NAT is observed through conntrack (CAP_NET_ADMIN).
     let wanted = ["pod_to_pod_local", "pod_to_service", "pod_to_external"];
-    let scenarios: Vec<lab::Scenario> = lab::scenarios(EndpointMode::PublicPrivate)
-        .into_iter()
-        .filter(|s| wanted.contains(&s.name))
-        .collect();
-    assert_eq!(
-        scenarios.len(),
-        wanted.len(),
-        "the lab lacks one of {wanted:?}"
-    );
+    let scenarios = testing::scenarios(EndpointMode::PublicPrivate, &wanted);
     let sent = lab.run_traffic(&scenarios).expect("traffic");
     std::thread::sleep(Duration::from_millis(900));
     let samples = agent.scrape().expect("scrape /metrics");

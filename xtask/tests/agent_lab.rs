@@ -166,15 +166,7 @@ fn a_flow_across_a_veth_and_an_eni_is_counted_once() {
 fn silent_drops_and_refusals_are_told_apart_and_handshakes_are_timed() {
     let (lab, agent) = start(EndpointMode::PublicPrivate);
     let wanted = ["dropped_syn", "refused", "pod_to_pod_local"];
-    let scenarios: Vec<Scenario> = lab::scenarios(EndpointMode::PublicPrivate)
-        .into_iter()
-        .filter(|s| wanted.contains(&s.name))
-        .collect();
-    assert_eq!(
-        scenarios.len(),
-        wanted.len(),
-        "the lab lacks one of {wanted:?}"
-    );
+    let scenarios = testing::scenarios(EndpointMode::PublicPrivate, &wanted);
     let sent = lab.run_traffic(&scenarios).expect("traffic");
     // The SYN timeout (1 s) plus a few polls.
     std::thread::sleep(Duration::from_millis(1_800));

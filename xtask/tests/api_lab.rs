@@ -12,22 +12,13 @@ use std::{
 use serde_json::Value;
 use xtask::{
     agent::LabAgent,
-    lab::{self, EndpointMode, Lab, Scenario},
+    lab::{self, EndpointMode, Lab},
     scrape::{self, Sample},
     testing,
 };
 
 fn start(mode: EndpointMode) -> (Lab, LabAgent) {
     testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_xtask"))
-}
-
-fn scenarios(mode: EndpointMode, names: &[&str]) -> Vec<Scenario> {
-    let chosen: Vec<Scenario> = lab::scenarios(mode)
-        .into_iter()
-        .filter(|s| names.contains(&s.name))
-        .collect();
-    assert_eq!(chosen.len(), names.len(), "the lab lacks one of {names:?}");
-    chosen
 }
 
 fn get_json(agent: &LabAgent, path: &str) -> (u16, Value) {
@@ -120,7 +111,10 @@ fn the_json_api_agrees_with_metrics_and_lists_the_largest_flows() {
     let facts = lab.facts();
     // The two largest scenarios: 2 × 320 kB inbound to the node, 3 × 240 kB to a ClusterIP.
     let sent = lab
-        .run_traffic(&scenarios(mode, &["external_to_node", "pod_to_service"]))
+        .run_traffic(&testing::scenarios(
+            mode,
+            &["external_to_node", "pod_to_service"],
+        ))
         .expect("traffic");
     assert!(sent.iter().all(|s| s.as_expected()), "{sent:#?}");
     // Traffic has stopped: a few polls (200 ms) see the last packets and resolve the NAT.

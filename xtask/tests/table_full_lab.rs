@@ -67,19 +67,6 @@ fn grew(before: &[Sample], after: &[Sample], name: &str, labels: &[(&str, &str)]
     scrape::sum(after, name, labels) - scrape::sum(before, name, labels)
 }
 
-/// `VmHWM` and `VmRSS` of process `pid`, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
-    (field("VmHWM:"), field("VmRSS:"))
-}
-
 #[test]
 fn a_full_flow_table_evicts_counts_it_and_keeps_classifying() {
     testing::require_root();
@@ -142,7 +129,8 @@ fn a_full_flow_table_evicts_counts_it_and_keeps_classifying() {
     }
     settle();
     let after = agent.scrape().expect("scrape");
-    let (peak_kib, rss_kib) = memory_kib(agent.pid());
+    let memory = agent.memory_kib().expect("the agent's memory");
+    let (peak_kib, rss_kib) = (memory.peak_kib, memory.rss_kib);
 
     let metric = |name: &str, labels: &[(&str, &str)]| grew(&before, &after, name, labels);
     let outcome =

@@ -90,14 +90,14 @@ pub fn footprint(check: bool, json: Option<&std::path::Path>) -> anyhow::Result<
         }
         let cpu = (cpu_seconds(agent.pid())? - cpu_before) / started.elapsed().as_secs_f64();
         let entries = scrape::sum(&agent.scrape()?, "tracer_flow_table_entries", &[]);
-        let (rss, peak) = memory_kib(agent.pid())?;
+        let memory = agent.memory_kib()?;
         rows.push(Row {
             flows: state.flows,
             table_entries: entries,
             flow_table_size: table,
             cpu_cores: cpu,
-            rss_mib: rss / 1024.0,
-            peak_rss_mib: peak / 1024.0,
+            rss_mib: memory.rss_kib as f64 / 1024.0,
+            peak_rss_mib: memory.peak_kib as f64 / 1024.0,
             maps_mib: agent.map_memlock_bytes() as f64 / MIB,
         });
         agent.stop()?;
@@ -176,17 +176,4 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok((ticks(11)? + ticks(12)?) / hz)
-}
-
-/// VmRSS and VmHWM (peak) of process `pid`, in KiB.
-fn memory_kib(pid: u32) -> anyhow::Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> anyhow::Result<f64> {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|value| value.split_whitespace().next()?.parse().ok())
-            .with_context(|| format!("{name} missing from /proc/{pid}/status"))
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
