@@ -33,7 +33,7 @@ impl AgentError {
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
-    let mut pipeline = Pipeline::start(&args.pipeline)?;
+    let mut pipeline = Pipeline::start_resumable(&args.pipeline, &args.restart)?;
     let kubernetes = kubernetes::connection(
         args.pipeline.kubernetes.mode,
         args.pipeline.node_name.as_deref(),

@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// A classified connection's counters, by direction relative to its initiator.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Totals {
     pub forward_packets: u64,
     pub forward_bytes: u64,
@@ -56,7 +56,7 @@ struct Tracked {
 
 /// How a TCP connection's handshake ended, as far as the datapath saw it.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Handshake {
+pub enum Handshake {
     /// No SYN seen (not TCP, or under way before the agent started), or no answer yet.
     Open,
     Timed(std::time::Duration),
@@ -262,6 +262,17 @@ fn forward_dir(key: &FlowKey, stats: &FlowStats) -> usize {
     }
 }
 
+/// What a successor needs of a connection to go on counting it (`restart`): its counters as
+/// last read and what was already reported of its TCP health. Its classification is made
+/// again, from the context and conntrack of then.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Carried {
+    pub last: FlowStats,
+    pub idle_polls: u32,
+    pub handshake: Handshake,
+    pub reset_counted: bool,
+}
+
 /// How long a connection may stay idle before its entry is removed from the kernel table.
 pub const IDLE_POLLS_BEFORE_FORGET: u32 = 120;
 
@@ -306,7 +317,7 @@ pub struct PollResult {
 /// Kernel entries created that the agent never read: connections that came and went (the LRU
 /// table evicted them) between two polls, their counts and handshakes lost. With no ring
 /// buffer, these are the events the agent loses (`tracer_events_lost_total`).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Unread {
     read: u64,
     lost: u64,
@@ -334,6 +345,39 @@ impl Aggregator {
             syn_timeout_ns: syn_timeout.as_nanos() as u64,
             report_connection_bytes: false,
         }
+    }
+
+    /// Every connection as a successor needs it (see `Carried`).
+    pub fn carried(&self) -> impl ExactSizeIterator<Item = (&FlowKey, Carried)> {
+        self.tracked.iter().map(|(key, tracked)| {
+            (
+                key,
+                Carried {
+                    last: tracked.last,
+                    idle_polls: tracked.idle_polls,
+                    handshake: tracked.handshake,
+                    reset_counted: tracked.reset_counted,
+                },
+            )
+        })
+    }
+
+    /// Takes over a predecessor's connections: their next poll adds only what they grew since
+    /// its last one, under a classification made again.
+    pub fn carry_on(&mut self, connections: impl IntoIterator<Item = (FlowKey, Carried)>) {
+        self.tracked
+            .extend(connections.into_iter().map(|(key, carried)| {
+                (
+                    key,
+                    Tracked {
+                        last: carried.last,
+                        view: View::Pending { polls: 0 },
+                        idle_polls: carried.idle_polls,
+                        handshake: carried.handshake,
+                        reset_counted: carried.reset_counted,
+                    },
+                )
+            }));
     }
 
     /// From now on, each poll also lists every connection's new bytes.

@@ -51,7 +51,28 @@ pub struct AgentArgs {
     pub max_series: u32,
 
     #[command(flatten)]
+    pub restart: RestartArgs,
+
+    #[command(flatten)]
     pub pipeline: PipelineArgs,
+}
+
+/// Surviving a kill: without both flags, a restart is a counter reset (Prometheus' `rate()`
+/// copes) and what passes while no agent runs is not counted.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RestartArgs {
+    /// A directory on a bpffs (e.g. /sys/fs/bpf/tracer) where the datapath — its maps and tcx
+    /// links — is pinned, so that an agent killed without SIGTERM (crash, OOM kill, kill -9)
+    /// leaves it counting and its successor carries on: no packet uncounted, no counter going
+    /// back. A clean stop (SIGTERM) removes it. Needs --state-file.
+    #[arg(long, value_name = "DIR", requires = "state_file")]
+    pub pin_path: Option<std::path::PathBuf>,
+
+    /// Where the agent saves, every poll, what a successor needs to carry its counters on
+    /// (each connection's counts as last read, the per-path totals), e.g.
+    /// /var/run/tracer/state. A clean stop removes it. Needs --pin-path.
+    #[arg(long, value_name = "FILE", requires = "pin_path")]
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 /// What the datapath and the classification need: shared by `agent` and the standalone mode

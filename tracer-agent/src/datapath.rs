@@ -3,6 +3,7 @@
 use std::{
     collections::HashMap,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::{Path, PathBuf},
 };
 
 use aya::{
@@ -10,14 +11,14 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{
         SchedClassifier, TcAttachType,
-        links::LinkOrder,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
     },
     util::KernelVersion,
 };
 use tracer_common::{
-    COUNTERS_MAP, DatapathCounter, FLOWS_MAP, FlowKey, FlowStats, PROGRAM_BASELINE, PROGRAM_EGRESS,
-    PROGRAM_INGRESS,
+    COUNTERS_MAP, DatapathCounter, FLOWS_MAP, FRAGMENT_TABLE_SIZE, FRAGMENTS_MAP, FlowKey,
+    FlowStats, FragmentKey, FragmentPorts, PROGRAM_BASELINE, PROGRAM_EGRESS, PROGRAM_INGRESS,
 };
 
 /// The kernel programs, built by build.rs and embedded in the binary.
@@ -56,6 +57,8 @@ pub enum DatapathError {
         hook: TcAttachType,
         source: aya::programs::ProgramError,
     },
+    #[error("{path}: {message}")]
+    Pin { path: PathBuf, message: String },
 }
 
 /// How the programs are attached to an interface.
@@ -168,8 +171,136 @@ struct Attachment {
     /// The interface's index: a pod deleted and re-created between two scans keeps its name
     /// but not its index, and needs attaching again.
     index: u32,
-    ingress: SchedClassifierLinkId,
-    egress: SchedClassifierLinkId,
+    /// Ingress, then egress; dropping a link detaches it (a pinned one once unpinned too).
+    #[expect(dead_code, reason = "held for its drop, which detaches")]
+    links: [SchedClassifierLink; 2],
+}
+
+/// The two hooks, in the order of `Attachment::links`.
+const HOOKS: [(&str, TcAttachType); 2] = [
+    (PROGRAM_INGRESS, TcAttachType::Ingress),
+    (PROGRAM_EGRESS, TcAttachType::Egress),
+];
+
+/// A directory on a bpffs where the datapath outlives its agent: the maps, and the tcx links
+/// that keep the programs attached. An agent killed without SIGTERM (crash, OOM kill,
+/// `kill -9`) leaves them counting; its successor reopens the maps and moves the links to its
+/// own programs in place (`BPF_LINK_UPDATE`: no gap, and no RCU grace period per hook as a
+/// new attach costs).
+#[derive(Clone, Debug)]
+pub struct Pins {
+    dir: PathBuf,
+}
+
+/// `BPF_FS_MAGIC`, the `statfs` type of a bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+impl Pins {
+    /// Creates `dir` if needed; it must be on a bpffs.
+    pub fn new(dir: &Path) -> Result<Pins, DatapathError> {
+        let pin_error = |message: String| DatapathError::Pin {
+            path: dir.to_owned(),
+            message,
+        };
+        std::fs::create_dir_all(dir).map_err(|error| pin_error(error.to_string()))?;
+        let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|error| pin_error(error.to_string()))?;
+        // SAFETY: statfs writes into the zeroed struct we own and reads the C string.
+        let mut stats: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statfs(c_path.as_ptr(), &mut stats) } != 0 {
+            return Err(pin_error(std::io::Error::last_os_error().to_string()));
+        }
+        if stats.f_type as i64 != BPF_FS_MAGIC {
+            return Err(pin_error(
+                "not on a bpffs (mount one: mount -t bpf bpf /sys/fs/bpf)".to_owned(),
+            ));
+        }
+        Ok(Pins {
+            dir: dir.to_owned(),
+        })
+    }
+
+    fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("map-{name}"))
+    }
+
+    fn link(&self, index: u32, program: &str) -> PathBuf {
+        self.dir.join(format!("link-{index}-{program}"))
+    }
+
+    /// The pinned flow table's kernel id: what a saved state is checked against.
+    pub fn flow_table_id(&self) -> Option<u32> {
+        let map = MapData::from_pin(self.map(FLOWS_MAP)).ok()?;
+        map.info().ok().map(|info| info.id())
+    }
+
+    /// Removes the pinned maps unless they are the ones `resume` names and have the shapes
+    /// this agent would create: a table of another size or layout starts afresh.
+    fn keep_maps_if(&self, resume: Option<u32>, flow_table_size: u32) -> bool {
+        let shapes = [
+            (
+                FLOWS_MAP,
+                size_of::<FlowKey>(),
+                size_of::<FlowStats>(),
+                flow_table_size,
+            ),
+            (
+                FRAGMENTS_MAP,
+                size_of::<FragmentKey>(),
+                size_of::<FragmentPorts>(),
+                FRAGMENT_TABLE_SIZE,
+            ),
+            (
+                COUNTERS_MAP,
+                size_of::<u32>(),
+                size_of::<u64>(),
+                DatapathCounter::COUNT,
+            ),
+        ];
+        let fits = resume.is_some()
+            && resume == self.flow_table_id()
+            && shapes.iter().all(|(name, key, value, entries)| {
+                MapData::from_pin(self.map(name))
+                    .and_then(|map| map.info())
+                    .is_ok_and(|info| {
+                        info.key_size() as usize == *key
+                            && info.value_size() as usize == *value
+                            && info.max_entries() == *entries
+                    })
+            });
+        if !fits {
+            for (name, ..) in shapes {
+                let _ = std::fs::remove_file(self.map(name));
+            }
+        }
+        fits
+    }
+
+    /// Removes link pins of interfaces not in `attached` (deleted while no agent ran): their
+    /// last reference goes, and with it whatever they still held.
+    fn forget_links_except(&self, attached: &HashMap<String, Attachment>) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|name| name.strip_prefix("link-")) else {
+                continue;
+            };
+            let index = rest.split('-').next().and_then(|index| index.parse().ok());
+            if !attached
+                .values()
+                .any(|attachment| Some(attachment.index) == index)
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Removes every pin and the directory, once the datapath is detached.
+    fn remove_all(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The loaded kernel programs and their maps.
@@ -177,15 +308,40 @@ pub struct Datapath {
     ebpf: Ebpf,
     mode: AttachMode,
     attached: HashMap<String, Attachment>,
+    /// Where maps and tcx links are pinned, when they are.
+    pins: Option<Pins>,
+    /// Whether the maps are a predecessor's, still counting (see `Pins`).
+    resumed: bool,
+    /// Whether link pins of a predecessor may remain for interfaces that are gone.
+    stale_pins: bool,
 }
 
 impl Datapath {
     /// Loads the programs into the kernel with a flow table of `flow_table_size` entries.
     pub fn load(flow_table_size: u32, mode: AttachMode) -> Result<Datapath, DatapathError> {
+        Datapath::load_pinned(flow_table_size, mode, None, None)
+    }
+
+    /// Loads the programs with their maps pinned in `pins`, reusing the pinned ones when they
+    /// are the flow table `resume` names (a saved state's); see `Pins`.
+    pub fn load_pinned(
+        flow_table_size: u32,
+        mode: AttachMode,
+        pins: Option<Pins>,
+        resume: Option<u32>,
+    ) -> Result<Datapath, DatapathError> {
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(FLOWS_MAP, flow_table_size)
-            .load(EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(FLOWS_MAP, flow_table_size);
+        let resumed = pins
+            .as_ref()
+            .is_some_and(|pins| pins.keep_maps_if(resume, flow_table_size));
+        if let Some(pins) = &pins {
+            for name in [FLOWS_MAP, FRAGMENTS_MAP, COUNTERS_MAP] {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [PROGRAM_INGRESS, PROGRAM_EGRESS, PROGRAM_BASELINE] {
             classifier(&mut ebpf, name)?
                 .load()
@@ -195,7 +351,32 @@ impl Datapath {
             ebpf,
             mode,
             attached: HashMap::new(),
+            stale_pins: pins.is_some(),
+            pins,
+            resumed,
         })
+    }
+
+    /// Whether the maps were carried over from a predecessor (their counts go on).
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// The flow table's kernel id, which a saved state names (see `restart`).
+    pub fn flow_table_id(&self) -> Result<u32, DatapathError> {
+        let map = self
+            .ebpf
+            .map(FLOWS_MAP)
+            .ok_or(DatapathError::Missing(FLOWS_MAP))?;
+        let aya::maps::Map::LruHashMap(data) = map else {
+            return Err(DatapathError::Missing(FLOWS_MAP));
+        };
+        data.info()
+            .map(|info| info.id())
+            .map_err(|source| DatapathError::Map {
+                name: FLOWS_MAP,
+                source,
+            })
     }
 
     /// Attaches the ingress and egress programs to `interface`, after whatever is already
@@ -211,66 +392,97 @@ impl Datapath {
             // behind, still running on every packet: remove them, or each restart adds one more
             // program per hook (tcx links die with their process). One datapath runs per node,
             // so a tracer filter found here is a dead one's.
-            for (program, hook) in [
-                (PROGRAM_INGRESS, TcAttachType::Ingress),
-                (PROGRAM_EGRESS, TcAttachType::Egress),
-            ] {
+            for (program, hook) in HOOKS {
                 let _ = tc::qdisc_detach_program(interface, hook, program);
             }
             // Already present is fine: another tool (or the CNI) may have added it.
             let _ = tc::qdisc_add_clsact(interface);
         }
-        let ingress = self.attach_one(interface, PROGRAM_INGRESS, TcAttachType::Ingress)?;
-        let egress = match self.attach_one(interface, PROGRAM_EGRESS, TcAttachType::Egress) {
-            Ok(egress) => egress,
-            Err(error) => {
-                if let Ok(program) = classifier(&mut self.ebpf, PROGRAM_INGRESS) {
-                    let _ = program.detach(ingress);
-                }
-                return Err(error);
-            }
-        };
+        let ingress = self.attach_one(interface, index, HOOKS[0])?;
+        // On failure, dropping `ingress` detaches it again.
+        let egress = self.attach_one(interface, index, HOOKS[1])?;
         self.attached.insert(
             interface.to_owned(),
             Attachment {
                 index,
-                ingress,
-                egress,
+                links: [ingress, egress],
             },
         );
         Ok(())
     }
 
+    /// One hook: a pinned link of a predecessor moved to this agent's program, else a new
+    /// attachment (pinned, with pins and tcx).
     fn attach_one(
         &mut self,
         interface: &str,
-        program: &'static str,
-        hook: TcAttachType,
-    ) -> Result<SchedClassifierLinkId, DatapathError> {
+        index: u32,
+        (program, hook): (&'static str, TcAttachType),
+    ) -> Result<SchedClassifierLink, DatapathError> {
+        let attach_error = |source| DatapathError::Attach {
+            interface: interface.to_owned(),
+            hook,
+            source,
+        };
+        let pin = match (&self.pins, self.mode) {
+            (Some(pins), AttachMode::Tcx) => Some(pins.link(index, program)),
+            _ => None,
+        };
+        let classifier = classifier(&mut self.ebpf, program)?;
+        if let Some(pin) = &pin
+            && let Ok(pinned) = PinnedLink::from_pin(pin)
+        {
+            let moved = SchedClassifierLink::try_from(FdLink::from(pinned)).map(|link| {
+                classifier
+                    .attach_to_link(link)
+                    .and_then(|id| classifier.take_link(id))
+            });
+            match moved {
+                Ok(Ok(link)) => return Ok(link),
+                // The interface it held was deleted (ENOLINK): attach anew.
+                _ => {
+                    let _ = std::fs::remove_file(pin);
+                }
+            }
+        }
         let options = match self.mode {
             AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::last()),
             AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
         };
-        classifier(&mut self.ebpf, program)?
+        let link = classifier
             .attach_with_options(interface, hook, options)
-            .map_err(|source| DatapathError::Attach {
-                interface: interface.to_owned(),
-                hook,
-                source,
-            })
+            .and_then(|id| classifier.take_link(id))
+            .map_err(attach_error)?;
+        let Some(pin) = pin else {
+            return Ok(link);
+        };
+        let pin_error = |error: &dyn std::fmt::Display| DatapathError::Pin {
+            path: pin.clone(),
+            message: error.to_string(),
+        };
+        let pinned = FdLink::try_from(link)
+            .map_err(|error| pin_error(&error))?
+            .pin(&pin)
+            .map_err(|error| pin_error(&error))?;
+        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|error| pin_error(&error))
     }
 
-    /// Detaches from an interface; a vanished interface is not an error.
+    /// Once, after the first attach: forgets a predecessor's pinned links of interfaces that
+    /// are gone or no longer traced (later ones are unpinned as they go).
+    pub fn forget_stale_pins(&mut self) {
+        if let Some(pins) = self.pins.as_ref().filter(|_| self.stale_pins) {
+            pins.forget_links_except(&self.attached);
+            self.stale_pins = false;
+        }
+    }
+
+    /// Detaches from an interface (its pins too); a vanished interface is not an error.
     pub fn detach(&mut self, interface: &str) {
-        if let Some(Attachment {
-            ingress, egress, ..
-        }) = self.attached.remove(interface)
+        if let Some(attachment) = self.attached.remove(interface)
+            && let Some(pins) = &self.pins
         {
-            if let Ok(program) = classifier(&mut self.ebpf, PROGRAM_INGRESS) {
-                let _ = program.detach(ingress);
-            }
-            if let Ok(program) = classifier(&mut self.ebpf, PROGRAM_EGRESS) {
-                let _ = program.detach(egress);
+            for (program, _) in HOOKS {
+                let _ = std::fs::remove_file(pins.link(attachment.index, program));
             }
         }
     }
@@ -280,11 +492,15 @@ impl Datapath {
         self.attached.keys().map(String::as_str)
     }
 
-    /// Detaches from every interface (also what dropping the `Datapath` does).
+    /// Detaches from every interface and removes every pin: a clean stop leaves nothing.
+    /// (Dropping the `Datapath` detaches too, but leaves pins for a successor.)
     pub fn detach_all(&mut self) {
         let interfaces: Vec<String> = self.attached.keys().cloned().collect();
         for interface in interfaces {
             self.detach(&interface);
+        }
+        if let Some(pins) = &self.pins {
+            pins.remove_all();
         }
     }
 
@@ -383,7 +599,7 @@ impl Datapath {
 /// The flow table's LRU evictions, which the kernel makes silently: every connection the
 /// datapath created (`DatapathCounter::FlowsCreated`) is still in the table, was removed by the
 /// agent, or was evicted. Counts also the connections evicted before any read saw them.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Evictions {
     removed: u64,
     evicted: u64,

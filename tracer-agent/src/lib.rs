@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod privileges;
 pub mod process;
 pub mod readiness;
+pub mod restart;
 pub mod server;
 pub mod snapshot;
 pub mod top;

@@ -37,16 +37,17 @@ use crate::{
     api::{self, AttachedInterfaces, FlowTableStats, PathsResponse},
     cidr::Cidr,
     classify::NodeContext,
-    cli::{AttachModeArg, PipelineArgs},
+    cli::{AttachModeArg, PipelineArgs, RestartArgs},
     conntrack::Conntrack,
     context,
-    datapath::{AttachMode, Datapath, Evictions},
+    datapath::{AttachMode, Datapath, Evictions, Pins},
     discovery::{self, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
     imds::{self, ImdsClient},
     kubernetes::{ClusterFacts, workload::WorkloadBytes},
     privileges,
     readiness::{Problem, Reason},
+    restart::{Saved, StateFile},
     snapshot::{self, Health, History, Snapshot},
 };
 
@@ -78,6 +79,8 @@ pub struct Pipeline {
     datapath_counters: [u64; DatapathCounter::COUNT as usize],
     unread: Unread,
     evictions: Evictions,
+    /// Where each poll is saved for a successor (`--state-file`).
+    state: Option<StateFile>,
     problems: BTreeSet<Problem>,
     /// The problems last published: only changes are logged.
     published: BTreeSet<Problem>,
@@ -89,6 +92,15 @@ impl Pipeline {
     /// first [`poll`](Self::poll) attaches to them. A bad flag or no matching interface is a
     /// configuration error (exit 2); a kernel that cannot load the programs a runtime error.
     pub fn start(args: &PipelineArgs) -> Result<Pipeline, AgentError> {
+        Pipeline::start_resumable(args, &RestartArgs::default())
+    }
+
+    /// [`start`](Self::start), taking over a killed predecessor's datapath and counts when
+    /// `restart` says where they are (see `restart`).
+    pub fn start_resumable(
+        args: &PipelineArgs,
+        restart: &RestartArgs,
+    ) -> Result<Pipeline, AgentError> {
         if !Path::new(BTF_PATH).exists() {
             return Err(AgentError::Runtime(anyhow!(
                 "this kernel has no BTF ({BTF_PATH} is missing): run on a kernel built with CONFIG_DEBUG_INFO_BTF=y (EKS AMIs have it)"
@@ -114,9 +126,28 @@ impl Pipeline {
             AttachModeArg::Tcx => AttachMode::Tcx,
             AttachModeArg::Clsact => AttachMode::Clsact,
         };
-        let datapath = Datapath::load(args.flow_table_size, mode)
-            .context("loading the datapath")
-            .map_err(|error| AgentError::Runtime(privileges.explain(error)))?;
+        let pins = restart
+            .pin_path
+            .as_deref()
+            .map(Pins::new)
+            .transpose()
+            .context("--pin-path")
+            .map_err(AgentError::Config)?;
+        if let Some(dir) = restart.state_file.as_deref().and_then(Path::parent) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("--state-file: cannot create {}", dir.display()))
+                .map_err(AgentError::Config)?;
+        }
+        let state = restart.state_file.as_deref().map(StateFile::new);
+        let saved = state.as_ref().and_then(load_saved);
+        let datapath = Datapath::load_pinned(
+            args.flow_table_size,
+            mode,
+            pins,
+            saved.as_ref().map(|saved| saved.flow_table_id),
+        )
+        .context("loading the datapath")
+        .map_err(|error| AgentError::Runtime(privileges.explain(error)))?;
         if let Some(path) = &args.context.config {
             info!("configuration from {} and the command line", path.display());
         }
@@ -158,13 +189,32 @@ impl Pipeline {
             datapath_counters: [0; DatapathCounter::COUNT as usize],
             unread: Unread::default(),
             evictions: Evictions::default(),
+            state,
             problems: BTreeSet::new(),
             published: BTreeSet::new(),
             latest: Arc::default(),
         };
+        match saved {
+            Some(saved) if pipeline.datapath.resumed() => pipeline.carry_on(saved),
+            Some(_) => warn!("the saved state is another flow table's: counting from zero"),
+            None => {}
+        }
         pipeline.problem(Reason::Starting, "starting".to_owned());
         pipeline.publish();
         Ok(pipeline)
+    }
+
+    /// Takes over what a killed predecessor counted: its totals, and its connections from
+    /// where it last read them.
+    fn carry_on(&mut self, saved: Saved) {
+        info!(
+            "carrying on from the previous agent's counts ({} connections)",
+            saved.connections.len()
+        );
+        self.history = saved.history;
+        self.unread = saved.unread;
+        self.evictions = saved.evictions;
+        self.aggregator.carry_on(saved.connections);
     }
 
     /// Takes pod names, control-plane ENIs, the cluster DNS and the nodes' zones from the
@@ -227,7 +277,36 @@ impl Pipeline {
                 format!("reading the flow table: {error}"),
             ),
         }
+        // Saved before published: no total a successor starts from is below one published.
+        self.save_state();
         self.publish()
+    }
+
+    fn save_state(&mut self) {
+        let Some(state) = &self.state else {
+            return;
+        };
+        let saved = self
+            .datapath
+            .flow_table_id()
+            .map_err(|error| error.to_string())
+            .and_then(|id| {
+                state
+                    .save(
+                        id,
+                        &self.history,
+                        &self.unread,
+                        &self.evictions,
+                        self.aggregator.carried(),
+                    )
+                    .map_err(|error| error.to_string())
+            });
+        if let Err(error) = saved {
+            self.problem(
+                Reason::StateFile,
+                format!("saving the state for a restart failed: {error}; a restart would reset the counters"),
+            );
+        }
     }
 
     /// Lists interfaces, addresses and routes again and applies what changed: between polls,
@@ -239,13 +318,18 @@ impl Pipeline {
         }
     }
 
-    /// Detaches from every interface (dropping the pipeline does too).
+    /// Detaches from every interface and removes what a successor would have carried on:
+    /// a clean stop leaves nothing behind. (Dropping the pipeline detaches, but leaves the
+    /// pins and the state file.)
     pub fn shutdown(mut self) {
         info!(
             "detaching from {} interfaces",
             self.datapath.attached().count()
         );
         self.datapath.detach_all();
+        if let Some(state) = &self.state {
+            state.remove();
+        }
     }
 
     fn aggregate(&mut self, flows: &[(tracer_common::FlowKey, tracer_common::FlowStats)]) {
@@ -305,6 +389,7 @@ impl Pipeline {
                 Err(error) => self.problem(Reason::Interfaces, format!("{error}")),
             }
         }
+        self.datapath.forget_stale_pins();
         if attached.pod + attached.node == 0 {
             self.problem(Reason::Interfaces, "attached to no interface".to_owned());
         }
@@ -465,6 +550,14 @@ impl Pipeline {
         self.latest = Arc::new(snapshot);
         Arc::clone(&self.latest)
     }
+}
+
+/// What a predecessor saved; an unreadable state is logged and counting starts from zero.
+fn load_saved(state: &StateFile) -> Option<Saved> {
+    state.load().unwrap_or_else(|error| {
+        warn!("{error}: counting from zero");
+        None
+    })
 }
 
 /// CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads: comparable with the kernel's SYN times.

@@ -13,10 +13,11 @@ pub enum Reason {
     Conntrack,
     FlowTable,
     Kubernetes,
+    StateFile,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::Starting,
         Reason::Interfaces,
         Reason::VpcCidr,
@@ -25,6 +26,7 @@ impl Reason {
         Reason::Conntrack,
         Reason::FlowTable,
         Reason::Kubernetes,
+        Reason::StateFile,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -37,6 +39,7 @@ impl Reason {
             Reason::Conntrack => "conntrack",
             Reason::FlowTable => "flow_table",
             Reason::Kubernetes => "kubernetes",
+            Reason::StateFile => "state_file",
         }
     }
 }

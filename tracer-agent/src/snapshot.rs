@@ -37,12 +37,14 @@ pub const HANDSHAKE_BUCKETS: [f64; HANDSHAKE_BUCKET_COUNT] = {
 };
 
 /// Handshake times of one path: counts per bucket (not cumulative), their number and sum.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HandshakeHistogram {
     /// Observations per bucket; those above the last bound are only in `count`.
     in_bucket: [u64; HANDSHAKE_BUCKET_COUNT],
     count: u64,
-    sum_seconds: f64,
+    /// In whole nanoseconds: an integer sum is exact, whatever the order of its terms, and
+    /// survives being saved for a successor (`restart`) bit for bit.
+    sum_nanos: u64,
 }
 
 impl HandshakeHistogram {
@@ -52,7 +54,7 @@ impl HandshakeHistogram {
             self.in_bucket[bucket] += 1;
         }
         self.count += 1;
-        self.sum_seconds += seconds;
+        self.sum_nanos += took.as_nanos() as u64;
     }
 
     /// Cumulative counts per upper bound, as Prometheus histograms have them.
@@ -68,22 +70,39 @@ impl HandshakeHistogram {
             .collect();
         api::Handshakes {
             count: self.count,
-            sum_seconds: self.sum_seconds,
+            sum_seconds: self.sum_nanos as f64 / 1e9,
             buckets,
         }
     }
 }
 
 /// What a path accumulated since the agent started.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 struct PathHistory {
     totals: Totals,
     handshakes: HandshakeHistogram,
 }
 
-/// Every path's history: the sum of the aggregator's per-poll growth.
-#[derive(Default)]
-pub struct History(BTreeMap<Classification, PathHistory>);
+/// Every path's history: the sum of the aggregator's per-poll growth. Saved for a successor
+/// as a list of pairs (a JSON map needs string keys).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[serde(from = "Vec<(Classification, PathHistory)>")]
+pub struct History(
+    #[serde(serialize_with = "serialize_pairs")] BTreeMap<Classification, PathHistory>,
+);
+
+impl From<Vec<(Classification, PathHistory)>> for History {
+    fn from(pairs: Vec<(Classification, PathHistory)>) -> History {
+        History(pairs.into_iter().collect())
+    }
+}
+
+fn serialize_pairs<S: serde::Serializer>(
+    map: &BTreeMap<Classification, PathHistory>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(map.iter())
+}
 
 impl History {
     pub fn record(&mut self, result: &PollResult) {

@@ -6,6 +6,8 @@
 
 /// Name of the flow table map: `FlowKey` → `FlowStats`.
 pub const FLOWS_MAP: &str = "FLOWS";
+/// Name of the fragment map: `FragmentKey` → `FragmentPorts`.
+pub const FRAGMENTS_MAP: &str = "FRAGMENTS";
 /// Name of the per-CPU datapath counter array, indexed by `DatapathCounter`.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Default capacity of the flow table (entries); `tracer agent --flow-table-size` overrides it.

@@ -62,7 +62,9 @@ pub struct Workload {
 }
 
 /// Whether a connection to another node stays in this node's availability zone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum ZoneLabel {
     SameZone,
     CrossZone,

@@ -1,0 +1,300 @@
+//! What an agent leaves its successor, so that a restart without SIGTERM (a crash, an OOM
+//! kill, `kill -9`) neither loses packets nor sends a counter backwards.
+//!
+//! The datapath outlives the agent in bpffs (`datapath::Pins`) and goes on counting; every
+//! poll, before its snapshot is published, the agent saves here what it made of the flow
+//! table: each connection's counters as last read, the per-path totals and the bookkeeping of
+//! entries lost and evicted. A successor that finds the same flow table (by kernel id) takes
+//! the totals over and adds only what each connection grew since: what was counted during the
+//! gap included, nothing twice, and no total below what was ever published.
+//!
+//! The file is a JSON line (the totals, small) followed by one fixed-size binary record per
+//! connection (tens of thousands, every poll). It is written aside and renamed into place, so
+//! a kill in the middle leaves the previous one whole.
+use std::{
+    ffi::OsString,
+    fs::File,
+    io::{self, BufRead as _, BufReader, BufWriter, Read as _, Write as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use tracer_common::{FlowKey, FlowStats};
+
+use crate::{
+    aggregate::{Carried, Handshake, Unread},
+    datapath::Evictions,
+    snapshot::History,
+};
+
+/// Bumped whenever the layout changes: a successor then starts afresh.
+const VERSION: u32 = 1;
+/// Key, counters as last read, idle polls, handshake (tag and time), reset reported.
+const RECORD: usize = size_of::<FlowKey>() + size_of::<FlowStats>() + 4 + 1 + 8 + 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not a state this agent can read ({reason})")]
+    Format { path: PathBuf, reason: String },
+}
+
+/// The totals, before the connections' records.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Header<H, U, E> {
+    version: u32,
+    flow_table_id: u32,
+    connections: u64,
+    history: H,
+    unread: U,
+    evictions: E,
+}
+
+/// What a predecessor left.
+pub struct Saved {
+    /// The kernel id of the flow table these counts were read from.
+    pub flow_table_id: u32,
+    pub history: History,
+    pub unread: Unread,
+    pub evictions: Evictions,
+    pub connections: Vec<(FlowKey, Carried)>,
+}
+
+/// The state file (`tracer agent --state-file`).
+#[derive(Clone, Debug)]
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(path: &Path) -> StateFile {
+        StateFile {
+            path: path.to_owned(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What the predecessor saved; `None` when it left nothing.
+    pub fn load(&self) -> Result<Option<Saved>, StateError> {
+        let file = match File::open(&self.path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(self.io_error(source)),
+        };
+        let mut reader = BufReader::new(file);
+        let mut line = Vec::new();
+        reader
+            .read_until(b'\n', &mut line)
+            .map_err(|source| self.io_error(source))?;
+        let header: Header<History, Unread, Evictions> =
+            serde_json::from_slice(&line).map_err(|error| self.format_error(error.to_string()))?;
+        if header.version != VERSION {
+            return Err(self.format_error(format!("version {}", header.version)));
+        }
+        let mut connections = Vec::with_capacity(header.connections.min(1 << 24) as usize);
+        let mut record = [0u8; RECORD];
+        for _ in 0..header.connections {
+            reader.read_exact(&mut record).map_err(|error| {
+                self.format_error(format!(
+                    "{} connections announced: {error}",
+                    header.connections
+                ))
+            })?;
+            connections
+                .push(decode(&record).ok_or_else(|| self.format_error("bad record".to_owned()))?);
+        }
+        Ok(Some(Saved {
+            flow_table_id: header.flow_table_id,
+            history: header.history,
+            unread: header.unread,
+            evictions: header.evictions,
+            connections,
+        }))
+    }
+
+    /// Replaces the file with the counts of this poll.
+    pub fn save<'a>(
+        &self,
+        flow_table_id: u32,
+        history: &History,
+        unread: &Unread,
+        evictions: &Evictions,
+        connections: impl ExactSizeIterator<Item = (&'a FlowKey, Carried)>,
+    ) -> Result<(), StateError> {
+        let mut aside = OsString::from(self.path.as_os_str());
+        aside.push(".new");
+        let aside = PathBuf::from(aside);
+        let write = || -> io::Result<()> {
+            let mut out = BufWriter::new(File::create(&aside)?);
+            let header = Header {
+                version: VERSION,
+                flow_table_id,
+                connections: connections.len() as u64,
+                history,
+                unread,
+                evictions,
+            };
+            serde_json::to_writer(&mut out, &header)?;
+            out.write_all(b"\n")?;
+            for (key, carried) in connections {
+                out.write_all(&encode(key, &carried))?;
+            }
+            out.into_inner().map_err(io::IntoInnerError::into_error)?;
+            std::fs::rename(&aside, &self.path)
+        };
+        write().map_err(|source| self.io_error(source))
+    }
+
+    /// Removes the file: after a clean stop there is nothing to carry on.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    fn io_error(&self, source: io::Error) -> StateError {
+        StateError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn format_error(&self, reason: String) -> StateError {
+        StateError::Format {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+}
+
+fn encode(key: &FlowKey, carried: &Carried) -> [u8; RECORD] {
+    let (tag, took) = match carried.handshake {
+        Handshake::Open => (0u8, 0u64),
+        Handshake::Timed(took) => (1, took.as_nanos() as u64),
+        Handshake::Refused => (2, 0),
+        Handshake::Unanswered => (3, 0),
+    };
+    let mut record = [0u8; RECORD];
+    let parts: [&[u8]; 6] = [
+        bytes_of(key),
+        bytes_of(&carried.last),
+        &carried.idle_polls.to_le_bytes(),
+        &[tag],
+        &took.to_le_bytes(),
+        &[u8::from(carried.reset_counted)],
+    ];
+    let mut at = 0;
+    for part in parts {
+        record[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    record
+}
+
+fn decode(record: &[u8; RECORD]) -> Option<(FlowKey, Carried)> {
+    let (key, rest) = record.split_at(size_of::<FlowKey>());
+    let (last, rest) = rest.split_at(size_of::<FlowStats>());
+    let (idle_polls, rest) = rest.split_at(4);
+    let (tag, rest) = rest.split_at(1);
+    let (took, reset) = rest.split_at(8);
+    let took = Duration::from_nanos(u64::from_le_bytes(took.try_into().ok()?));
+    let handshake = match tag[0] {
+        0 => Handshake::Open,
+        1 => Handshake::Timed(took),
+        2 => Handshake::Refused,
+        3 => Handshake::Unanswered,
+        _ => return None,
+    };
+    Some((
+        from_bytes(key),
+        Carried {
+            last: from_bytes(last),
+            idle_polls: u32::from_le_bytes(idle_polls.try_into().ok()?),
+            handshake,
+            reset_counted: reset[0] != 0,
+        },
+    ))
+}
+
+fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
+    // SAFETY: a `Pod` type is plain data without implicit padding: all its bytes are
+    // initialised, and the slice lives as long as the borrow.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+/// `bytes` must be `size_of::<T>()` long (the callers split them so).
+fn from_bytes<T: aya::Pod>(bytes: &[u8]) -> T {
+    assert_eq!(bytes.len(), size_of::<T>());
+    // SAFETY: the length is checked, the read is unaligned, and any bytes are a valid `Pod`.
+    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(port: u16, handshake: Handshake) -> (FlowKey, Carried) {
+        let key = FlowKey {
+            lo_port: port,
+            hi_port: 443,
+            proto: 6,
+            ..FlowKey::default()
+        };
+        let last = FlowStats {
+            packets: [3, 2],
+            bytes: [300, u64::MAX - 1],
+            syn_ns: 5,
+            synack_ns: 7,
+            ..FlowStats::default()
+        };
+        (
+            key,
+            Carried {
+                last,
+                idle_polls: 9,
+                handshake,
+                reset_counted: true,
+            },
+        )
+    }
+
+    #[test]
+    fn a_saved_state_loads_back_whole() {
+        let dir = std::env::temp_dir().join(format!("tracer-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = StateFile::new(&dir.join("state"));
+        assert!(file.load().unwrap().is_none(), "nothing saved yet");
+        let connections = [
+            connection(1, Handshake::Open),
+            connection(2, Handshake::Timed(Duration::from_micros(250))),
+            connection(3, Handshake::Refused),
+            connection(4, Handshake::Unanswered),
+        ];
+        let mut unread = Unread::default();
+        unread.update(7, &crate::aggregate::PollResult::default());
+        file.save(
+            42,
+            &History::default(),
+            &unread,
+            &Evictions::default(),
+            connections.iter().map(|(key, carried)| (key, *carried)),
+        )
+        .unwrap();
+        let saved = file.load().unwrap().expect("saved");
+        assert_eq!(saved.flow_table_id, 42);
+        assert_eq!(saved.unread.lost(), 7);
+        assert_eq!(saved.connections, connections);
+
+        // A file cut short is an error naming the file, never a panic nor half a state.
+        let bytes = std::fs::read(file.path()).unwrap();
+        for cut in [1, bytes.len() / 2, bytes.len() - 1] {
+            std::fs::write(file.path(), &bytes[..cut]).unwrap();
+            let error = file.load().err().expect("a cut file is refused");
+            assert!(error.to_string().contains("state"), "{error}");
+        }
+        file.remove();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
