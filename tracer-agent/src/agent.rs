@@ -33,12 +33,15 @@ impl AgentError {
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
-    let mut pipeline = Pipeline::start_resumable(&args.pipeline, &args.restart)?;
+    // The Kubernetes configuration is checked before the datapath loads: a mistake in it is
+    // reported at once, whatever the privileges.
     let kubernetes = kubernetes::connection(
-        args.pipeline.kubernetes.mode,
+        &args.pipeline.kubernetes,
         args.pipeline.node_name.as_deref(),
     )
+    .await
     .map_err(|error| AgentError::Config(error.into()))?;
+    let mut pipeline = Pipeline::start_resumable(&args.pipeline, &args.restart)?;
     if let Some(connection) = kubernetes {
         let facts = kubernetes::start(connection)
             .context("connecting to the Kubernetes API")

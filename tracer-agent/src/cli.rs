@@ -128,6 +128,12 @@ pub struct KubernetesArgs {
     #[arg(long = "kubernetes", value_enum, value_name = "MODE", default_value_t = KubernetesMode::Auto)]
     pub mode: KubernetesMode,
 
+    /// Talk to the API server through this kubeconfig file (its current context) instead of the
+    /// in-cluster configuration: for an agent run outside a pod, e.g. on a node by hand. Implies
+    /// --kubernetes on. The KUBECONFIG variable is not read: pass --kubeconfig "$KUBECONFIG".
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+
     /// Export tracer_workload_bytes_total{namespace,workload,path} for the TOP_K series with
     /// the most bytes, plus one namespace="_other" series per path. Off when absent.
     #[arg(long, value_name = "TOP_K", value_parser = clap::value_parser!(u16).range(1..=1000))]

@@ -6,13 +6,15 @@ mod facts;
 mod watchers;
 pub mod workload;
 
-use kube::config::InClusterError;
+use std::path::{Path, PathBuf};
+
+use kube::config::{InClusterError, KubeConfigOptions, Kubeconfig, KubeconfigError};
 use log::info;
 
 pub use facts::{ClusterFacts, PodRef, Workload, ZoneLabel};
 pub use watchers::start;
 
-use crate::cli::KubernetesMode;
+use crate::cli::{KubernetesArgs, KubernetesMode};
 
 /// Where the API server is, how to authenticate to it, and which node's pods to watch.
 #[derive(Debug)]
@@ -21,32 +23,62 @@ pub struct Connection {
     pub node_name: String,
 }
 
-/// Why `--kubernetes on` cannot be honoured (a configuration error: exit code 2).
+/// Why the Kubernetes context cannot be had as configured (a configuration error: exit code 2).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "--kubernetes on, but there is no in-cluster configuration (run in a pod with a service account, or use --kubernetes auto|off)"
+        "--kubernetes on, but there is no in-cluster configuration (run in a pod with a service account, give --kubeconfig, or use --kubernetes auto|off)"
     )]
     NotInCluster(#[source] InClusterError),
     #[error(
-        "--kubernetes on needs --node-name (NODE_NAME, from the downward API) to watch this node's pods"
+        "watching the Kubernetes API (--kubernetes on, or --kubeconfig) needs --node-name (NODE_NAME, from the downward API) to select this node's pods"
     )]
     NoNodeName,
+    /// The kube error already says what its cause says: it is shown, not chained.
+    #[error("--kubeconfig {}: {error}", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        error: KubeconfigError,
+    },
+    #[error("--kubeconfig asks for the Kubernetes context, --kubernetes off refuses it: drop one")]
+    KubeconfigButOff,
 }
 
-/// The connection `mode` asks for: the in-cluster configuration (the service account's token
-/// and CA, `KUBERNETES_SERVICE_HOST`) when there is one; without it, `on` is an error and
-/// `auto` carries on without the Kubernetes context.
-pub fn connection(
-    mode: KubernetesMode,
+/// The connection the flags ask for. `--kubeconfig` names the API server and the credentials
+/// (and makes the context required); otherwise the in-cluster configuration (the service
+/// account's token and CA, `KUBERNETES_SERVICE_HOST`) is used when there is one, and without
+/// it `on` is an error while `auto` carries on without the Kubernetes context.
+pub async fn connection(
+    args: &KubernetesArgs,
     node_name: Option<&str>,
 ) -> Result<Option<Connection>, ConfigError> {
-    match mode {
-        KubernetesMode::Off => Ok(None),
-        KubernetesMode::Auto | KubernetesMode::On => {
-            choose(mode, kube::Config::incluster(), node_name)
+    match (args.mode, &args.kubeconfig) {
+        (KubernetesMode::Off, None) => Ok(None),
+        (KubernetesMode::Off, Some(_)) => Err(ConfigError::KubeconfigButOff),
+        (_, Some(path)) => {
+            let config = from_kubeconfig(path).await?;
+            choose(KubernetesMode::On, Ok(config), node_name)
         }
+        (mode, None) => choose(mode, kube::Config::incluster(), node_name),
     }
+}
+
+/// The client configuration of a kubeconfig file's current context.
+async fn from_kubeconfig(path: &Path) -> Result<kube::Config, ConfigError> {
+    let error = |error| ConfigError::Kubeconfig {
+        path: path.to_owned(),
+        error,
+    };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(error)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(error)?;
+    info!(
+        "Kubernetes API at {} (--kubeconfig {})",
+        config.cluster_url,
+        path.display()
+    );
+    Ok(config)
 }
 
 fn choose(
@@ -102,8 +134,54 @@ mod tests {
         assert!(error.to_string().contains("--kubernetes on"), "{error}");
         let error = choose(On, in_cluster(), None).unwrap_err();
         assert!(matches!(error, ConfigError::NoNodeName), "{error}");
+    }
 
-        assert!(connection(Off, node).unwrap().is_none());
+    fn args(mode: KubernetesMode, kubeconfig: Option<&Path>) -> KubernetesArgs {
+        KubernetesArgs {
+            mode,
+            kubeconfig: kubeconfig.map(Path::to_owned),
+            workload_metrics: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kubeconfig_names_the_api_server_and_makes_the_context_required() {
+        use KubernetesMode::*;
+        let node = Some("ip-10-0-1-1");
+        assert!(connection(&args(Off, None), node).await.unwrap().is_none());
+
+        let dir = std::env::temp_dir().join(format!("tracer-kubeconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config");
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
+             clusters: [{name: lab, cluster: {server: 'http://127.0.0.1:6443'}}]\n\
+             users: [{name: agent, user: {}}]\n\
+             contexts: [{name: lab, context: {cluster: lab, user: agent}}]\n",
+        )
+        .unwrap();
+        let garbage = dir.join("garbage");
+        std::fs::write(&garbage, "<html>not a kubeconfig</html>\n").unwrap();
+
+        let connected = connection(&args(Auto, Some(&file)), node).await;
+        let connected = connected.unwrap().expect("a connection");
+        assert_eq!(connected.config.cluster_url, "http://127.0.0.1:6443/");
+        let error = connection(&args(Auto, Some(&file)), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ConfigError::NoNodeName), "{error}");
+        let error = connection(&args(Off, Some(&file)), node).await.unwrap_err();
+        assert!(matches!(error, ConfigError::KubeconfigButOff), "{error}");
+        for bad in [dir.join("missing"), garbage] {
+            let error = connection(&args(On, Some(&bad)), node).await.unwrap_err();
+            let message = error.to_string();
+            assert!(
+                message.starts_with(&format!("--kubeconfig {}: ", bad.display())),
+                "{message}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The in-cluster configuration is https: its TLS stack (rustls with ring) must build.

@@ -269,6 +269,22 @@ const BAD_CONFIGURATION: &[Case] = &[
         "agent --kubernetes maybe",
         &["--kubernetes", "possible values: auto, on, off"],
     ),
+    flags(
+        "agent --kubeconfig /nonexistent/kubeconfig --node-name ip-10-0-1-10",
+        &["--kubeconfig /nonexistent/kubeconfig", "No such file"],
+    ),
+    flags(
+        "agent --kubeconfig /proc/version --node-name ip-10-0-1-10",
+        &["--kubeconfig /proc/version", "parse"],
+    ),
+    flags(
+        "agent --kubeconfig /proc/version --kubernetes off",
+        &["--kubeconfig", "--kubernetes off"],
+    ),
+    flags(
+        "agent --kubeconfig",
+        &["--kubeconfig", "a value is required"],
+    ),
     // Attach mode.
     flags(
         "agent --attach-mode xdp",
@@ -336,6 +352,11 @@ const BAD_CONFIGURATION: &[Case] = &[
         "agent",
         "metrics_addr = \"127.0.0.1:1\"",
         &["--metrics_addr", "--config"],
+    ),
+    file(
+        "agent",
+        "kubeconfig = \"/nonexistent/kubeconfig\"\nnode-name = \"ip-10-0-1-10\"",
+        &["--kubeconfig /nonexistent/kubeconfig", "--config"],
     ),
     file("agent", "vpc-cidr = [", &["--config", "not valid TOML"]),
     file(

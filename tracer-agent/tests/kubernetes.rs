@@ -1,22 +1,18 @@
-//! The Kubernetes context against an in-process API server stand-in (`standin`): the published
+//! The Kubernetes context against an in-process API server stand-in (`kube-standin`): the published
 //! facts follow list and watch — adds, changes, deletes, zone labels — and survive what a real
 //! API server does to its clients: bookmarks, cut watch connections, 410 Gone, garbage answers,
 //! an outage.
-mod standin;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     time::Duration,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
+use kube_standin::{
+    Kind, StandIn,
+    objects::{node, pod, service, slice},
 };
-use serde::{Serialize, de::DeserializeOwned};
-use serde_json::{Value, json};
-use standin::{Kind, StandIn};
+use serde_json::json;
 use tokio::sync::watch;
 use tracer_agent::kubernetes::{self, ClusterFacts, Connection, PodRef, Workload, ZoneLabel};
 
@@ -29,68 +25,6 @@ const ZONE_B: &str = "us-west-2b";
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
-}
-
-/// The object as its k8s-openapi type serializes it: the shape the API server sends.
-fn typed<K: Serialize + DeserializeOwned>(value: Value) -> Value {
-    let object: K = serde_json::from_value(value).expect("a valid object");
-    serde_json::to_value(object).expect("serializable")
-}
-
-fn node(name: &str, address: &str, zone: &str) -> Value {
-    typed::<Node>(json!({
-        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
-        "status": {"addresses": [{"type": "InternalIP", "address": address},
-            {"type": "Hostname", "address": name}]}
-    }))
-}
-
-/// A running pod on `node`, owned by a controller (`kind`, `owner`) when given.
-fn pod(
-    namespace: &str,
-    name: &str,
-    node: &str,
-    address: Option<&str>,
-    owner: Option<(&str, &str)>,
-) -> Value {
-    let mut pod = json!({
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "example"}]},
-        "status": {"phase": if address.is_some() { "Running" } else { "Pending" }},
-    });
-    if let Some(address) = address {
-        pod["status"]["podIP"] = json!(address);
-        pod["status"]["podIPs"] = json!([{"ip": address}]);
-    }
-    if let Some((kind, owner)) = owner {
-        pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": kind,
-            "name": owner, "uid": format!("uid-{owner}"), "controller": true}]);
-        if let Some((_, hash)) = owner.rsplit_once('-').filter(|_| kind == "ReplicaSet") {
-            pod["metadata"]["labels"] = json!({"pod-template-hash": hash});
-        }
-    }
-    typed::<Pod>(pod)
-}
-
-fn service(namespace: &str, name: &str, cluster_ip: &str) -> Value {
-    typed::<Service>(json!({
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
-            "ports": [{"port": 53, "protocol": "UDP"}]}
-    }))
-}
-
-fn slice(namespace: &str, name: &str, service: &str, addresses: &[&str]) -> Value {
-    let endpoints: Vec<Value> = addresses
-        .iter()
-        .map(|address| json!({"addresses": [address], "conditions": {"ready": true}}))
-        .collect();
-    typed::<EndpointSlice>(json!({
-        "metadata": {"name": name, "namespace": namespace,
-            "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4",
-        "endpoints": endpoints,
-    }))
 }
 
 fn pod_ref(namespace: &str, name: &str, kind: &str, workload: &str) -> PodRef {

@@ -4,10 +4,11 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::BufReader,
     net::{SocketAddrV4, TcpStream},
+    time::Duration,
 };
 
 use super::{
-    LabFacts,
+    ImdsHealth, LabFacts,
     facts::{REGION, SUBNET_A, VPC_CIDR},
     http::{self, read_request, write_response},
     traffic::Report,
@@ -17,6 +18,10 @@ const TOKEN_PATH: &str = "/latest/api/token";
 const TOKEN_TTL_HEADER: &str = "X-aws-ec2-metadata-token-ttl-seconds";
 const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
 const META_DATA: &str = "/latest/meta-data/";
+/// How late a slow IMDS answers: twice the agent's timeout (1 s).
+pub const SLOW_ANSWER: Duration = Duration::from_secs(2);
+/// What a broken IMDS (or a proxy in front of it) answers with status 200.
+const GARBAGE: &str = "<html><body><h1>502 Bad Gateway</h1></body></html>\n";
 
 /// The metadata tree as full paths to leaf values; directories are derived from it.
 pub struct Imds {
@@ -86,9 +91,17 @@ impl Imds {
         (!children.is_empty()).then(|| children.into_iter().collect::<Vec<_>>().join("\n"))
     }
 
-    /// Answers one request: `PUT /latest/api/token` (IMDSv2), GETs with or without a token.
-    pub fn handle(&self, stream: TcpStream) -> anyhow::Result<()> {
+    /// Answers one request: `PUT /latest/api/token` (IMDSv2), GETs with or without a token;
+    /// late or with garbage when `health` says so.
+    pub fn handle(&self, stream: TcpStream, health: ImdsHealth) -> anyhow::Result<()> {
         let request = read_request(&mut BufReader::new(&stream))?;
+        match health {
+            ImdsHealth::Garbage => {
+                return write_response(&mut &stream, 200, &[], GARBAGE).map_err(Into::into);
+            }
+            ImdsHealth::Slow => std::thread::sleep(SLOW_ANSWER),
+            ImdsHealth::Answers | ImdsHealth::Down => {}
+        }
         let ttl = request.header(TOKEN_TTL_HEADER);
         let (status, body) = match (request.method.as_str(), request.path.as_str()) {
             ("PUT", TOKEN_PATH) => match ttl.and_then(|ttl| ttl.parse::<u32>().ok()) {

@@ -3,10 +3,10 @@
 use std::net::SocketAddrV4;
 
 use super::{
-    EndpointMode, Lab, exec,
+    ContextHealth, EndpointMode, ImdsHealth, Lab, ResolverHealth, exec,
     facts::{
-        BACKEND_SERVICE_IP, CLUSTER_DNS, CONTROLPLANE_IPS, KUBERNETES_SERVICE_IP, NLB_IPS, NODE_IP,
-        NODE_PORT, SECURITY_GROUP_DENIED_PORT, VPC_CIDR, WEB_SERVICE_IP, pod_ip,
+        BACKEND_SERVICE_IP, CLUSTER_DNS, CONTROLPLANE_IPS, IMDS, KUBERNETES_SERVICE_IP, NLB_IPS,
+        NODE_IP, NODE_PORT, RESOLVER, SECURITY_GROUP_DENIED_PORT, VPC_CIDR, WEB_SERVICE_IP, pod_ip,
     },
 };
 
@@ -21,8 +21,14 @@ pub fn apply(lab: &Lab, mode: EndpointMode) -> anyhow::Result<()> {
         "lab: writing the security group stand-in in {}",
         lab.ns("vpc")
     );
-    exec::iptables_restore(&lab.ns("vpc"), &vpc_rules())?;
+    apply_vpc(lab, ContextHealth::default())?;
     apply_nlb(lab, mode)
+}
+
+/// The VPC router's filter table: the security group stand-in, and the context services that
+/// are down refusing their clients.
+pub fn apply_vpc(lab: &Lab, health: ContextHealth) -> anyhow::Result<()> {
+    exec::iptables_restore(&lab.ns("vpc"), &vpc_rules(health))
 }
 
 /// Opens or closes the NLB's :443 for the internet namespace's outside world.
@@ -36,18 +42,32 @@ pub fn apply_nlb(lab: &Lab, mode: EndpointMode) -> anyhow::Result<()> {
     exec::iptables_restore(&lab.ns("inet"), &inet_rules(mode))
 }
 
-/// The security group of pod-r's node does not allow tcp/9999: the VPC drops it silently.
-fn vpc_rules() -> String {
-    format!(
+/// The security group of pod-r's node does not allow tcp/9999: the VPC drops it silently. IMDS
+/// down refuses connections (a reset); the resolver down is unreachable (ICMP), as a closed
+/// port would be.
+fn vpc_rules(health: ContextHealth) -> String {
+    let mut rules = format!(
         "*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 -A FORWARD -d {}/32 -p tcp -m tcp --dport {SECURITY_GROUP_DENIED_PORT} -m comment --comment \"security group: tcp/{SECURITY_GROUP_DENIED_PORT} not allowed (silent drop)\" -j DROP
-COMMIT
 ",
         pod_ip("pod-r")
-    )
+    );
+    if health.imds == ImdsHealth::Down {
+        rules += &format!(
+            "-A INPUT -d {IMDS}/32 -p tcp -m tcp --dport 80 -m comment --comment \"IMDS down\" -j REJECT --reject-with tcp-reset\n"
+        );
+    }
+    if health.resolver == ResolverHealth::Down {
+        for protocol in ["udp", "tcp"] {
+            rules += &format!(
+                "-A INPUT -d {RESOLVER}/32 -p {protocol} -m {protocol} --dport 53 -m comment --comment \"VPC resolver down\" -j REJECT\n"
+            );
+        }
+    }
+    rules + "COMMIT\n"
 }
 
 /// In private mode there is no public path: the NLB's listeners do not answer from outside.
@@ -294,6 +314,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn only_what_is_down_is_refused() {
+        let healthy = vpc_rules(ContextHealth::default());
+        assert!(!healthy.contains("REJECT"));
+        let down = vpc_rules(ContextHealth {
+            imds: ImdsHealth::Down,
+            resolver: ResolverHealth::Down,
+        });
+        assert_eq!(down.matches("REJECT").count(), 3);
+        let slow = vpc_rules(ContextHealth {
+            imds: ImdsHealth::Slow,
+            ..ContextHealth::default()
+        });
+        assert_eq!(slow, healthy, "a slow IMDS is the server's doing");
     }
 
     #[test]

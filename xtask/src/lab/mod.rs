@@ -80,6 +80,36 @@ impl FromStr for EndpointMode {
     }
 }
 
+/// How the node's context services behave: as on EC2, or failing as they fail in the field.
+/// The lab starts healthy; [`Lab::set_context_health`] changes it at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ContextHealth {
+    pub imds: ImdsHealth,
+    pub resolver: ResolverHealth,
+}
+
+/// The instance metadata service at 169.254.169.254.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ImdsHealth {
+    #[default]
+    Answers,
+    /// Refuses connections (the VPC router answers with a TCP reset).
+    Down,
+    /// Answers every request, correctly, two seconds late: twice the agent's timeout.
+    Slow,
+    /// Answers every request, the token included, with 200 and an HTML error page.
+    Garbage,
+}
+
+/// The VPC resolver, the node's only nameserver.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ResolverHealth {
+    #[default]
+    Answers,
+    /// Unreachable (port unreachable): no name resolves on the node.
+    Down,
+}
+
 #[derive(Clone, Debug)]
 pub struct LabOptions {
     pub mode: EndpointMode,
@@ -206,6 +236,17 @@ impl Lab {
         eprintln!("lab: switching lab {} to the {mode} endpoint", self.id);
         state::write_mode(&self.dir, mode)?;
         iptables::apply_nlb(self, mode)
+    }
+
+    /// Makes IMDS and the VPC resolver fail, or heals them, at once: the IMDS server reads the
+    /// health for every request (slow, garbage) and the VPC router refuses what is down.
+    pub fn set_context_health(&self, health: ContextHealth) -> anyhow::Result<()> {
+        eprintln!(
+            "lab: IMDS {:?}, VPC resolver {:?} in lab {}",
+            health.imds, health.resolver, self.id
+        );
+        state::write_context_health(&self.dir, health)?;
+        iptables::apply_vpc(self, health)
     }
 
     /// `ip netns exec <ns> program`, to add arguments to and run.

@@ -154,7 +154,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ServerKind::Http => serve_tcp(&args, http::external_host),
         ServerKind::Imds => {
             let imds = Imds::new(&state::load(&args.state_dir)?.facts);
-            serve_tcp(&args, move |stream| imds.handle(stream))
+            let state_dir = args.state_dir.clone();
+            serve_tcp(&args, move |stream| {
+                imds.handle(stream, state::read_context_health(&state_dir)?.imds)
+            })
         }
         ServerKind::Dns => {
             let sockets = args

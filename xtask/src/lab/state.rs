@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{EndpointMode, LabFacts, exec, facts::ROLES};
+use super::{ContextHealth, EndpointMode, LabFacts, exec, facts::ROLES};
 
 const STATE_ROOT: &str = "/run/tracer-lab";
 const NETNS_DIR: &str = "/run/netns";
@@ -86,6 +86,26 @@ pub fn write_mode(dir: &Path, mode: EndpointMode) -> anyhow::Result<()> {
     fs::write(&temporary, format!("{mode}\n"))
         .with_context(|| format!("writing {}", temporary.display()))?;
     fs::rename(&temporary, dir.join("mode")).context("replacing the mode file")
+}
+
+/// How IMDS and the VPC resolver behave (`context-health.json`); healthy when never set.
+pub fn read_context_health(dir: &Path) -> anyhow::Result<ContextHealth> {
+    let path = dir.join("context-health.json");
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        }
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(ContextHealth::default()),
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Replaces `context-health.json` atomically, as the mode file.
+pub fn write_context_health(dir: &Path, health: ContextHealth) -> anyhow::Result<()> {
+    let temporary = dir.join("context-health.json.new");
+    fs::write(&temporary, serde_json::to_string(&health)? + "\n")
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    fs::rename(&temporary, dir.join("context-health.json")).context("replacing context-health.json")
 }
 
 pub fn record_pid(dir: &Path, name: &str, pid: u32) -> anyhow::Result<()> {

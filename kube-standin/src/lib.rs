@@ -4,6 +4,12 @@
 //! from, bookmarks every 100 ms to watches that ask for them, field and label selectors of the
 //! `key=value` form — and, on demand, 410 Gone, dropped watch connections, garbage answers and
 //! a server that is down.
+//!
+//! The agent's tests run it on loopback; the lab serves it inside a lab namespace, for the real
+//! agent to watch through a kubeconfig ([`StandIn::start_with`]). [`objects`] builds the objects
+//! it serves.
+pub mod objects;
+
 use std::{
     collections::{BTreeMap, HashMap},
     io,
@@ -107,20 +113,34 @@ impl Shared {
     }
 }
 
+/// Opens the stand-in's listening socket at an address, in whichever network namespace the
+/// caller chooses (a socket stays in the namespace it was opened in).
+pub type Bind = Arc<dyn Fn(SocketAddr) -> io::Result<std::net::TcpListener> + Send + Sync>;
+
 pub struct StandIn {
     address: SocketAddr,
+    bind: Bind,
     shared: Arc<Shared>,
     serving: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl StandIn {
+    /// Serves on a free port of 127.0.0.1 in this process's namespace.
     pub async fn start() -> StandIn {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the stand-in");
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        StandIn::start_with(loopback, Arc::new(std::net::TcpListener::bind)).await
+    }
+
+    /// Serves on the socket `bind` opens at `address` (port 0: a free one); [`restart`]
+    /// opens its socket the same way, on the port first chosen.
+    ///
+    /// [`restart`]: StandIn::restart
+    pub async fn start_with(address: SocketAddr, bind: Bind) -> StandIn {
+        let listener = listen(&bind, address);
         let (messages, _) = broadcast::channel(1024);
         let mut stand_in = StandIn {
             address: listener.local_addr().expect("the stand-in's address"),
+            bind,
             shared: Arc::new(Shared {
                 store: Mutex::new(Store::default()),
                 messages,
@@ -254,9 +274,7 @@ impl StandIn {
 
     /// Comes back on the same address, with the same objects and history.
     pub async fn restart(&mut self) {
-        let listener = TcpListener::bind(self.address)
-            .await
-            .expect("bind the stand-in again");
+        let listener = listen(&self.bind, self.address);
         self.serve(listener);
     }
 
@@ -294,6 +312,14 @@ impl StandIn {
         });
         self.serving = Some((shutdown, serving));
     }
+}
+
+/// A listening socket from `bind`, for tokio (which must be running).
+fn listen(bind: &Bind, address: SocketAddr) -> TcpListener {
+    let listener = bind(address)
+        .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+        .unwrap_or_else(|error| panic!("binding the stand-in to {address}: {error}"));
+    TcpListener::from_std(listener).expect("a tokio listener from the stand-in's socket")
 }
 
 /// What a request selects: a namespace and `key=value` field and label selectors.
