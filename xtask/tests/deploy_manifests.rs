@@ -101,6 +101,8 @@ fn the_chart_lints_and_every_option_renders_valid_manifests() {
         "podMonitor.enabled=true",
         "--set",
         "image.repository=registry.example/tracer,image.tag=1.2.3",
+        "--set",
+        "pinPath=/sys/fs/bpf/tracer",
     ])
     .expect("helm template");
     for version in KUBERNETES_VERSIONS {
@@ -113,6 +115,11 @@ fn the_chart_lints_and_every_option_renders_valid_manifests() {
     let container = &daemonset_pod(&objects)["containers"][0];
     assert_eq!(container["image"], "registry.example/tracer:1.2.3");
     assert!(strings(&container["args"]).contains(&"--cluster-dns=10.100.0.10"));
+    let args = strings(&container["args"]);
+    assert!(args.contains(&"--pin-path=/sys/fs/bpf/tracer"), "{args:?}");
+    assert!(args.contains(&"--state-file=/var/run/tracer/state"), "{args:?}");
+    let volumes = &daemonset_pod(&objects)["volumes"];
+    assert_eq!(volumes[0]["hostPath"]["path"], "/sys/fs/bpf/tracer");
     // The chart's option and the kustomize overlay for kernels before 5.11 agree.
     let (_, overlay) = rendered("overlays/kernel-5.10");
     let capabilities = |objects: &[Value]| {
