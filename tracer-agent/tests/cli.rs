@@ -385,6 +385,15 @@ const BAD_CONFIGURATION: &[Case] = &[
         setup: Setup::PortTaken,
         expected: &["cannot listen on --metrics-addr 127.0.0.1:9477"],
     },
+    // Restarts without loss: both flags or neither, and the pins on a bpffs.
+    flags("agent --pin-path /sys/fs/bpf/tracer", &["--state-file"]),
+    flags("agent --state-file /tmp/tracer-state", &["--pin-path"]),
+    Case {
+        args: "agent --metrics-addr 127.0.0.1:0 --pin-path /tmp --state-file /tmp/tracer-cli-state",
+        config: None,
+        setup: Setup::Interfaces,
+        expected: &["--pin-path", "/tmp", "not on a bpffs"],
+    },
     Case {
         args: "agent --metrics-addr 127.0.0.1:0 --pod-iface vlan* --node-iface ens*",
         config: None,

@@ -117,7 +117,10 @@ fn the_chart_lints_and_every_option_renders_valid_manifests() {
     assert!(strings(&container["args"]).contains(&"--cluster-dns=10.100.0.10"));
     let args = strings(&container["args"]);
     assert!(args.contains(&"--pin-path=/sys/fs/bpf/tracer"), "{args:?}");
-    assert!(args.contains(&"--state-file=/var/run/tracer/state"), "{args:?}");
+    assert!(
+        args.contains(&"--state-file=/var/run/tracer/state"),
+        "{args:?}"
+    );
     let volumes = &daemonset_pod(&objects)["volumes"];
     assert_eq!(volumes[0]["hostPath"]["path"], "/sys/fs/bpf/tracer");
     // The chart's option and the kustomize overlay for kernels before 5.11 agree.
