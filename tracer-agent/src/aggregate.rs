@@ -179,26 +179,39 @@ impl ConnectionView<'_> {
     }
 }
 
-/// The NAT facts conntrack holds, keyed like the kernel's flow table.
+/// The NAT facts conntrack holds about the connections awaiting classification, keyed like
+/// the kernel's flow table. Only theirs are kept: a node's conntrack table can be far larger
+/// than what one poll needs, and holding it whole made the agent's peak memory.
 #[derive(Default)]
 pub struct NatTable {
     /// Connections by their original (pre-NAT) tuple.
     original: HashMap<FlowKey, conntrack::Entry>,
-    /// Translated (post-NAT) views of NATed connections → their original key.
-    translated: HashMap<FlowKey, FlowKey>,
+    /// NATed connections by their translated (post-NAT) tuple.
+    translated: HashMap<FlowKey, conntrack::Entry>,
 }
 
 impl NatTable {
-    pub fn new(entries: Vec<conntrack::Entry>) -> NatTable {
-        let mut table = NatTable::default();
-        for entry in entries {
-            let original = key_of(&entry.original);
-            if let Some(translated) = entry.translated() {
-                table.translated.insert(key_of(&translated), original);
-            }
-            table.original.insert(original, entry);
+    /// An empty table with room for the facts of `pending` connections (most have no NAT):
+    /// sized at once, it is never rehashed, which holds two copies for a moment.
+    pub fn for_pending(pending: &HashSet<&FlowKey>) -> NatTable {
+        NatTable {
+            original: HashMap::with_capacity(pending.len()),
+            translated: HashMap::new(),
         }
-        table
+    }
+
+    /// Keeps `entry` under each of its views (pre-NAT, post-NAT) that is `pending`; drops it
+    /// when it concerns none of them.
+    pub fn add(&mut self, entry: conntrack::Entry, pending: &HashSet<&FlowKey>) {
+        let original = key_of(&entry.original);
+        if let Some(translated) = entry.translated().map(|tuple| key_of(&tuple))
+            && pending.contains(&translated)
+        {
+            self.translated.insert(translated, entry);
+        }
+        if pending.contains(&original) {
+            self.original.insert(original, entry);
+        }
     }
 }
 
@@ -385,15 +398,19 @@ impl Aggregator {
         self.report_connection_bytes = true;
     }
 
-    /// True when a connection seen in `flows` still lacks a classification: the caller then
-    /// reads conntrack before calling `poll`.
-    pub fn needs_nat_table(&self, flows: &[(FlowKey, FlowStats)]) -> bool {
-        flows.iter().any(|(key, _)| {
-            !matches!(
-                self.tracked.get(key).map(|tracked| &tracked.view),
-                Some(View::Counted { .. } | View::Alias)
-            )
-        })
+    /// The connections in `flows` that still lack a classification: the caller gathers their
+    /// conntrack entries ([`NatTable::add`]) before calling `poll`.
+    pub fn pending<'a>(&self, flows: &'a [(FlowKey, FlowStats)]) -> HashSet<&'a FlowKey> {
+        flows
+            .iter()
+            .map(|(key, _)| key)
+            .filter(|key| {
+                !matches!(
+                    self.tracked.get(key).map(|tracked| &tracked.view),
+                    Some(View::Counted { .. } | View::Alias)
+                )
+            })
+            .collect()
     }
 
     /// The classified connections in the flow table as of the last poll (pending ones and
@@ -438,7 +455,11 @@ impl Aggregator {
         now_ns: u64,
     ) -> PollResult {
         let mut result = PollResult::default();
-        let present: HashSet<FlowKey> = flows.iter().map(|(key, _)| *key).collect();
+        let present: HashSet<&FlowKey> = flows.iter().map(|(key, _)| key).collect();
+        // At most this many are new: room for them at once rather than by doublings, each of
+        // which holds the old and the new table for a moment.
+        self.tracked
+            .reserve(flows.len().saturating_sub(self.tracked.len()));
         for (key, stats) in flows {
             let mut new_entry = false;
             let tracked = self.tracked.entry(*key).or_insert_with(|| {
@@ -524,26 +545,24 @@ fn resolve(
     stats: &FlowStats,
     context: &NodeContext,
     nat: &NatTable,
-    present: &HashSet<FlowKey>,
+    present: &HashSet<&FlowKey>,
     polls: u32,
 ) -> View {
     if let Some(entry) = nat.original.get(key) {
         return counted_from_conntrack(key, entry, &entry.original, context);
     }
-    if let Some(original) = nat.translated.get(key) {
+    if let Some((entry, translated)) = nat
+        .translated
+        .get(key)
+        .and_then(|entry| Some((entry, entry.translated()?)))
+    {
         // Counted under the pre-NAT key when the datapath saw that one too (pod traffic, seen
         // at its veth). Traffic the node itself sends is NATed before any hook sees it: then
         // the translated view is the only one, and it is counted.
-        if present.contains(original) {
+        if present.contains(&key_of(&entry.original)) {
             return View::Alias;
         }
-        if let Some((entry, translated)) = nat
-            .original
-            .get(original)
-            .and_then(|entry| Some((entry, entry.translated()?)))
-        {
-            return counted_from_conntrack(key, entry, &translated, context);
-        }
+        return counted_from_conntrack(key, entry, &translated, context);
     }
     // Conntrack may lag the datapath by a few microseconds, or not track this traffic at all:
     // give it one poll, then classify from what the datapath saw.
@@ -650,6 +669,16 @@ mod tests {
         stats
     }
 
+    /// The NAT facts a new aggregator gathers from `entries` for its first poll of `flows`.
+    fn nat(flows: &[(FlowKey, FlowStats)], entries: &[conntrack::Entry]) -> NatTable {
+        let pending = Aggregator::default().pending(flows);
+        let mut table = NatTable::for_pending(&pending);
+        for entry in entries {
+            table.add(*entry, &pending);
+        }
+        table
+    }
+
     fn context() -> NodeContext {
         NodeContext {
             vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
@@ -683,7 +712,7 @@ mod tests {
             (eni_view, stats(eni_dir, 50_000, 2_000)),
         ];
         let mut aggregator = Aggregator::default();
-        let result = aggregator.poll(&flows, &context(), &NatTable::new(vec![entry]), 0);
+        let result = aggregator.poll(&flows, &context(), &nat(&flows, &[entry]), 0);
         let expected = Classification {
             path: Path::PodToExternal,
             endpoint: None,
@@ -691,6 +720,47 @@ mod tests {
             zone: None,
         };
         assert_eq!(result.deltas, [(expected, totals(50_000, 2_000, 1))].into());
+    }
+
+    #[test]
+    fn only_the_conntrack_entries_of_pending_connections_are_kept() {
+        let snat = conntrack::Entry {
+            original: tuple("10.0.1.101:40000", "192.0.2.80:80"),
+            reply: tuple("192.0.2.80:80", "10.0.1.10:61000"),
+        };
+        let node_own = conntrack::Entry {
+            original: tuple("10.0.1.10:40001", "192.0.2.80:9000"),
+            reply: tuple("192.0.2.80:9000", "10.0.1.10:61001"),
+        };
+        let elsewhere = conntrack::Entry {
+            original: tuple("10.0.1.101:40002", "10.0.2.101:8080"),
+            reply: tuple("10.0.2.101:8080", "10.0.1.101:40002"),
+        };
+        let (pod_view, pod_dir) = key("10.0.1.101:40000", "192.0.2.80:80");
+        let (eni_view, eni_dir) = key("10.0.1.10:61000", "192.0.2.80:80");
+        let (node_view, node_dir) = key("10.0.1.10:61001", "192.0.2.80:9000");
+        let flows = [
+            (pod_view, stats(pod_dir, 5_000, 1_000)),
+            (eni_view, stats(eni_dir, 5_000, 1_000)),
+            (node_view, stats(node_dir, 7_000, 1_000)),
+        ];
+        let table = nat(&flows, &[snat, node_own, elsewhere]);
+        assert_eq!(
+            table.original.keys().collect::<HashSet<_>>(),
+            [&pod_view].into(),
+            "the connection no flow is seen for is dropped"
+        );
+        assert_eq!(table.translated.get(&eni_view), Some(&snat));
+        assert_eq!(table.translated.get(&node_view), Some(&node_own));
+        assert_eq!(table.translated.len(), 2);
+
+        // Classified (or found to be an alias), a connection no longer waits for conntrack.
+        let mut aggregator = Aggregator::default();
+        aggregator.poll(&flows, &context(), &table, 0);
+        let (new_view, new_dir) = key("10.0.1.101:40003", "10.0.2.101:8080");
+        let mut next = flows.to_vec();
+        next.push((new_view, stats(new_dir, 1_000, 0)));
+        assert_eq!(aggregator.pending(&next), [&new_view].into());
     }
 
     #[test]
@@ -702,7 +772,7 @@ mod tests {
         };
         let (eni_view, eni_dir) = key("10.0.1.10:61000", "192.0.2.80:9000");
         let flows = [(eni_view, stats(eni_dir, 30_000, 1_000))];
-        let result = Aggregator::default().poll(&flows, &context(), &NatTable::new(vec![entry]), 0);
+        let result = Aggregator::default().poll(&flows, &context(), &nat(&flows, &[entry]), 0);
         let expected = Classification {
             path: Path::NodeToExternal,
             endpoint: None,
@@ -724,7 +794,7 @@ mod tests {
             (pod_view, stats(pod_dir, 9_000, 3_000)),
             (eni_view, stats(eni_dir, 9_000, 3_000)),
         ];
-        let result = Aggregator::default().poll(&flows, &context(), &NatTable::new(vec![entry]), 0);
+        let result = Aggregator::default().poll(&flows, &context(), &nat(&flows, &[entry]), 0);
         let expected = Classification {
             path: Path::PodToService,
             endpoint: None,
@@ -747,7 +817,7 @@ mod tests {
             (eni_view, stats(eni_dir, 9_000, 3_000)),
         ];
         let mut aggregator = Aggregator::default();
-        aggregator.poll(&flows, &context(), &NatTable::new(vec![entry]), 0);
+        aggregator.poll(&flows, &context(), &nat(&flows, &[entry]), 0);
         let listed: Vec<ConnectionView> = aggregator.connections().collect();
         assert_eq!(
             listed.len(),

@@ -64,7 +64,6 @@ impl Entry {
     }
 }
 
-/// Why the conntrack table could not be read; the netlink error says at which step.
 /// Why the table could not be read: the netlink error names the step (socket, send, receive,
 /// kernel refusal, sequence, byte offset of a malformed message).
 #[derive(Debug, thiserror::Error)]
@@ -114,11 +113,26 @@ impl Conntrack {
         })
     }
 
-    /// Dumps the whole table of the current network namespace, IPv4 and IPv6.
+    /// Dumps the whole table of the current network namespace, IPv4 and IPv6, handing each
+    /// entry to `each` as it is parsed: a node's table can hold hundreds of thousands of
+    /// entries, of which a poll needs a few, so the caller keeps what it needs and the table
+    /// is never held whole. After an error `each` has seen part of the table.
     ///
     /// After an error the socket may still hold the rest of the aborted dump: open a new one.
-    pub fn dump(&mut self) -> Result<Vec<Entry>, ConntrackError> {
-        Ok(self.socket.dump(DUMP_TYPE, &DUMP_NFGENMSG, parse_entry)?)
+    pub fn dump_each(&mut self, each: impl FnMut(Entry)) -> Result<(), ConntrackError> {
+        Ok(self
+            .socket
+            .dump_each(DUMP_TYPE, &DUMP_NFGENMSG, each_entry(each))?)
+    }
+}
+
+/// The dump's message handler: hands the entry each message holds to `each`.
+fn each_entry(mut each: impl FnMut(Entry)) -> impl FnMut(Message<'_>) -> Result<(), NetlinkError> {
+    move |message| {
+        if let Some(entry) = parse_entry(message)? {
+            each(entry);
+        }
+        Ok(())
     }
 }
 
@@ -268,10 +282,11 @@ mod tests {
         )
     }
 
-    /// Parses one datagram of a dump answer: true when it ended the dump.
+    /// Parses one datagram of a dump answer as `Conntrack::dump_each` does: true when it
+    /// ended the dump.
     fn parse(data: &[u8]) -> Result<(bool, Vec<Entry>), ConntrackError> {
         let mut entries = Vec::new();
-        let done = parse_datagram(data, SEQ, &mut entries, parse_entry)?;
+        let done = parse_datagram(data, SEQ, each_entry(|entry| entries.push(entry)))?;
         Ok((done, entries))
     }
 
@@ -440,8 +455,7 @@ mod tests {
 
     #[test]
     fn foreign_sequence_number_is_an_error() {
-        let mut entries = Vec::new();
-        let error: ConntrackError = parse_datagram(&done(), SEQ + 1, &mut entries, parse_entry)
+        let error: ConntrackError = parse_datagram(&done(), SEQ + 1, |_| Ok(()))
             .unwrap_err()
             .into();
         assert!(matches!(
@@ -471,6 +485,20 @@ mod tests {
                 other => panic!("cut at {cut}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn entries_before_a_malformed_message_are_handed_over_then_the_error() {
+        let cut = entry_message(&tcp_snat()).len() + NLMSG_HDRLEN + 6;
+        let mut seen = Vec::new();
+        let error = parse_datagram(
+            &dump_bytes()[..cut],
+            SEQ,
+            each_entry(|entry| seen.push(entry)),
+        )
+        .unwrap_err();
+        assert!(matches!(error, NetlinkError::Malformed { .. }), "{error}");
+        assert_eq!(seen, vec![tcp_snat()]);
     }
 
     #[test]

@@ -108,11 +108,16 @@ struct BatchAttr {
 /// Copies the flow table out with one syscall per `BATCH` entries, instead of two per entry
 /// (next key, then lookup) with aya's iterator: reading the table is the agent's main cost
 /// at tens of thousands of flows. Entries added or evicted meanwhile may or may not be seen,
-/// as with any walk of a live table.
-fn read_batched(map: BorrowedFd<'_>) -> std::io::Result<Vec<(FlowKey, FlowStats)>> {
+/// as with any walk of a live table. `capacity` is the table's size: the copy is allocated
+/// once, never grown (growing held a larger copy than the entries needed); the pages the
+/// entries do not fill are never touched, so they cost no memory.
+fn read_batched(
+    map: BorrowedFd<'_>,
+    capacity: usize,
+) -> std::io::Result<Vec<(FlowKey, FlowStats)>> {
     let mut keys = vec![FlowKey::default(); BATCH];
     let mut values = vec![FlowStats::default(); BATCH];
-    let mut flows = Vec::new();
+    let mut flows = Vec::with_capacity(capacity);
     // The position in the table: for hash maps, a bucket index the kernel hands back.
     let (mut position, mut next) = (0u32, 0u32);
     let mut first = true;
@@ -513,7 +518,14 @@ impl Datapath {
         let aya::maps::Map::LruHashMap(data) = map else {
             return Err(DatapathError::Missing(FLOWS_MAP));
         };
-        read_batched(data.fd().as_fd()).map_err(DatapathError::Batch)
+        let capacity = data
+            .info()
+            .map_err(|source| DatapathError::Map {
+                name: FLOWS_MAP,
+                source,
+            })?
+            .max_entries();
+        read_batched(data.fd().as_fd(), capacity as usize).map_err(DatapathError::Batch)
     }
 
     /// One connection's entry, if the table holds it.

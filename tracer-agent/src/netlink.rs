@@ -134,15 +134,28 @@ impl Socket {
         &mut self,
         msg_type: u16,
         header: &[u8],
-        mut parse: impl FnMut(Message<'_>) -> Result<Option<T>, NetlinkError>,
+        parse: impl FnMut(Message<'_>) -> Result<Option<T>, NetlinkError>,
     ) -> Result<Vec<T>, NetlinkError> {
+        let mut items = Vec::new();
+        self.dump_each(msg_type, header, collect(&mut items, parse))?;
+        Ok(items)
+    }
+
+    /// Like [`dump`](Self::dump), but hands each message to `each` as its datagram arrives:
+    /// only one datagram (the socket's buffer, reused) is held at a time, however large the
+    /// answer, so a caller that keeps a few messages of a large table never holds all of it.
+    pub fn dump_each(
+        &mut self,
+        msg_type: u16,
+        header: &[u8],
+        mut each: impl FnMut(Message<'_>) -> Result<(), NetlinkError>,
+    ) -> Result<(), NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
         self.send(&dump_request(msg_type, self.seq, header))?;
-        let mut items = Vec::new();
         loop {
             let received = self.recv()?;
-            if parse_datagram(&self.buffer[..received], self.seq, &mut items, &mut parse)? {
-                return Ok(items);
+            if parse_datagram(&self.buffer[..received], self.seq, &mut each)? {
+                return Ok(());
             }
         }
     }
@@ -244,13 +257,23 @@ pub(crate) fn dump_request(msg_type: u16, seq: u32, header: &[u8]) -> Vec<u8> {
     request
 }
 
-/// Parses one datagram of a dump answer, collecting what `parse` makes of each message into
-/// `items`; true when the datagram ended the dump.
-pub(crate) fn parse_datagram<T>(
-    data: &[u8],
-    seq: u32,
+/// A message handler that collects what `parse` makes of each message into `items`.
+fn collect<T>(
     items: &mut Vec<T>,
     mut parse: impl FnMut(Message<'_>) -> Result<Option<T>, NetlinkError>,
+) -> impl FnMut(Message<'_>) -> Result<(), NetlinkError> {
+    move |message| {
+        items.extend(parse(message)?);
+        Ok(())
+    }
+}
+
+/// Parses one datagram of a dump answer, handing each message (control messages aside) to
+/// `each`; true when the datagram ended the dump.
+pub(crate) fn parse_datagram(
+    data: &[u8],
+    seq: u32,
+    mut each: impl FnMut(Message<'_>) -> Result<(), NetlinkError>,
 ) -> Result<bool, NetlinkError> {
     let mut offset = 0;
     while offset < data.len() {
@@ -293,7 +316,7 @@ pub(crate) fn parse_datagram<T>(
                 }
             }
             k if k < libc::NLMSG_MIN_TYPE as u16 => {} // NOOP, OVERRUN: nothing to read
-            _ => items.extend(parse(message)?),
+            _ => each(message)?,
         }
         offset += align4(len);
     }
@@ -630,7 +653,7 @@ mod tests {
         parse: impl FnMut(Message<'_>) -> Result<Option<T>, NetlinkError>,
     ) -> Result<(bool, Vec<T>), NetlinkError> {
         let mut items = Vec::new();
-        let done = parse_datagram(data, SEQ, &mut items, parse)?;
+        let done = parse_datagram(data, SEQ, collect(&mut items, parse))?;
         Ok((done, items))
     }
 
@@ -915,7 +938,7 @@ mod tests {
         );
         assert!(error.to_string().contains("Message too long"), "{error}");
 
-        let error = parse_datagram(&done(), SEQ + 1, &mut Vec::new(), parse_link).unwrap_err();
+        let error = parse_datagram(&done(), SEQ + 1, |_| Ok(())).unwrap_err();
         assert!(matches!(
             error,
             NetlinkError::Sequence {

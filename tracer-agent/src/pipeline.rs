@@ -20,7 +20,7 @@
 //! }
 //! ```
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashSet},
     path::Path,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -29,7 +29,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use log::{info, warn};
 use tokio::sync::{oneshot, watch};
-use tracer_common::DatapathCounter;
+use tracer_common::{DatapathCounter, FlowKey, FlowStats};
 
 use crate::{
     agent::AgentError,
@@ -332,11 +332,14 @@ impl Pipeline {
         }
     }
 
-    fn aggregate(&mut self, flows: &[(tracer_common::FlowKey, tracer_common::FlowStats)]) {
-        let nat = if self.aggregator.needs_nat_table(flows) {
-            self.nat_table()
-        } else {
-            NatTable::default()
+    fn aggregate(&mut self, flows: &[(FlowKey, FlowStats)]) {
+        let nat = {
+            let pending = self.aggregator.pending(flows);
+            if pending.is_empty() {
+                NatTable::default()
+            } else {
+                self.nat_table(&pending)
+            }
         };
         let result = self
             .aggregator
@@ -468,7 +471,9 @@ impl Pipeline {
         self.context.cluster = Arc::new(facts);
     }
 
-    fn nat_table(&mut self) -> NatTable {
+    /// The conntrack entries of the `pending` connections. A dump that fails half-way keeps
+    /// what it read: the others wait for the next poll.
+    fn nat_table(&mut self, pending: &HashSet<&FlowKey>) -> NatTable {
         if self.conntrack.is_none() {
             match Conntrack::open() {
                 Ok(conntrack) => self.conntrack = Some(conntrack),
@@ -484,17 +489,15 @@ impl Pipeline {
         let Some(conntrack) = self.conntrack.as_mut() else {
             return NatTable::default();
         };
-        match conntrack.dump() {
-            Ok(entries) => NatTable::new(entries),
-            Err(error) => {
-                self.conntrack = None;
-                self.problem(
-                    Reason::Conntrack,
-                    format!("conntrack dump failed, NAT not observed: {error}"),
-                );
-                NatTable::default()
-            }
+        let mut nat = NatTable::for_pending(pending);
+        if let Err(error) = conntrack.dump_each(|entry| nat.add(entry, pending)) {
+            self.conntrack = None;
+            self.problem(
+                Reason::Conntrack,
+                format!("conntrack dump failed, NAT not observed: {error}"),
+            );
         }
+        nat
     }
 
     fn problem(&mut self, reason: Reason, message: String) {

@@ -173,7 +173,11 @@ fn dump_shows_real_snat_and_dnat() {
         let ipv6 = UdpSocket::bind("[::1]:0").unwrap();
         ipv6.send_to(b"ping", "[::1]:9").unwrap();
 
-        let entries = Conntrack::open().unwrap().dump().unwrap();
+        let mut entries = Vec::new();
+        Conntrack::open()
+            .unwrap()
+            .dump_each(|entry| entries.push(entry))
+            .unwrap();
         Observed {
             pod_udp: (pod.local_addr().unwrap(), seen),
             node_tcp: (

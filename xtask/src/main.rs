@@ -74,6 +74,10 @@ enum Bench {
         /// Also write the results as JSON.
         #[arg(long, value_name = "PATH")]
         json: Option<std::path::PathBuf>,
+        /// Measure only these states (active flows: 0, 1000, 10000, 100000), e.g.
+        /// `--flows 100000` or `--flows 10000,100000`; all of them by default.
+        #[arg(long, value_name = "N,…", value_delimiter = ',')]
+        flows: Vec<u32>,
     },
     /// ns a new connection per packet adds as the flow table fills and evicts
     /// (BPF_PROG_TEST_RUN).
@@ -122,8 +126,8 @@ fn main() -> anyhow::Result<()> {
             which: Bench::Attach { check, json },
         } => xtask::bench::attach(check, json.as_deref()),
         Command::Bench {
-            which: Bench::Footprint { check, json },
-        } => xtask::bench::footprint(check, json.as_deref()),
+            which: Bench::Footprint { check, json, flows },
+        } => xtask::bench::footprint(check, json.as_deref(), &flows),
         Command::Bench {
             which: Bench::Churn { args },
         } => xtask::bench::churn(&args),

@@ -62,7 +62,15 @@ struct Row {
     maps_mib: f64,
 }
 
-pub fn footprint(check: bool, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+/// Measures the states whose flow counts are in `only` (all of them when it is empty).
+pub fn footprint(check: bool, json: Option<&std::path::Path>, only: &[u32]) -> anyhow::Result<()> {
+    let known: Vec<u32> = STATES.iter().map(|state| state.flows).collect();
+    if let Some(unknown) = only.iter().find(|flows| !known.contains(flows)) {
+        bail!("--flows {unknown}: not a state of the bench; choose among {known:?}");
+    }
+    let states = STATES
+        .iter()
+        .filter(|state| only.is_empty() || only.contains(&state.flows));
     let tracer = build::agent_release()?;
     let lab = Lab::up(&LabOptions {
         mode: EndpointMode::Public,
@@ -73,7 +81,7 @@ pub fn footprint(check: bool, json: Option<&std::path::Path>) -> anyhow::Result<
     let from = IpAddr::from(facts.pod_ips["pod-a"]);
     let targets = [facts.pod_ips["pod-b"], facts.pod_ips["pod-r"]].map(IpAddr::from);
     let mut rows = Vec::new();
-    for state in &STATES {
+    for state in states {
         eprintln!("bench footprint: {} flows", state.flows);
         let table = state.table.unwrap_or(DEFAULT_TABLE);
         let mut flags = context_flags(&lab);
