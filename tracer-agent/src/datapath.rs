@@ -369,6 +369,11 @@ impl Datapath {
 
     /// The flow table's kernel id, which a saved state names (see `restart`).
     pub fn flow_table_id(&self) -> Result<u32, DatapathError> {
+        Ok(self.flow_table()?.1.id())
+    }
+
+    /// The flow table and what the kernel says of it.
+    fn flow_table(&self) -> Result<(&MapData, aya::maps::MapInfo), DatapathError> {
         let map = self
             .ebpf
             .map(FLOWS_MAP)
@@ -376,12 +381,11 @@ impl Datapath {
         let aya::maps::Map::LruHashMap(data) = map else {
             return Err(DatapathError::Missing(FLOWS_MAP));
         };
-        data.info()
-            .map(|info| info.id())
-            .map_err(|source| DatapathError::Map {
-                name: FLOWS_MAP,
-                source,
-            })
+        let info = data.info().map_err(|source| DatapathError::Map {
+            name: FLOWS_MAP,
+            source,
+        })?;
+        Ok((data, info))
     }
 
     /// Attaches the ingress and egress programs to `interface`, after whatever is already
@@ -511,21 +515,8 @@ impl Datapath {
 
     /// A copy of the flow table.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowStats)>, DatapathError> {
-        let map = self
-            .ebpf
-            .map(FLOWS_MAP)
-            .ok_or(DatapathError::Missing(FLOWS_MAP))?;
-        let aya::maps::Map::LruHashMap(data) = map else {
-            return Err(DatapathError::Missing(FLOWS_MAP));
-        };
-        let capacity = data
-            .info()
-            .map_err(|source| DatapathError::Map {
-                name: FLOWS_MAP,
-                source,
-            })?
-            .max_entries();
-        read_batched(data.fd().as_fd(), capacity as usize).map_err(DatapathError::Batch)
+        let (data, info) = self.flow_table()?;
+        read_batched(data.fd().as_fd(), info.max_entries() as usize).map_err(DatapathError::Batch)
     }
 
     /// One connection's entry, if the table holds it.
