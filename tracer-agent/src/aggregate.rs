@@ -679,6 +679,23 @@ mod tests {
         table
     }
 
+    /// A pod's connection to a ClusterIP DNATed to a backend on another node: its pre-NAT view
+    /// at the pod veth, its post-NAT view at the ENI, and conntrack's entry.
+    fn service_dnat_to_backend() -> ([(FlowKey, FlowStats); 2], NatTable) {
+        let entry = conntrack::Entry {
+            original: tuple("10.0.1.101:40000", "10.100.20.20:80"),
+            reply: tuple("10.0.2.101:8080", "10.0.1.101:40000"),
+        };
+        let (pod_view, pod_dir) = key("10.0.1.101:40000", "10.100.20.20:80");
+        let (eni_view, eni_dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
+        let flows = [
+            (pod_view, stats(pod_dir, 9_000, 3_000)),
+            (eni_view, stats(eni_dir, 9_000, 3_000)),
+        ];
+        let nat = nat(&flows, &[entry]);
+        (flows, nat)
+    }
+
     fn context() -> NodeContext {
         NodeContext {
             vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
@@ -784,17 +801,8 @@ mod tests {
 
     #[test]
     fn dnat_is_classified_by_its_backend() {
-        let entry = conntrack::Entry {
-            original: tuple("10.0.1.101:40000", "10.100.20.20:80"),
-            reply: tuple("10.0.2.101:8080", "10.0.1.101:40000"),
-        };
-        let (pod_view, pod_dir) = key("10.0.1.101:40000", "10.100.20.20:80");
-        let (eni_view, eni_dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
-        let flows = [
-            (pod_view, stats(pod_dir, 9_000, 3_000)),
-            (eni_view, stats(eni_dir, 9_000, 3_000)),
-        ];
-        let result = Aggregator::default().poll(&flows, &context(), &nat(&flows, &[entry]), 0);
+        let (flows, nat) = service_dnat_to_backend();
+        let result = Aggregator::default().poll(&flows, &context(), &nat, 0);
         let expected = Classification {
             path: Path::PodToService,
             endpoint: None,
@@ -806,18 +814,9 @@ mod tests {
 
     #[test]
     fn the_listing_shows_the_backend_and_the_address_asked_for_once() {
-        let entry = conntrack::Entry {
-            original: tuple("10.0.1.101:40000", "10.100.20.20:80"),
-            reply: tuple("10.0.2.101:8080", "10.0.1.101:40000"),
-        };
-        let (pod_view, pod_dir) = key("10.0.1.101:40000", "10.100.20.20:80");
-        let (eni_view, eni_dir) = key("10.0.1.101:40000", "10.0.2.101:8080");
-        let flows = [
-            (pod_view, stats(pod_dir, 9_000, 3_000)),
-            (eni_view, stats(eni_dir, 9_000, 3_000)),
-        ];
+        let (flows, nat) = service_dnat_to_backend();
         let mut aggregator = Aggregator::default();
-        aggregator.poll(&flows, &context(), &nat(&flows, &[entry]), 0);
+        aggregator.poll(&flows, &context(), &nat, 0);
         let listed: Vec<ConnectionView> = aggregator.connections().collect();
         assert_eq!(
             listed.len(),
