@@ -233,13 +233,7 @@ impl Pins {
         self.dir.join(format!("link-{index}-{program}"))
     }
 
-    /// The pinned flow table's kernel id: what a saved state is checked against.
-    pub fn flow_table_id(&self) -> Option<u32> {
-        let map = MapData::from_pin(self.map(FLOWS_MAP)).ok()?;
-        map.info().ok().map(|info| info.id())
-    }
-
-    /// Removes the pinned maps unless they are the ones `resume` names and have the shapes
+    /// Removes the pinned maps unless the flow table is the one `resume` names and all have the shapes
     /// this agent would create: a table of another size or layout starts afresh.
     fn keep_maps_if(&self, resume: Option<u32>, flow_table_size: u32) -> bool {
         let shapes = [
@@ -263,7 +257,6 @@ impl Pins {
             ),
         ];
         let fits = resume.is_some()
-            && resume == self.flow_table_id()
             && shapes.iter().all(|(name, key, value, entries)| {
                 MapData::from_pin(self.map(name))
                     .and_then(|map| map.info())
@@ -271,6 +264,7 @@ impl Pins {
                         info.key_size() as usize == *key
                             && info.value_size() as usize == *value
                             && info.max_entries() == *entries
+                            && (*name != FLOWS_MAP || Some(info.id()) == resume)
                     })
             });
         if !fits {
@@ -317,6 +311,9 @@ pub struct Datapath {
     pins: Option<Pins>,
     /// Whether the maps are a predecessor's, still counting (see `Pins`).
     resumed: bool,
+    /// The flow table's kernel id and capacity, fixed for the datapath's life.
+    flow_table_id: u32,
+    flow_table_capacity: u32,
     /// Whether link pins of a predecessor may remain for interfaces that are gone.
     stale_pins: bool,
 }
@@ -352,6 +349,12 @@ impl Datapath {
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
+        let flow_table = flow_table(&ebpf)?
+            .info()
+            .map_err(|source| DatapathError::Map {
+                name: FLOWS_MAP,
+                source,
+            })?;
         Ok(Datapath {
             ebpf,
             mode,
@@ -359,6 +362,8 @@ impl Datapath {
             stale_pins: pins.is_some(),
             pins,
             resumed,
+            flow_table_id: flow_table.id(),
+            flow_table_capacity: flow_table.max_entries(),
         })
     }
 
@@ -368,24 +373,8 @@ impl Datapath {
     }
 
     /// The flow table's kernel id, which a saved state names (see `restart`).
-    pub fn flow_table_id(&self) -> Result<u32, DatapathError> {
-        Ok(self.flow_table()?.1.id())
-    }
-
-    /// The flow table and what the kernel says of it.
-    fn flow_table(&self) -> Result<(&MapData, aya::maps::MapInfo), DatapathError> {
-        let map = self
-            .ebpf
-            .map(FLOWS_MAP)
-            .ok_or(DatapathError::Missing(FLOWS_MAP))?;
-        let aya::maps::Map::LruHashMap(data) = map else {
-            return Err(DatapathError::Missing(FLOWS_MAP));
-        };
-        let info = data.info().map_err(|source| DatapathError::Map {
-            name: FLOWS_MAP,
-            source,
-        })?;
-        Ok((data, info))
+    pub fn flow_table_id(&self) -> u32 {
+        self.flow_table_id
     }
 
     /// Attaches the ingress and egress programs to `interface`, after whatever is already
@@ -515,8 +504,11 @@ impl Datapath {
 
     /// A copy of the flow table.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowStats)>, DatapathError> {
-        let (data, info) = self.flow_table()?;
-        read_batched(data.fd().as_fd(), info.max_entries() as usize).map_err(DatapathError::Batch)
+        read_batched(
+            flow_table(&self.ebpf)?.fd().as_fd(),
+            self.flow_table_capacity as usize,
+        )
+        .map_err(DatapathError::Batch)
     }
 
     /// One connection's entry, if the table holds it.
@@ -622,6 +614,13 @@ impl Evictions {
         let evicted = created.saturating_sub(entries as u64 + self.removed);
         self.evicted = self.evicted.max(evicted);
         self.evicted
+    }
+}
+
+fn flow_table(ebpf: &Ebpf) -> Result<&MapData, DatapathError> {
+    match ebpf.map(FLOWS_MAP) {
+        Some(aya::maps::Map::LruHashMap(data)) => Ok(data),
+        _ => Err(DatapathError::Missing(FLOWS_MAP)),
     }
 }
 

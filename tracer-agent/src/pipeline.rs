@@ -286,21 +286,13 @@ impl Pipeline {
         let Some(state) = &self.state else {
             return;
         };
-        let saved = self
-            .datapath
-            .flow_table_id()
-            .map_err(|error| error.to_string())
-            .and_then(|id| {
-                state
-                    .save(
-                        id,
-                        &self.history,
-                        &self.unread,
-                        &self.evictions,
-                        self.aggregator.carried(),
-                    )
-                    .map_err(|error| error.to_string())
-            });
+        let saved = state.save(
+            self.datapath.flow_table_id(),
+            &self.history,
+            &self.unread,
+            &self.evictions,
+            self.aggregator.carried(),
+        );
         if let Err(error) = saved {
             self.problem(
                 Reason::StateFile,
