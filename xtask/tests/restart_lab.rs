@@ -246,6 +246,18 @@ fn counters(samples: &[Sample]) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// The counters of `now` below their value in `seen`, described as seen `when`.
+fn went_back(seen: &BTreeMap<String, f64>, now: &BTreeMap<String, f64>, when: &str) -> Vec<String> {
+    now.iter()
+        .filter_map(|(series, value)| {
+            let before = seen.get(series).filter(|before| value < *before)?;
+            Some(format!(
+                "{when}: {series} went back from {before} to {value}"
+            ))
+        })
+        .collect()
+}
+
 /// A TCP stream from pod-a to pod-b's sink that writes 16 KiB every 10 ms until told to stop:
 /// one connection that outlives every agent. Returns the bytes written, checked by the sink.
 fn stream(
@@ -308,13 +320,7 @@ fn pinned_agents_killed_mid_traffic_lose_no_byte_and_no_counter_goes_back() {
     for kill in 1..=KILLS {
         std::thread::sleep(Duration::from_millis(250));
         let now = counters(&agent.scrape().expect("scrape"));
-        for (series, value) in &now {
-            if let Some(before) = seen.get(series).filter(|before| value < *before) {
-                failures.push(format!(
-                    "before kill {kill}: {series} went back from {before} to {value}"
-                ));
-            }
-        }
+        failures.extend(went_back(&seen, &now, &format!("before kill {kill}")));
         seen.extend(now);
         killed.extend(agent.programs());
         // Dropping the handle kills the agent with SIGKILL: no chance to detach or save.
@@ -356,13 +362,7 @@ fn pinned_agents_killed_mid_traffic_lose_no_byte_and_no_counter_goes_back() {
     if !scrape::counts_payload(counted, sent) {
         failures.push(format!("pod_to_pod_local forward counted {counted} for {sent} payload bytes sent across {KILLS} kills"));
     }
-    for (series, value) in counters(&samples) {
-        if let Some(before) = seen.get(&series).filter(|before| value < **before) {
-            failures.push(format!(
-                "at the end: {series} went back from {before} to {value}"
-            ));
-        }
-    }
+    failures.extend(went_back(&seen, &counters(&samples), "at the end"));
     let ours = agent.programs();
     let (_, code) = agent.stop().expect("stop");
     assert_eq!(code, Some(0), "SIGTERM ends the agent with 0");
