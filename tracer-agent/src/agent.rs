@@ -1,16 +1,21 @@
 //! `tracer agent`: run the pipeline and serve its snapshots — until SIGINT or SIGTERM.
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use anyhow::Context as _;
 use log::{info, warn};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::{Notify, watch},
+    sync::watch,
 };
 
 use crate::{
-    cli::AgentArgs, discovery, export::Metrics, kubernetes, pipeline::Pipeline, server,
+    cli::AgentArgs,
+    discovery::{self, ChangeWatch, Changes},
+    export::Metrics,
+    kubernetes,
+    pipeline::Pipeline,
+    server,
     snapshot::Snapshot,
 };
 
@@ -72,8 +77,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Polls every `--poll-interval` and publishes each snapshot to the server; rescans at once
-/// when netlink reports a change, so that a new pod's veth is attached within milliseconds.
+/// Polls every `--poll-interval` and publishes each snapshot to the server; attaches to a new
+/// interface as soon as netlink announces it, so that a new pod's veth is attached within
+/// milliseconds.
 async fn poll_until_signal(
     pipeline: &mut Pipeline,
     snapshots: &watch::Sender<Arc<Snapshot>>,
@@ -90,12 +96,18 @@ async fn poll_until_signal(
             None
         }
     };
+    let mut last_poll = Instant::now();
     loop {
+        // A flood of new interfaces must not stop the counting.
+        let polls_behind = last_poll.elapsed() > 2 * pipeline.poll_interval();
         tokio::select! {
             // A new interface first: attaching it must not wait behind a poll that is due.
             biased;
-            _ = changed(changes.as_deref()) => pipeline.rescan(),
+            changes = changed(changes.as_deref()), if !polls_behind => {
+                pipeline.apply_changes(changes);
+            }
             _ = ticker.tick() => {
+                last_poll = Instant::now();
                 let snapshot = pipeline.poll();
                 metrics.record_workloads(&snapshot.workloads);
                 snapshots.send_replace(snapshot);
@@ -106,10 +118,10 @@ async fn poll_until_signal(
     }
 }
 
-/// Resolves when netlink reports a change; never, without a watch.
-async fn changed(changes: Option<&Notify>) {
-    match changes {
-        Some(changes) => changes.notified().await,
+/// The next changes netlink reports; never, without a watch.
+async fn changed(watch: Option<&ChangeWatch>) -> Changes {
+    match watch {
+        Some(watch) => watch.changes().await,
         None => std::future::pending().await,
     }
 }

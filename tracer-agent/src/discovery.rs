@@ -1,9 +1,13 @@
 //! Which interfaces to attach to, and what the node's routes and addresses say about it.
-use std::{collections::HashSet, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use tokio::sync::Notify;
 
-use crate::netlink::{self, NetlinkError, Protocol, Socket};
+use crate::netlink::{self, LinkChange, NetlinkError, Protocol, Socket};
 
 /// The role an interface plays on an EKS node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -108,31 +112,67 @@ pub fn scan(patterns: &InterfacePatterns) -> Result<Scan, NetlinkError> {
     })
 }
 
-/// Links coming and going, addresses, and routes (a pod's /32 route is added after its veth).
-const CHANGE_GROUPS: u32 = (libc::RTMGRP_LINK
-    | libc::RTMGRP_IPV4_IFADDR
-    | libc::RTMGRP_IPV6_IFADDR
-    | libc::RTMGRP_IPV4_ROUTE
-    | libc::RTMGRP_IPV6_ROUTE) as u32;
+/// Links announced by netlink since the agent last took them.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// New or changed links: index → latest name.
+    pub links: BTreeMap<u32, String>,
+    /// Notifications were lost: only a full scan tells what changed.
+    pub lost: bool,
+}
 
-/// Watches this namespace's links, addresses and routes over netlink, in a thread of its own,
-/// and wakes the returned `Notify` on every change: the agent scans again at once instead of
-/// waiting for its next poll, so a new pod's veth is attached within milliseconds. The thread
-/// ends when the agent drops the `Notify`.
-pub fn watch_changes() -> Result<Arc<Notify>, NetlinkError> {
+impl Changes {
+    fn add(&mut self, change: LinkChange) {
+        match change {
+            LinkChange::New(link) => {
+                self.links.insert(link.index, link.name);
+            }
+            LinkChange::Lost => self.lost = true,
+        }
+    }
+}
+
+/// New links as netlink announces them, gathered by a thread of its own until the agent takes
+/// them: a burst of pods is attached in one pass, and no netlink dump (which waits for the
+/// RTNL lock, as attaching does) stands between a new veth and its attachment.
+pub struct ChangeWatch {
+    pending: Mutex<Changes>,
+    wake: Notify,
+}
+
+impl ChangeWatch {
+    /// Waits for changes, then takes all those reported meanwhile.
+    pub async fn changes(&self) -> Changes {
+        self.wake.notified().await;
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Watches this namespace's links over netlink (`RTMGRP_LINK`), in a thread of its own that
+/// ends when the agent drops the returned watch. Links that vanish, addresses and routes are
+/// left to the next poll's scan: until then they change nothing the agent shows.
+pub fn watch_changes() -> Result<Arc<ChangeWatch>, NetlinkError> {
     let mut socket = Socket::open(Protocol::Route)?;
-    socket.subscribe(CHANGE_GROUPS)?;
-    let changed = Arc::new(Notify::new());
-    let notify = Arc::downgrade(&changed);
+    socket.subscribe(libc::RTMGRP_LINK as u32)?;
+    let watch = Arc::new(ChangeWatch {
+        pending: Mutex::new(Changes::default()),
+        wake: Notify::new(),
+    });
+    let weak = Arc::downgrade(&watch);
     std::thread::spawn(move || {
         loop {
-            let result = socket.wait_change();
-            let Some(notify) = notify.upgrade() else {
+            let result = socket.link_changes();
+            let Some(watch) = weak.upgrade() else {
                 return;
             };
             match result {
-                Ok(true) => notify.notify_one(),
-                Ok(false) => {}
+                Ok(changes) if changes.is_empty() => {}
+                Ok(changes) => {
+                    let mut pending = watch.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                    changes.into_iter().for_each(|change| pending.add(change));
+                    drop(pending);
+                    watch.wake.notify_one();
+                }
                 Err(error) => {
                     log::warn!(
                         "netlink change notifications stopped ({error}); new interfaces are found at the next poll"
@@ -142,7 +182,7 @@ pub fn watch_changes() -> Result<Arc<Notify>, NetlinkError> {
             }
         }
     });
-    Ok(changed)
+    Ok(watch)
 }
 
 /// Shell-style matching with `*` only: what interface patterns need, nothing more.

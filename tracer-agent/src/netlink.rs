@@ -181,7 +181,7 @@ impl Socket {
     }
 
     /// Joins multicast `groups` (`RTMGRP_*` bits): the kernel then sends a message on every
-    /// change of what they cover, which [`Socket::wait_change`] waits for.
+    /// change of what they cover, which [`Socket::link_changes`] reads.
     pub fn subscribe(&self, groups: u32) -> Result<(), NetlinkError> {
         // SAFETY: a zeroed sockaddr_nl with the family and groups set is a valid address.
         let bound = unsafe {
@@ -200,15 +200,18 @@ impl Socket {
         Ok(())
     }
 
-    /// Waits up to the receive timeout for a message of a subscribed group: true when one (or
-    /// an overrun, which means several were lost) arrived, false on timeout. What the message
-    /// says does not matter to the caller, which re-reads the whole state.
-    pub fn wait_change(&mut self) -> Result<bool, NetlinkError> {
-        match self.recv() {
-            Ok(_) | Err(NetlinkError::Overrun) => Ok(true),
-            Err(NetlinkError::Timeout(_)) => Ok(false),
-            Err(error) => Err(error),
-        }
+    /// Waits up to the receive timeout for notifications of the subscribed groups and returns
+    /// the links they announce (`RTM_NEWLINK`), or `Lost` when the kernel had to drop some
+    /// (ENOBUFS); nothing on timeout. Other messages are stepped over.
+    pub fn link_changes(&mut self) -> Result<Vec<LinkChange>, NetlinkError> {
+        let received = match self.recv() {
+            Ok(received) => received,
+            Err(NetlinkError::Overrun) => return Ok(vec![LinkChange::Lost]),
+            Err(NetlinkError::Timeout(_)) => return Ok(Vec::new()),
+            Err(error) => return Err(error),
+        };
+        let links = announced_links(&self.buffer[..received])?;
+        Ok(links.into_iter().map(LinkChange::New).collect())
     }
 
     /// Receives one datagram into the buffer and returns its length.
@@ -273,6 +276,15 @@ fn collect<T>(
 pub(crate) fn parse_datagram(
     data: &[u8],
     seq: u32,
+    each: impl FnMut(Message<'_>) -> Result<(), NetlinkError>,
+) -> Result<bool, NetlinkError> {
+    parse_messages(data, Some(seq), each)
+}
+
+/// [`parse_datagram`], checking the sequence number of every message against `seq` when given.
+fn parse_messages(
+    data: &[u8],
+    seq: Option<u32>,
     mut each: impl FnMut(Message<'_>) -> Result<(), NetlinkError>,
 ) -> Result<bool, NetlinkError> {
     let mut offset = 0;
@@ -287,9 +299,11 @@ pub(crate) fn parse_datagram(
             .get(offset..)
             .and_then(|rest| rest.get(NLMSG_HDRLEN..len))
             .ok_or_else(|| malformed("nlmsghdr length", offset))?;
-        if msg_seq != seq {
+        if let Some(expected) = seq
+            && msg_seq != expected
+        {
             return Err(NetlinkError::Sequence {
-                expected: seq,
+                expected,
                 got: msg_seq,
             });
         }
@@ -472,6 +486,7 @@ pub(crate) fn align4(len: usize) -> usize {
 }
 
 // rtnetlink: from linux/rtnetlink.h, if_link.h, if_addr.h.
+const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const RTM_GETADDR: u16 = 22;
 const RTM_GETROUTE: u16 = 26;
@@ -491,6 +506,15 @@ const RT_TABLE_MAIN: u32 = 254;
 pub struct Link {
     pub index: u32,
     pub name: String,
+}
+
+/// What a link notification tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkChange {
+    /// A link appeared in this namespace, or changed (state, name).
+    New(Link),
+    /// Notifications were lost: only a dump tells what changed.
+    Lost,
 }
 
 /// An address configured on an interface.
@@ -522,6 +546,22 @@ pub fn routes() -> Result<Vec<Route>, NetlinkError> {
     // struct rtmsg: family (AF_UNSPEC dumps all), dst_len, src_len, tos, table, protocol,
     // scope, type, flags.
     Socket::open(Protocol::Route)?.dump(RTM_GETROUTE, &[0; RTMSG_LEN], parse_route)
+}
+
+/// The links a datagram of notifications announces (`RTM_NEWLINK`); other messages are
+/// stepped over. Notifications carry the sequence number of the request that caused them, if
+/// any: none is expected.
+fn announced_links(data: &[u8]) -> Result<Vec<Link>, NetlinkError> {
+    let mut links = Vec::new();
+    parse_messages(
+        data,
+        None,
+        collect(&mut links, |message| match message.kind {
+            RTM_NEWLINK => parse_link(message),
+            _ => Ok(None),
+        }),
+    )?;
+    Ok(links)
 }
 
 /// An `RTM_NEWLINK`; None without a name.
@@ -642,7 +682,6 @@ pub(crate) mod bytes {
 mod tests {
     use super::{bytes::*, *};
 
-    const RTM_NEWLINK: u16 = 16;
     const RTM_NEWADDR: u16 = 20;
     const RTM_NEWROUTE: u16 = 24;
     const IFLA_MTU: u16 = 4;
@@ -717,6 +756,19 @@ mod tests {
         let (done, links) = parse(&bytes, parse_link).unwrap();
         assert!(done);
         assert_eq!(links, vec![link(1, "lo"), link(12, "eni1a2b3c4d5e6")]);
+    }
+
+    #[test]
+    fn notifications_announce_new_links_whatever_their_sequence_number() {
+        let new_address = address_message(libc::AF_INET, 12, &[attr(IFA_LOCAL, &[10, 0, 0, 5])]);
+        let mut new_link = link_message(12, &[attr(IFLA_IFNAME, b"eni1a2b3c4d5e6\0")]);
+        // Caused by a request with sequence number 99 (`ip link add`).
+        new_link[8..12].copy_from_slice(&99u32.to_ne_bytes());
+        let bytes = [new_address, new_link].concat();
+        assert_eq!(
+            announced_links(&bytes).unwrap(),
+            vec![link(12, "eni1a2b3c4d5e6")]
+        );
     }
 
     #[test]

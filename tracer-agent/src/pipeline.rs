@@ -27,7 +27,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use log::{info, warn};
+use log::{debug, info, warn};
 use tokio::sync::{oneshot, watch};
 use tracer_common::{DatapathCounter, FlowKey, FlowStats};
 
@@ -41,7 +41,7 @@ use crate::{
     conntrack::Conntrack,
     context,
     datapath::{AttachMode, Datapath, Evictions, Pins},
-    discovery::{self, InterfaceKind, InterfacePatterns, Scan},
+    discovery::{self, Changes, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
     imds::{self, ImdsClient},
     kubernetes::{ClusterFacts, workload::WorkloadBytes},
@@ -301,9 +301,25 @@ impl Pipeline {
         }
     }
 
-    /// Lists interfaces, addresses and routes again and applies what changed: between polls,
-    /// when netlink reports a change, a new pod's veth is attached at once.
-    pub fn rescan(&mut self) {
+    /// Attaches to the new links netlink announced, at once rather than at the next poll (a
+    /// new pod's first packets must be counted); after lost notifications, scans again.
+    /// Failures are left to the next poll, whose scan tries again and reports them.
+    pub fn apply_changes(&mut self, changes: Changes) {
+        if changes.lost {
+            self.rescan();
+            return;
+        }
+        for (index, name) in changes.links {
+            if self.patterns.kind_of(&name).is_some()
+                && let Err(error) = self.datapath.attach(&name, index)
+            {
+                debug!("{error}; the next poll tries again");
+            }
+        }
+    }
+
+    /// Lists interfaces, addresses and routes again and applies what changed.
+    fn rescan(&mut self) {
         match discovery::scan(&self.patterns) {
             Ok(scan) => self.apply_scan(scan),
             Err(error) => self.problem(Reason::Interfaces, format!("netlink scan failed: {error}")),

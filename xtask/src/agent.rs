@@ -61,12 +61,6 @@ pub fn context_flags(lab: &Lab) -> Vec<String> {
     flags
 }
 
-/// The interfaces (ifindex) process `pid` holds tcx links on, from `/proc/PID/fdinfo`; usable
-/// from a thread that watches the agent while the test drives it.
-pub fn linked_ifindexes(pid: u32) -> Vec<u64> {
-    fdinfo_values(pid, "ifindex:", |info| info.contains("link_type:\ttcx"))
-}
-
 /// The value of `field` in each of `pid`'s `fdinfo` files that `select` keeps.
 fn fdinfo_values(pid: u32, field: &str, select: impl Fn(&str) -> bool) -> Vec<u64> {
     let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
@@ -292,6 +286,37 @@ impl LabAgent {
         )
     }
 
+    /// Waits until the agent has polled once from start to end after this call (two new
+    /// snapshots published): its snapshot then includes everything done before the call.
+    pub fn wait_whole_poll(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let (mut last, mut published) = (self.snapshot_time()?, 0);
+        while published < 2 {
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent published {published} snapshot(s) in {timeout:?}:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            let time = self.snapshot_time()?;
+            if time != last {
+                (last, published) = (time, published + 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// When the latest snapshot was taken (`time_unix_ms` of `/api/v1/paths`).
+    fn snapshot_time(&self) -> anyhow::Result<u64> {
+        let (status, body) = self.get("/api/v1/paths")?;
+        let paths: serde_json::Value = serde_json::from_str(&body)
+            .with_context(|| format!("/api/v1/paths answered {status}: {body}"))?;
+        paths["time_unix_ms"]
+            .as_u64()
+            .with_context(|| format!("/api/v1/paths has no time_unix_ms: {body}"))
+    }
+
     pub fn scrape(&self) -> anyhow::Result<Vec<Sample>> {
         let (status, body) = self.get("/metrics")?;
         if status != 200 {
@@ -349,7 +374,9 @@ impl LabAgent {
 
     /// The interfaces (ifindex) the agent holds tcx links on.
     pub fn linked_ifindexes(&self) -> Vec<u64> {
-        linked_ifindexes(self.pid())
+        fdinfo_values(self.pid(), "ifindex:", |info| {
+            info.contains("link_type:\ttcx")
+        })
     }
 
     pub fn stop(mut self) -> anyhow::Result<(Duration, Option<i32>)> {

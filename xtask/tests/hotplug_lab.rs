@@ -1,7 +1,7 @@
 //! Pod hot-plug: 200 pods scheduled and deleted at 10/s on the lab node while the agent runs.
-//! Each new pod's veth must be attached within 100 ms (p99) — from the moment `ip link add`
-//! created it to the moment the agent holds a tcx link on its ifindex —, each pod's traffic
-//! counted and classified, and nothing left attached once they are gone.
+//! Each new pod's veth must be attached within 100 ms (p99) — from the moment netlink announces
+//! the veth to the moment the agent holds both its tcx links —, each pod's traffic counted and
+//! classified, and nothing left attached once they are gone.
 use std::time::Duration;
 
 use xtask::{
@@ -14,10 +14,12 @@ use xtask::{
 };
 
 const PODS: u32 = 200;
-/// One new pod every 100 ms: 10 per second. The issue asks for ~20/s; on this 2-vCPU machine
-/// every tcx attach waits two RCU grace periods under the RTNL lock (~30 ms a pod), so at 20/s
-/// attaches queue behind each other and behind the pods' own plumbing and deletion, and the
-/// p99 reaches 95–120 ms (`cargo xtask bench attach` measures that rate; docs/performance.md).
+/// One new pod every 100 ms: 10 per second, p99 33–88 ms (12 runs). The issue asks for ~20/s; on this
+/// 2-vCPU machine every tcx attach and every veth deletion waits an RCU grace period (4–10 ms,
+/// longer under load) under the RTNL lock, four per pod (two hooks in, two out): at 15/s the
+/// p99 passed 100 ms in 3 runs of 10 on the shared CPU, and at 20/s the agent, attaching back
+/// to back, falls behind until pods are deleted unattached (`cargo xtask bench attach`;
+/// docs/performance.md).
 const EVERY: Duration = Duration::from_millis(100);
 
 #[test]
@@ -36,14 +38,17 @@ fn pods_churning_at_10_per_second_are_attached_counted_and_forgotten() {
     let links_before = agent.linked_ifindexes().len();
     let before = agent.scrape().expect("scrape");
 
-    let churn = churn::run(&lab, agent.pid(), PODS, EVERY).expect("churn");
+    let churn = churn::run(&lab, &agent, PODS, EVERY).expect("churn");
     figures::record("hotplug", &format!("hot-plug: {}", churn.summary()))
         .expect("record the figure");
     assert!(
-        churn.percentile(0.99) <= Duration::from_millis(100),
+        churn
+            .percentile(0.99)
+            .is_some_and(|p99| p99 <= Duration::from_millis(100)),
         "attach latency p99 above 100 ms: {}",
         churn.summary()
     );
+    assert_eq!(churn.never_attached(), 0, "{}", churn.summary());
 
     let after = agent.scrape().expect("scrape");
     let grew = |name: &str, labels: &[(&str, &str)]| {

@@ -1,5 +1,5 @@
-//! Running `ip`, `sysctl` and `iptables-restore` inside lab namespaces, with errors that name
-//! the command and what it said.
+//! Running `ip` and `iptables-restore`, and setting sysctls, inside lab namespaces, with
+//! errors that name the command and what it said.
 use std::{
     fs::File,
     io::Write as _,
@@ -14,13 +14,12 @@ use anyhow::{Context as _, anyhow, bail};
 use crate::run::{command_output, describe};
 
 /// Programs the lab runs, and what provides them.
-const TOOLS: [(&str, &str); 3] = [
+const TOOLS: [(&str, &str); 2] = [
     ("ip", "run `cargo xtask setup` (installs iproute2)"),
     (
         "iptables-restore",
         "run `cargo xtask setup` (installs iptables)",
     ),
-    ("sysctl", "install procps (`apt-get install procps`)"),
 ];
 
 /// Fails early, with the fix, when the lab cannot be built here.
@@ -47,17 +46,24 @@ pub fn within<T: Send + 'static>(
     ns: &str,
     work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
-    let ns_path = format!("/run/netns/{ns}");
+    let ns = ns.to_owned();
     std::thread::spawn(move || -> anyhow::Result<T> {
-        let file = File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
-        // SAFETY: setns on a valid namespace fd; it changes only this thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("entering {ns_path}: {}", std::io::Error::last_os_error());
-        }
-        work().with_context(|| format!("in {ns_path}"))
+        enter(&ns)?;
+        work().with_context(|| format!("in namespace {ns}"))
     })
     .join()
-    .map_err(|_| anyhow!("the thread working in {ns} panicked"))?
+    .map_err(|_| anyhow!("a thread working in a lab namespace panicked"))?
+}
+
+/// Moves the calling thread (only it) into network namespace `ns`: for a thread of its own.
+pub fn enter(ns: &str) -> anyhow::Result<()> {
+    let ns_path = format!("/run/netns/{ns}");
+    let file = File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
+    // SAFETY: setns on a valid namespace fd; it changes only this thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("entering {ns_path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `ip netns exec <ns> program`.
@@ -81,11 +87,21 @@ pub fn netns(args: &str) -> anyhow::Result<String> {
     command_output(&mut command)
 }
 
-/// Sets `settings` ("net.ipv4.ip_forward=1 …") in `ns`.
+/// Sets `settings` ("net.ipv4.ip_forward=1 …") in `ns`, writing `/proc/sys` from a thread
+/// inside it (a task sees the network settings of its own namespace there): cheaper than
+/// starting `ip netns exec NS sysctl`, which matters when pods come by the dozen.
 pub fn sysctl(ns: &str, settings: &str) -> anyhow::Result<()> {
-    let mut command = in_ns(ns, "sysctl");
-    command.args(["-q", "-w"]).args(settings.split_whitespace());
-    command_output(&mut command).map(drop)
+    let settings = settings.to_owned();
+    within(ns, move || {
+        for setting in settings.split_whitespace() {
+            let (key, value) = setting
+                .split_once('=')
+                .with_context(|| format!("sysctl setting {setting:?} has no '='"))?;
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            std::fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))?;
+        }
+        Ok(())
+    })
 }
 
 /// Replaces the tables named in `rules` (iptables-restore format) in `ns`.

@@ -255,13 +255,9 @@ impl Lab {
     }
 
     /// Schedules a new pod `name` (a namespace of its own) with address `ip` on the node, as
-    /// the VPC CNI plumbs one; returns its host-side veth and when the veth appeared.
-    /// `unplug_pod` removes it, and so does `down`.
-    pub fn plug_pod(
-        &self,
-        name: &str,
-        ip: std::net::Ipv4Addr,
-    ) -> anyhow::Result<(String, std::time::Instant)> {
+    /// the VPC CNI plumbs one; returns its host-side veth. `unplug_pod` removes it, and so
+    /// does `down`.
+    pub fn plug_pod(&self, name: &str, ip: std::net::Ipv4Addr) -> anyhow::Result<String> {
         topology::plug_pod(&self.id, name, ip)
     }
 

@@ -41,14 +41,9 @@ pub fn build(id: &str) -> anyhow::Result<()> {
 }
 
 /// Adds pod `name` with address `ip` to the node of lab `id`, behind a veth named like the
-/// VPC CNI's, as a new pod gets when it is scheduled; returns the host-side veth's name and
-/// when it appeared.
+/// VPC CNI's, as a new pod gets when it is scheduled; returns the host-side veth's name.
 /// Deleting the pod's namespace (`trc-<id>-<name>`) removes the veth with it.
-pub fn plug_pod(
-    id: &str,
-    name: &str,
-    ip: std::net::Ipv4Addr,
-) -> anyhow::Result<(String, std::time::Instant)> {
+pub fn plug_pod(id: &str, name: &str, ip: std::net::Ipv4Addr) -> anyhow::Result<String> {
     let lab = Builder { id };
     lab.namespace(name)?;
     let pod = PodSpec {
@@ -57,8 +52,8 @@ pub fn plug_pod(
         node: "node",
         eni: "eth0",
     };
-    let created = lab.pod(&pod)?;
-    Ok((host_veth_name(id, name), created))
+    lab.pod(&pod)?;
+    Ok(host_veth_name(id, name))
 }
 
 /// One lab namespace, to run `ip` and `sysctl` in.
@@ -254,8 +249,7 @@ impl Builder<'_> {
     /// a /32 route to the pod; in the pod `eth0` with the /32, a default route through
     /// 169.254.1.1 and a permanent ARP entry for it. Pods whose IP belongs to a secondary ENI
     /// get the CNI's policy rules, so that their traffic leaves through that ENI.
-    /// Plumbs `pod`; returns when its host-side veth came into existence (at the latest).
-    fn pod(&self, pod: &PodSpec) -> anyhow::Result<std::time::Instant> {
+    fn pod(&self, pod: &PodSpec) -> anyhow::Result<()> {
         let (node, ns, ip) = (self.ns(pod.node), self.ns(pod.name), pod.ip);
         let veth = &host_veth_name(self.id, pod.name);
         eprintln!(
@@ -274,8 +268,6 @@ impl Builder<'_> {
                 "rule add from {ip} lookup {SECONDARY_TABLE} prio 1536"
             ));
         }
-        // The veth appears during the batch: taking the time before it errs on the late side.
-        let created = std::time::Instant::now();
         node.ip_batch(&on_node)?;
         ns.ip_batch(&[
             format!("addr add {ip}/32 dev eth0"),
@@ -283,8 +275,7 @@ impl Builder<'_> {
             format!("route add {POD_GATEWAY} dev eth0 scope link"),
             format!("route add default via {POD_GATEWAY} dev eth0"),
             format!("neigh add {POD_GATEWAY} lladdr {mac} dev eth0 nud permanent"),
-        ])?;
-        Ok(created)
+        ])
     }
 
     /// The VPC fabric knows which ENI holds each secondary IP: the router and the EKS-owned
