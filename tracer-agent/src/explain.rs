@@ -81,7 +81,7 @@ fn explain(args: &ExplainArgs) -> Result<Explanation, AgentError> {
                 ));
             }
             Err(error) => warnings.push(format!(
-                "IMDS at {} did not answer ({error}) and --vpc-cidr is not set: in-VPC and external addresses cannot be told apart",
+                "IMDS at {} did not give the VPC CIDRs ({error}) and --vpc-cidr is not set: in-VPC and external addresses cannot be told apart",
                 flags.imds_addr
             )),
         }

@@ -1,5 +1,6 @@
-//! The EC2 instance metadata service (IMDS), read once at start-up so that nothing about the
-//! VPC — its CIDR blocks, the subnet, the node's ENIs — has to be configured by hand.
+//! The EC2 instance metadata service (IMDS), read at start-up (and again until it answers) so
+//! that nothing about the VPC — its CIDR blocks, the subnet, the node's ENIs — has to be
+//! configured by hand.
 //!
 //! A deliberately tiny blocking HTTP/1.1 client: IMDS answers a handful of short plain-text
 //! documents on a link-local address, so a full HTTP stack would buy nothing. Every exchange is
@@ -11,6 +12,8 @@ use std::{
     str::FromStr,
     time::{Duration, Instant},
 };
+
+use tokio::sync::watch;
 
 use crate::cidr::Cidr;
 
@@ -39,24 +42,25 @@ pub struct Interface {
     pub local_ipv4s: Vec<Ipv4Addr>,
 }
 
+/// What went wrong with IMDS, worded as the cause in a sentence that names IMDS and its
+/// address ("IMDS at … has not given …: connection refused").
 #[derive(Debug, thiserror::Error)]
 pub enum ImdsError {
-    #[error("IMDS at {addr} unreachable ({path}): {source}")]
-    Unreachable {
-        addr: SocketAddr,
-        path: String,
-        source: io::Error,
-    },
-    #[error("IMDS did not answer {path} within {timeout:?}")]
+    /// The connection failed: refused, reset, unreachable.
+    #[error("{}", connection_failure(.source))]
+    Unreachable { path: String, source: io::Error },
+    #[error("timed out after {}", seconds(*.timeout))]
     Timeout { path: String, timeout: Duration },
-    #[error("IMDS answered {path} with HTTP status {status}")]
+    #[error("HTTP status {status} for {path}")]
     Http { path: String, status: u16 },
-    #[error("IMDS answer to {path} is malformed: {what}")]
+    #[error("malformed answer to {path}: {what}")]
     Malformed { path: String, what: String },
 }
 
 /// IMDS answers in milliseconds; a second means it is not there (not on EC2, or blocked).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the agent waits before asking IMDS again after a failure.
+pub const RETRY: Duration = Duration::from_secs(5);
 
 const TOKEN_PATH: &str = "/latest/api/token";
 const TOKEN_TTL_HEADER: &str = "X-aws-ec2-metadata-token-ttl-seconds";
@@ -140,7 +144,6 @@ impl ImdsClient {
                 timeout: self.timeout,
             },
             _ => ImdsError::Unreachable {
-                addr: self.base,
                 path: path.to_owned(),
                 source,
             },
@@ -206,10 +209,20 @@ impl Session<'_> {
             instance_id: self.get("instance-id")?.trim().to_owned(),
             availability_zone: self.get("placement/availability-zone")?.trim().to_owned(),
             local_ipv4: self.parse("local-ipv4")?,
-            vpc_cidrs: self.parse_lines(&eni_document(primary_mac, "vpc-ipv4-cidr-blocks"))?,
+            vpc_cidrs: self.vpc_cidrs(primary_mac)?,
             subnet_cidr: self.parse(&eni_document(primary_mac, "subnet-ipv4-cidr-block"))?,
             interfaces,
         })
+    }
+
+    /// The VPC's CIDR blocks, at least one: a VPC without any is not an answer.
+    fn vpc_cidrs(&self, primary_mac: &str) -> Result<Vec<Cidr>, ImdsError> {
+        let document = eni_document(primary_mac, "vpc-ipv4-cidr-blocks");
+        let cidrs = self.parse_lines(&document)?;
+        if cidrs.is_empty() {
+            return Err(malformed(&metadata_path(&document), "no CIDR block"));
+        }
+        Ok(cidrs)
     }
 
     fn interface(&self, mac: &str) -> Result<Interface, ImdsError> {
@@ -254,6 +267,58 @@ impl Session<'_> {
             .map(|line| parse_value(document, line))
             .collect()
     }
+}
+
+/// The VPC's CIDR blocks as IMDS gave them, or why it has not yet (an [`ImdsError`] in words).
+pub type VpcCidrs = Result<Vec<Cidr>, String>;
+
+/// Asks IMDS for the VPC's CIDR blocks in a thread of its own (the client blocks), every
+/// [`RETRY`] until it answers, publishing each attempt's outcome: the cause of the latest
+/// failure is what readiness shows. The thread ends with the answer, or when the receiver is
+/// dropped.
+pub fn spawn_vpc_lookup(client: ImdsClient) -> watch::Receiver<VpcCidrs> {
+    let (sender, receiver) = watch::channel(Err("no answer yet".to_owned()));
+    std::thread::spawn(move || {
+        loop {
+            let answer = client.fetch().map(|metadata| metadata.vpc_cidrs);
+            let answered = answer.is_ok();
+            // Sending fails once the receiver is gone: nobody is waiting any more.
+            let sent = sender.send(answer.map_err(|error| error.to_string()));
+            if answered || sent.is_err() {
+                return;
+            }
+            std::thread::sleep(RETRY);
+        }
+    });
+    receiver
+}
+
+/// The readiness sentence while the VPC CIDRs are missing: where they were asked, the latest
+/// cause, and what the agent and the operator can do about it.
+pub fn vpc_cidrs_missing(imds: SocketAddr, cause: &str) -> String {
+    format!(
+        "IMDS at {imds} has not given the VPC CIDRs: {cause} (retrying every {}; or pass --vpc-cidr); until then remote and external traffic is labelled unknown",
+        seconds(RETRY)
+    )
+}
+
+/// A connection failure in words (`connection refused`), without the OS error number.
+fn connection_failure(error: &io::Error) -> String {
+    use io::ErrorKind as Kind;
+    match error.kind() {
+        kind @ (Kind::ConnectionRefused
+        | Kind::ConnectionReset
+        | Kind::ConnectionAborted
+        | Kind::HostUnreachable
+        | Kind::NetworkUnreachable
+        | Kind::NetworkDown) => kind.to_string(),
+        _ => error.to_string(),
+    }
+}
+
+/// A duration as people say it: `1 s`, `0.5 s`.
+fn seconds(duration: Duration) -> String {
+    format!("{} s", duration.as_secs_f64())
 }
 
 /// The request path of a metadata document.
@@ -608,6 +673,7 @@ mod tests {
             matches!(&error, ImdsError::Http { path, status: 500 } if path == TOKEN_PATH),
             "{error}"
         );
+        assert_eq!(error.to_string(), "HTTP status 500 for /latest/api/token");
     }
 
     #[test]
@@ -633,7 +699,25 @@ mod tests {
             matches!(&error, ImdsError::Malformed { path: p, .. } if *p == path),
             "{error}"
         );
-        assert!(error.to_string().contains("10.1.0.5/16"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("malformed answer to {path}: \"10.1.0.5/16\"")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_vpc_without_cidr_blocks_is_malformed() {
+        let mut documents = documents();
+        let path = eni(MAC0, "vpc-ipv4-cidr-blocks");
+        documents.insert(path.clone(), "\n".to_owned());
+        let (addr, _) = serve(TokenMode::Required, documents);
+        let error = client(addr).fetch().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("malformed answer to {path}: no CIDR block")
+        );
     }
 
     #[test]
@@ -700,6 +784,7 @@ mod tests {
             matches!(&error, ImdsError::Timeout { path, .. } if path.ends_with("/mac")),
             "{error}"
         );
+        assert_eq!(error.to_string(), "timed out after 0.5 s");
         assert!(
             started.elapsed() < Duration::from_millis(1500),
             "{:?}",
@@ -738,6 +823,44 @@ mod tests {
             .unwrap();
         let error = client(addr).fetch().unwrap_err();
         assert!(matches!(error, ImdsError::Unreachable { .. }), "{error}");
+        assert_eq!(error.to_string(), "connection refused");
+    }
+
+    #[test]
+    fn the_missing_vpc_cidrs_sentence_names_imds_the_cause_and_the_way_out() {
+        let imds = SocketAddr::from(([169, 254, 169, 254], 80));
+        assert_eq!(
+            vpc_cidrs_missing(imds, "timed out after 1 s"),
+            "IMDS at 169.254.169.254:80 has not given the VPC CIDRs: timed out after 1 s \
+             (retrying every 5 s; or pass --vpc-cidr); until then remote and external traffic \
+             is labelled unknown"
+        );
+    }
+
+    /// Waits up to 2 s for `lookup` to publish `expected`.
+    async fn publishes(mut lookup: watch::Receiver<VpcCidrs>, expected: VpcCidrs) {
+        let wait = lookup.wait_for(|answer| *answer == expected);
+        let seen = tokio::time::timeout(Duration::from_secs(2), wait)
+            .await
+            .is_ok();
+        assert!(
+            seen,
+            "{expected:?} not within 2 s; last {:?}",
+            *lookup.borrow()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_lookup_publishes_the_cause_or_the_answer() {
+        // Nothing listens: the attempt is refused at once.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let refused = Err("connection refused".to_owned());
+        publishes(spawn_vpc_lookup(client(closed)), refused).await;
+        let (imds, _) = serve(TokenMode::Required, documents());
+        publishes(spawn_vpc_lookup(client(imds)), Ok(expected().vpc_cidrs)).await;
     }
 
     #[test]

@@ -28,14 +28,13 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use log::{debug, info, warn};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tracer_common::{DatapathCounter, FlowKey, FlowStats};
 
 use crate::{
     agent::AgentError,
     aggregate::{Aggregator, NatTable, Unread},
     api::{self, AttachedInterfaces, FlowTableStats, PathsResponse},
-    cidr::Cidr,
     classify::NodeContext,
     cli::{AttachModeArg, PipelineArgs, RestartArgs},
     conntrack::Conntrack,
@@ -43,16 +42,15 @@ use crate::{
     datapath::{AttachMode, Datapath, Evictions, Pins},
     discovery::{self, Changes, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
-    imds::{self, ImdsClient},
+    imds::{self, ImdsClient, VpcCidrs},
     kubernetes::{ClusterFacts, workload::WorkloadBytes},
     privileges,
-    readiness::{Problem, Reason},
+    readiness::{self, Change, Problem, Reason},
     restart::{Saved, StateFile},
     snapshot::{self, Health, History, Snapshot},
 };
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
-const IMDS_RETRY: Duration = Duration::from_secs(5);
 
 /// The loaded datapath and everything the agent remembers between polls.
 pub struct Pipeline {
@@ -64,7 +62,7 @@ pub struct Pipeline {
     history: History,
     conntrack: Option<Conntrack>,
     /// IMDS answer still to come, when the VPC CIDRs were not given on the command line.
-    vpc_from_imds: Option<oneshot::Receiver<Vec<Cidr>>>,
+    vpc_from_imds: Option<watch::Receiver<VpcCidrs>>,
     /// Answers about the cluster endpoint, when one was given.
     apiserver_from_dns: Option<watch::Receiver<Resolution>>,
     /// The Kubernetes context, when the agent watches the API server.
@@ -158,7 +156,7 @@ impl Pipeline {
             args.node_name.as_deref().unwrap_or("(NODE_NAME unset)")
         );
         let vpc_from_imds = args.context.vpc_cidrs.is_empty().then(|| {
-            spawn_imds_lookup(ImdsClient::new(
+            imds::spawn_vpc_lookup(ImdsClient::new(
                 args.context.imds_addr,
                 imds::DEFAULT_TIMEOUT,
             ))
@@ -256,12 +254,6 @@ impl Pipeline {
         self.receive_imds();
         self.receive_apiserver_addresses();
         self.receive_cluster_facts();
-        if self.context.vpc_cidrs.is_empty() {
-            self.problem(Reason::VpcCidr, format!(
-                "VPC CIDR unknown: IMDS ({}) has not answered yet and --vpc-cidr is not set; remote and external traffic is labelled unknown",
-                self.args.context.imds_addr
-            ));
-        }
         for contradiction in self.context.contradictions() {
             self.problem(
                 Reason::Contradiction,
@@ -409,14 +401,22 @@ impl Pipeline {
         self.context.local_pods = local_pods;
     }
 
+    /// The VPC CIDRs once IMDS gives them; until then, the latest cause as a problem.
     fn receive_imds(&mut self) {
-        let Some(receiver) = self.vpc_from_imds.as_mut() else {
+        let Some(receiver) = &self.vpc_from_imds else {
             return;
         };
-        if let Ok(cidrs) = receiver.try_recv() {
-            info!("VPC CIDR blocks from IMDS: {cidrs:?}");
-            self.context.vpc_cidrs = cidrs;
-            self.vpc_from_imds = None;
+        let answer = receiver.borrow().clone();
+        match answer {
+            Ok(cidrs) => {
+                info!("VPC CIDR blocks from IMDS: {cidrs:?}");
+                self.context.vpc_cidrs = cidrs;
+                self.vpc_from_imds = None;
+            }
+            Err(cause) => self.problem(
+                Reason::VpcCidr,
+                imds::vpc_cidrs_missing(self.args.context.imds_addr, &cause),
+            ),
         }
     }
 
@@ -512,14 +512,14 @@ impl Pipeline {
         self.problems.insert(Problem { reason, message });
     }
 
-    /// Builds the snapshot of this poll; logs the problems that appeared or went away since
-    /// the previous one.
+    /// Builds the snapshot of this poll; logs the problems that appeared, changed cause or
+    /// went away since the previous one.
     fn publish(&mut self) -> Arc<Snapshot> {
-        for appeared in self.problems.difference(&self.published) {
-            warn!("{}", appeared.message);
-        }
-        for resolved in self.published.difference(&self.problems) {
-            info!("resolved: {}", resolved.message);
+        for change in readiness::changes(&self.published, &self.problems) {
+            match change {
+                Change::Appeared(problem) => warn!("{problem}"),
+                Change::Resolved(problem) => info!("resolved: {problem}"),
+            }
         }
         self.published = self.problems.clone();
         let problems: Vec<Problem> = self.problems.iter().cloned().collect();
@@ -539,7 +539,7 @@ impl Pipeline {
                 attached_interfaces: self.attached.clone(),
                 flow_table: self.flow_table.clone(),
                 ready: problems.is_empty(),
-                problems: problems.iter().map(|p| p.message.clone()).collect(),
+                problems: problems.iter().map(Problem::to_string).collect(),
                 paths: self.history.rows(self.aggregator.connections()),
             },
             largest_flows: snapshot::top_flows(
@@ -586,30 +586,6 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_millis() as u64)
-}
-
-/// Asks IMDS for the VPC's CIDR blocks in a thread of its own (the client blocks), retrying
-/// until it answers or the pipeline is gone.
-fn spawn_imds_lookup(client: ImdsClient) -> oneshot::Receiver<Vec<Cidr>> {
-    let (sender, receiver) = oneshot::channel();
-    std::thread::spawn(move || {
-        loop {
-            match client.fetch() {
-                Ok(metadata) => {
-                    let _ = sender.send(metadata.vpc_cidrs);
-                    return;
-                }
-                Err(error) => {
-                    warn!("IMDS: {error}; retrying in {}s", IMDS_RETRY.as_secs());
-                    std::thread::sleep(IMDS_RETRY);
-                }
-            }
-            if sender.is_closed() {
-                return;
-            }
-        }
-    });
-    receiver
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The node's context failing and coming back, with the real agent in the lab node (issue 7,
 //! item 5). IMDS down, answering garbage or too slow, and the cluster endpoint not resolving:
-//! the agent keeps counting, says why it is not ready, and is ready again within seconds of
-//! their return. The Kubernetes context end to end: an API server stand-in served in the node
+//! the agent keeps counting, says why it is not ready (each cause in `/readyz`, logged once
+//! however often it retries), and is ready again within seconds of their return. The Kubernetes context end to end: an API server stand-in served in the node
 //! namespace, watched through `--kubeconfig`, down at the start and down again later.
 use std::{
     io,
@@ -33,6 +33,9 @@ const RECOVERY: Duration = Duration::from_secs(12);
 /// How soon the Kubernetes watches must follow the API server: their backoff starts at 0.8 s
 /// and doubles.
 const KUBERNETES_RECOVERY: Duration = Duration::from_secs(20);
+/// Long enough for the agent to ask IMDS again at least once (every 5 s; an attempt against a
+/// slow IMDS takes 2 s): a warning repeated on every retry would show.
+const ANOTHER_RETRY: Duration = Duration::from_secs(8);
 /// Growth of forward bytes allowed on series a scenario does not use.
 const NOISE_BYTES: f64 = 5_000.0;
 
@@ -137,6 +140,54 @@ fn logged(agent: &LabAgent, text: &str) -> usize {
     agent.log().matches(text).count()
 }
 
+/// The lines of the agent's log that speak of IMDS and `cause`, whatever their wording and case.
+fn imds_lines(agent: &LabAgent, cause: &str) -> Vec<String> {
+    let cause = cause.to_lowercase();
+    agent
+        .log()
+        .lines()
+        .filter(|line| {
+            let line = line.to_lowercase();
+            line.contains("imds") && line.contains(&cause)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits for `/readyz` to show the `vpc_cidr` problem with `cause`, then for the agent to ask
+/// IMDS again; asserts that the cause was logged once, not on every retry, and that the problem
+/// was never logged as resolved on the way. Returns the `/readyz` body.
+fn imds_cause_shown_and_logged_once(agent: &LabAgent, cause: &str) -> String {
+    let body = wait_for(
+        agent,
+        &format!("/readyz naming the IMDS failure {cause:?}"),
+        Duration::from_secs(10),
+        || {
+            let (status, body) = agent.get("/readyz").ok()?;
+            let line = body
+                .lines()
+                .find(|line| line.contains("vpc_cidr: IMDS at"))?;
+            (status == 503 && line.contains(cause)).then(|| body.clone())
+        },
+    );
+    std::thread::sleep(ANOTHER_RETRY);
+    let lines = imds_lines(agent, cause);
+    assert_eq!(
+        lines.len(),
+        1,
+        "IMDS {cause:?} logged {} times over {ANOTHER_RETRY:?}, not once:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    assert_eq!(
+        logged(agent, "resolved: vpc_cidr"),
+        0,
+        "a new cause is not a resolution\n{}",
+        agent.log_tail()
+    );
+    body
+}
+
 #[test]
 fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the_services() {
     let lab = testing::lab(MODE, env!("CARGO_BIN_EXE_xtask"));
@@ -147,22 +198,17 @@ fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the
     lab.set_context_health(down).expect("context down");
     let agent = LabAgent::start(&lab, &build::tracer_path()).expect("agent start");
 
-    // Not ready, and saying why: both gaps named in /readyz and exported as reasons.
+    // Not ready, and saying why: both gaps named in /readyz with their causes (the IMDS
+    // connection refused by the VPC router, the resolver's error) and exported as reasons.
+    let unresolved = format!("apiserver_endpoint: {CLUSTER_ENDPOINT} does not resolve: ");
     wait_for(
         &agent,
-        "/readyz naming both gaps",
+        "/readyz naming the resolver's error",
         Duration::from_secs(5),
         || {
             let (status, body) = agent.get("/readyz").ok()?;
-            (status == 503 && body.contains("VPC CIDR unknown") && body.contains(CLUSTER_ENDPOINT))
-                .then_some(())
+            (status == 503 && body.contains(&unresolved)).then_some(())
         },
-    );
-    assert_readiness(&agent, &["apiserver_endpoint", "vpc_cidr"]);
-    assert!(
-        logged(&agent, "Connection refused") > 0,
-        "{}",
-        agent.log_tail()
     );
 
     // Counting goes on: local traffic exactly; remote traffic as unknown, never guessed.
@@ -177,18 +223,18 @@ fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the
     );
     assert_counted(&agent, "unknown without a VPC CIDR", &sent, grown[1]);
 
-    // IMDS answering garbage, then too slowly: each seen by the agent, which stays not ready.
-    for (imds, says) in [
-        (ImdsHealth::Garbage, "is malformed"),
-        (ImdsHealth::Slow, "did not answer"),
+    // IMDS down, answering garbage, then too slowly: each cause in /readyz as the agent sees
+    // it, logged once however often the agent asks again; the agent stays not ready.
+    let body = imds_cause_shown_and_logged_once(&agent, "connection refused");
+    assert!(body.contains(&unresolved), "{body}");
+    assert_readiness(&agent, &["apiserver_endpoint", "vpc_cidr"]);
+    for (imds, cause) in [
+        (ImdsHealth::Garbage, "malformed answer to /latest/api/token"),
+        (ImdsHealth::Slow, "timed out after 1 s"),
     ] {
-        let before = logged(&agent, says);
         lab.set_context_health(ContextHealth { imds, ..down })
             .expect("context health");
-        let what = format!("the agent's IMDS client reporting that IMDS {says}");
-        wait_for(&agent, &what, Duration::from_secs(10), || {
-            (logged(&agent, says) > before).then_some(())
-        });
+        imds_cause_shown_and_logged_once(&agent, cause);
         assert_readiness(&agent, &["apiserver_endpoint", "vpc_cidr"]);
     }
 
@@ -208,6 +254,12 @@ fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the
         healed.elapsed()
     );
     assert_readiness(&agent, &[]);
+    assert_eq!(
+        logged(&agent, "resolved: vpc_cidr"),
+        1,
+        "{}",
+        agent.log_tail()
+    );
     let (sent, grown) = measure(&lab, &agent, "pod_to_pod_remote", &[&remote, &unknown]);
     assert_counted(&agent, "pod_to_pod_remote after recovery", &sent, grown[0]);
     assert!(grown[1] < NOISE_BYTES, "unknown grew by {} B", grown[1]);
