@@ -176,9 +176,19 @@ struct Attachment {
     /// The interface's index: a pod deleted and re-created between two scans keeps its name
     /// but not its index, and needs attaching again.
     index: u32,
-    /// Ingress, then egress; dropping a link detaches it (a pinned one once unpinned too).
-    #[expect(dead_code, reason = "held for its drop, which detaches")]
-    links: [SchedClassifierLink; 2],
+    /// Ingress, then egress.
+    #[expect(dead_code, reason = "held for their drop, which detaches")]
+    links: [HeldLink; 2],
+}
+
+/// One hook's link, held for its drop, which detaches (a pinned one once unpinned too).
+#[expect(dead_code, reason = "held for its drop, which detaches")]
+enum HeldLink {
+    Program(SchedClassifierLink),
+    /// A new tcx link just pinned, kept as the descriptor it is: turning it back into a
+    /// `SchedClassifierLink` would ask the kernel for its type, which takes the RTNL lock —
+    /// a wait behind other attaches' grace periods on every new pod.
+    Pinned(FdLink),
 }
 
 /// The two hooks, in the order of `Attachment::links`.
@@ -416,7 +426,7 @@ impl Datapath {
         interface: &str,
         index: u32,
         (program, hook): (&'static str, TcAttachType),
-    ) -> Result<SchedClassifierLink, DatapathError> {
+    ) -> Result<HeldLink, DatapathError> {
         let attach_error = |source| DatapathError::Attach {
             interface: interface.to_owned(),
             hook,
@@ -436,7 +446,7 @@ impl Datapath {
                     .and_then(|id| classifier.take_link(id))
             });
             match moved {
-                Ok(Ok(link)) => return Ok(link),
+                Ok(Ok(link)) => return Ok(HeldLink::Program(link)),
                 // The interface it held was deleted (ENOLINK): attach anew.
                 _ => {
                     let _ = std::fs::remove_file(pin);
@@ -452,7 +462,7 @@ impl Datapath {
             .and_then(|id| classifier.take_link(id))
             .map_err(attach_error)?;
         let Some(pin) = pin else {
-            return Ok(link);
+            return Ok(HeldLink::Program(link));
         };
         let pin_error = |error: &dyn std::fmt::Display| DatapathError::Pin {
             path: pin.clone(),
@@ -462,7 +472,7 @@ impl Datapath {
             .map_err(|error| pin_error(&error))?
             .pin(&pin)
             .map_err(|error| pin_error(&error))?;
-        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|error| pin_error(&error))
+        Ok(HeldLink::Pinned(FdLink::from(pinned)))
     }
 
     /// Once, after the first attach: forgets a predecessor's pinned links of interfaces that

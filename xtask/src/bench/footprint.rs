@@ -6,6 +6,10 @@
 //! (remote), re-sent every second so that they stay active; the agent polls at its default
 //! interval (1 s). Goals (issue 7): user CPU ≤ 0.02 core at 10k flows, RSS ≤ 64 MiB, maps
 //! ≤ 32 MiB with the default table.
+//!
+//! With `--pinned`, the agent runs as for restarts without loss (`--pin-path` on a bpffs of
+//! the lab's own, `--state-file`): the cost of saving every connection every poll shows, and
+//! the state file's size is reported.
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     time::{Duration, Instant},
@@ -15,9 +19,9 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use crate::{
-    agent::{LabAgent, context_flags},
+    agent::{self, LabAgent, context_flags},
     build,
-    lab::{EndpointMode, Lab, LabOptions, exec},
+    lab::{Bpffs, EndpointMode, Lab, LabOptions, exec},
     scrape,
 };
 
@@ -60,10 +64,18 @@ struct Row {
     rss_mib: f64,
     peak_rss_mib: f64,
     maps_mib: f64,
+    /// With `--pinned`.
+    state_file_mib: Option<f64>,
 }
 
-/// Measures the states whose flow counts are in `only` (all of them when it is empty).
-pub fn footprint(check: bool, json: Option<&std::path::Path>, only: &[u32]) -> anyhow::Result<()> {
+/// Measures the states whose flow counts are in `only` (all of them when it is empty), with
+/// the agent saving its state for restarts when `pinned`.
+pub fn footprint(
+    check: bool,
+    json: Option<&std::path::Path>,
+    only: &[u32],
+    pinned: bool,
+) -> anyhow::Result<()> {
     let known: Vec<u32> = STATES.iter().map(|state| state.flows).collect();
     if let Some(unknown) = only.iter().find(|flows| !known.contains(flows)) {
         bail!("--flows {unknown}: not a state of the bench; choose among {known:?}");
@@ -77,6 +89,7 @@ pub fn footprint(check: bool, json: Option<&std::path::Path>, only: &[u32]) -> a
         external_snat: false,
         helper_exe: std::env::current_exe()?,
     })?;
+    let bpffs = pinned.then(|| Bpffs::mount(&lab)).transpose()?;
     let facts = lab.facts();
     let from = IpAddr::from(facts.pod_ips["pod-a"]);
     let targets = [facts.pod_ips["pod-b"], facts.pod_ips["pod-r"]].map(IpAddr::from);
@@ -86,6 +99,9 @@ pub fn footprint(check: bool, json: Option<&std::path::Path>, only: &[u32]) -> a
         let table = state.table.unwrap_or(DEFAULT_TABLE);
         let mut flags = context_flags(&lab);
         flags.extend(["--flow-table-size".into(), table.to_string()]);
+        if let Some(bpffs) = &bpffs {
+            flags.extend(agent::restart_flags(&lab, bpffs));
+        }
         let mut agent = LabAgent::start_with(&lab, &tracer, flags)?;
         agent.wait_ready(Duration::from_secs(15))?;
         let pod_a = lab.ns("pod-a");
@@ -107,25 +123,34 @@ pub fn footprint(check: bool, json: Option<&std::path::Path>, only: &[u32]) -> a
             rss_mib: memory.rss_kib as f64 / 1024.0,
             peak_rss_mib: memory.peak_kib as f64 / 1024.0,
             maps_mib: agent.map_memlock_bytes() as f64 / MIB,
+            state_file_mib: bpffs
+                .is_some()
+                .then(|| std::fs::metadata(agent::state_file(&lab)))
+                .transpose()
+                .context("the agent's state file")?
+                .map(|file| file.len() as f64 / MIB),
         });
         agent.stop()?;
     }
+    drop(bpffs);
     lab.down()?;
 
     println!(
-        "| active flows | in table | table size | agent CPU (cores) | RSS (peak) MiB | kernel maps MiB |"
+        "| active flows | in table | table size | agent CPU (cores) | RSS (peak) MiB | kernel maps MiB | state file MiB |"
     );
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for row in &rows {
         println!(
-            "| {} | {:.0} | {} | {:.4} | {:.1} ({:.1}) | {:.1} |",
+            "| {} | {:.0} | {} | {:.4} | {:.1} ({:.1}) | {:.1} | {} |",
             row.flows,
             row.table_entries,
             row.flow_table_size,
             row.cpu_cores,
             row.rss_mib,
             row.peak_rss_mib,
-            row.maps_mib
+            row.maps_mib,
+            row.state_file_mib
+                .map_or("(not pinned)".to_owned(), |mib| format!("{mib:.1}"))
         );
     }
     if let Some(path) = json {

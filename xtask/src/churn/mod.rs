@@ -3,6 +3,7 @@
 //! Measures how long each new veth waits for the agent's tcx links. Shared by the hot-plug
 //! test and `cargo xtask bench attach`.
 mod watch;
+pub use watch::{newest_link_id, settled_links_after};
 
 use std::{
     collections::VecDeque,
@@ -76,15 +77,21 @@ pub fn pod_name(prefix: &str, n: u32) -> String {
     format!("{prefix}{n}")
 }
 
-/// Schedules `pods` pods one every `every`, each sending `DATAGRAMS` × `DATAGRAM_BYTES` to the
-/// previous one, deletes them as they age, and times the attachment of each by the agent
-/// `agent_pid`.
+/// Schedules `pods` pods (numbered from `first`, so that runs in one lab do not collide) one
+/// every `every`, each sending `DATAGRAMS` × `DATAGRAM_BYTES` to the previous one, deletes them
+/// as they age, and times the attachment of each by `agent`.
 ///
 /// Each pod is plumbed on a thread of its own, started on schedule: as on a node, where the
 /// CNI sets up several pods at once, a pod's plumbing does not wait for the previous one's
 /// (which waits for the RTNL lock, held by every attach for a grace period). One thread takes
 /// the plumbed pods in order, sends their traffic and deletes the oldest.
-pub fn run(lab: &Lab, agent: &LabAgent, pods: u32, every: Duration) -> anyhow::Result<Churn> {
+pub fn run(
+    lab: &Lab,
+    agent: &LabAgent,
+    first: u32,
+    pods: u32,
+    every: Duration,
+) -> anyhow::Result<Churn> {
     let creations = CreationWatch::start(&lab.ns("node"))?;
     let watch = AttachWatch::start(agent);
     let started = Instant::now();
@@ -94,7 +101,10 @@ pub fn run(lab: &Lab, agent: &LabAgent, pods: u32, every: Duration) -> anyhow::R
         for n in 0..pods {
             std::thread::sleep((started + every * n).saturating_duration_since(Instant::now()));
             // A closed channel means the traffic thread stopped: its error is reported below.
-            if plugging.send(scope.spawn(move || plug(lab, n))).is_err() {
+            if plugging
+                .send(scope.spawn(move || plug(lab, first + n)))
+                .is_err()
+            {
                 break;
             }
         }

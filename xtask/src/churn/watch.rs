@@ -205,9 +205,7 @@ impl AttachWatch {
         let (settled, links) = mpsc::channel::<(u32, Instant)>();
         let timer = std::thread::spawn(move || {
             // Links made before the watch are not timed.
-            let mut newest = std::iter::successors(next_link_id(0), |id| next_link_id(*id))
-                .last()
-                .unwrap_or(0);
+            let mut newest = newest_link_id();
             let mut pending = Vec::new();
             while !stopped.load(Ordering::Relaxed) {
                 let now = Instant::now();
@@ -269,6 +267,20 @@ fn bpf(cmd: libc::c_long, attr: &mut [u32]) -> Option<i32> {
     // SAFETY: `attr` is a valid, writable `union bpf_attr` prefix of the given size for `cmd`.
     let result = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(attr)) };
     (result >= 0).then_some(result as i32)
+}
+
+/// The newest eBPF link id the kernel has handed out (0 when none).
+pub fn newest_link_id() -> u32 {
+    std::iter::successors(next_link_id(0), |id| next_link_id(*id))
+        .last()
+        .unwrap_or(0)
+}
+
+/// How many eBPF links newer than `id` are settled (their attach done), without the RTNL lock.
+pub fn settled_links_after(id: u32) -> usize {
+    std::iter::successors(next_link_id(id), |id| next_link_id(*id))
+        .filter(|id| link_fd(*id).is_some())
+        .count()
 }
 
 /// The id of the next eBPF link after `id`, settled or not.
