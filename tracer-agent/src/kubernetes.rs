@@ -13,6 +13,7 @@ use log::info;
 
 pub use facts::{ClusterFacts, PodRef, Workload, ZoneLabel};
 pub use watchers::start;
+pub use workload::WorkloadTallies;
 
 use crate::cli::{KubernetesArgs, KubernetesMode};
 

@@ -43,7 +43,7 @@ use crate::{
     discovery::{self, Changes, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
     imds::{self, ImdsClient, VpcCidrs},
-    kubernetes::{ClusterFacts, workload::WorkloadBytes},
+    kubernetes::{ClusterFacts, WorkloadTallies, workload::WorkloadBytes},
     privileges,
     readiness::{self, Change, Problem, Reason},
     restart::{Saved, StateFile},
@@ -71,6 +71,8 @@ pub struct Pipeline {
     cluster_error: Option<String>,
     /// Bytes per workload, with `--workload-metrics`.
     workloads: Option<WorkloadBytes>,
+    /// A predecessor's per-workload tallies, until the Kubernetes context starts them.
+    carried_workloads: Option<WorkloadTallies>,
     attached: AttachedInterfaces,
     flow_table: FlowTableStats,
     /// The datapath's counters as last read.
@@ -179,6 +181,7 @@ impl Pipeline {
             cluster: None,
             cluster_error: None,
             workloads: None,
+            carried_workloads: None,
             attached: AttachedInterfaces::default(),
             flow_table: FlowTableStats {
                 capacity: u64::from(args.flow_table_size),
@@ -212,6 +215,7 @@ impl Pipeline {
         self.history = saved.history;
         self.unread = saved.unread;
         self.evictions = saved.evictions;
+        self.carried_workloads = saved.workloads;
         self.aggregator.carry_on(saved.connections);
     }
 
@@ -221,7 +225,8 @@ impl Pipeline {
         self.cluster = Some(facts);
         if let Some(top_k) = self.args.kubernetes.workload_metrics {
             self.aggregator.report_connection_bytes();
-            self.workloads = Some(WorkloadBytes::new(usize::from(top_k)));
+            let carried = self.carried_workloads.take().unwrap_or_default();
+            self.workloads = Some(WorkloadBytes::resume(usize::from(top_k), carried));
         }
     }
 
@@ -283,6 +288,7 @@ impl Pipeline {
             &self.history,
             &self.unread,
             &self.evictions,
+            self.workloads.as_ref().map(WorkloadBytes::tallies).as_ref(),
             self.aggregator.carried(),
         );
         if let Err(error) = saved {
@@ -345,7 +351,11 @@ impl Pipeline {
             .aggregator
             .poll(flows, &self.context, &nat, monotonic_ns());
         self.history.record(&result);
-        if let Some(workloads) = self.workloads.as_mut() {
+        // Before the first listing no pod is known: recording would forget every workload
+        // (carried ones included) as gone from the node.
+        if let Some(workloads) = self.workloads.as_mut()
+            && self.context.cluster.synced
+        {
             workloads.record(
                 result.connection_bytes.iter().copied(),
                 &self.context.cluster.pods,

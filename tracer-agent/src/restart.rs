@@ -24,6 +24,7 @@ use tracer_common::{FlowKey, FlowStats};
 use crate::{
     aggregate::{Carried, Handshake, Unread},
     datapath::Evictions,
+    kubernetes::WorkloadTallies,
     snapshot::History,
 };
 
@@ -42,13 +43,15 @@ pub enum StateError {
 
 /// The totals, before the connections' records.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Header<H, U, E> {
+struct Header<H, U, E, W> {
     version: u32,
     flow_table_id: u32,
     connections: u64,
     history: H,
     unread: U,
     evictions: E,
+    /// With `--workload-metrics`; absent (None) otherwise.
+    workloads: Option<W>,
 }
 
 /// What a predecessor left.
@@ -58,6 +61,7 @@ pub struct Saved {
     pub history: History,
     pub unread: Unread,
     pub evictions: Evictions,
+    pub workloads: Option<WorkloadTallies>,
     pub connections: Vec<(FlowKey, Carried)>,
 }
 
@@ -90,7 +94,7 @@ impl StateFile {
         reader
             .read_until(b'\n', &mut line)
             .map_err(|source| self.io_error(source))?;
-        let header: Header<History, Unread, Evictions> =
+        let header: Header<History, Unread, Evictions, WorkloadTallies> =
             serde_json::from_slice(&line).map_err(|error| self.format_error(error.to_string()))?;
         if header.version != VERSION {
             return Err(self.format_error(format!("version {}", header.version)));
@@ -112,6 +116,7 @@ impl StateFile {
             history: header.history,
             unread: header.unread,
             evictions: header.evictions,
+            workloads: header.workloads,
             connections,
         }))
     }
@@ -123,6 +128,7 @@ impl StateFile {
         history: &History,
         unread: &Unread,
         evictions: &Evictions,
+        workloads: Option<&WorkloadTallies>,
         connections: impl ExactSizeIterator<Item = (&'a FlowKey, Carried)>,
     ) -> Result<(), StateError> {
         let mut aside = OsString::from(self.path.as_os_str());
@@ -137,6 +143,7 @@ impl StateFile {
                 history,
                 unread,
                 evictions,
+                workloads,
             };
             serde_json::to_writer(&mut out, &header)?;
             out.write_all(b"\n")?;
@@ -279,11 +286,16 @@ mod tests {
             &History::default(),
             &unread,
             &Evictions::default(),
+            None,
             connections.iter().map(|(key, carried)| (key, *carried)),
         )
         .unwrap();
         let saved = file.load().unwrap().expect("saved");
         assert_eq!(saved.flow_table_id, 42);
+        assert_eq!(
+            saved.workloads, None,
+            "no workload metrics, nothing saved of them"
+        );
         assert_eq!(saved.unread.lost(), 7);
         assert_eq!(saved.connections, connections);
 

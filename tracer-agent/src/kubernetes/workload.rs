@@ -19,7 +19,9 @@ use crate::classify::Path;
 pub const OVERFLOW: &str = "_other";
 
 /// One series' labels.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct WorkloadSeries {
     pub namespace: String,
     pub workload: String,
@@ -45,7 +47,7 @@ pub struct WorkloadBytes {
     overflow: BTreeMap<Path, u64>,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Tally {
     /// Every byte the workload moved on this path: what it is ranked by.
     total: u64,
@@ -53,13 +55,40 @@ struct Tally {
     counted: u64,
 }
 
+/// What a restart carries over (`restart`): every workload's tally and the `_other` sums, so
+/// that no series goes back. Which series are named follows from them and the new top K.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkloadTallies {
+    tallies: Vec<(WorkloadSeries, Tally)>,
+    overflow: BTreeMap<Path, u64>,
+}
+
 impl WorkloadBytes {
     pub fn new(top_k: usize) -> Self {
-        WorkloadBytes {
+        WorkloadBytes::resume(top_k, WorkloadTallies::default())
+    }
+
+    /// Goes on from a predecessor's tallies.
+    pub fn resume(top_k: usize, carried: WorkloadTallies) -> Self {
+        let mut workloads = WorkloadBytes {
             top_k,
-            tallies: HashMap::new(),
+            tallies: carried.tallies.into_iter().collect(),
             named: HashSet::new(),
-            overflow: BTreeMap::new(),
+            overflow: carried.overflow,
+        };
+        workloads.rank();
+        workloads
+    }
+
+    /// What a successor needs to go on.
+    pub fn tallies(&self) -> WorkloadTallies {
+        WorkloadTallies {
+            tallies: self
+                .tallies
+                .iter()
+                .map(|(series, tally)| (series.clone(), *tally))
+                .collect(),
+            overflow: self.overflow.clone(),
         }
     }
 
@@ -202,6 +231,46 @@ mod tests {
     fn sorted(mut series: Vec<(WorkloadSeries, u64)>) -> Vec<(WorkloadSeries, u64)> {
         series.sort();
         series
+    }
+
+    #[test]
+    fn a_successor_goes_on_from_the_saved_tallies_and_no_series_goes_back() {
+        use Path::*;
+        let all = pods(&[(WEB, "web"), (API, "api"), (BATCH, "batch")]);
+        let mut bytes = WorkloadBytes::new(2);
+        bytes.record(
+            [
+                sent(WEB, PodToPodRemote, 500),
+                sent(API, PodToPodRemote, 300),
+                sent(BATCH, PodToExternal, 100),
+            ],
+            &all,
+        );
+        let before = bytes.series();
+        // Through the state file's format.
+        let saved = serde_json::to_string(&bytes.tallies()).unwrap();
+        let carried: WorkloadTallies = serde_json::from_str(&saved).unwrap();
+        assert_eq!(carried, bytes.tallies());
+        let mut successor = WorkloadBytes::resume(2, carried.clone());
+        assert_eq!(successor.series(), before);
+        successor.record([sent(API, PodToPodRemote, 1)], &all);
+        assert_eq!(
+            successor.series(),
+            sorted(vec![
+                named("web", PodToPodRemote, 500),
+                named("api", PodToPodRemote, 301),
+                other(PodToExternal, 100),
+            ])
+        );
+        // A smaller top K names fewer series; their counts and `_other` go on from the saved.
+        let narrower = WorkloadBytes::resume(1, carried);
+        assert_eq!(
+            narrower.series(),
+            sorted(vec![
+                named("web", PodToPodRemote, 500),
+                other(PodToExternal, 100),
+            ])
+        );
     }
 
     #[test]
