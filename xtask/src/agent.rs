@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    lab::Lab,
+    lab::{Bpffs, Lab},
     run::command_output,
     scrape::{self, Sample},
 };
@@ -61,6 +61,21 @@ pub fn context_flags(lab: &Lab) -> Vec<String> {
     flags
 }
 
+/// Where an agent started with [`restart_flags`] keeps its state: in the lab's state directory.
+pub fn state_file(lab: &Lab) -> PathBuf {
+    lab.state_dir().join("agent").join("state")
+}
+
+/// `--pin-path` in `bpffs` and `--state-file` in the lab: an agent that a kill does not reset.
+pub fn restart_flags(lab: &Lab, bpffs: &Bpffs) -> Vec<String> {
+    vec![
+        "--pin-path".into(),
+        bpffs.pin_path().display().to_string(),
+        "--state-file".into(),
+        state_file(lab).display().to_string(),
+    ]
+}
+
 /// The value of `field` in each of `pid`'s `fdinfo` files that `select` keeps.
 fn fdinfo_values(pid: u32, field: &str, select: impl Fn(&str) -> bool) -> Vec<u64> {
     let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
@@ -75,6 +90,10 @@ fn fdinfo_values(pid: u32, field: &str, select: impl Fn(&str) -> bool) -> Vec<u6
                 .and_then(|value| value.trim().parse().ok())
         })
         .collect()
+}
+
+fn is_tcx_link(fdinfo: &str) -> bool {
+    fdinfo.contains("link_type:\ttcx")
 }
 
 /// The locked-memory limit a container gets from a runtime that sets none: the kernel's
@@ -374,9 +393,13 @@ impl LabAgent {
 
     /// The interfaces (ifindex) the agent holds tcx links on.
     pub fn linked_ifindexes(&self) -> Vec<u64> {
-        fdinfo_values(self.pid(), "ifindex:", |info| {
-            info.contains("link_type:\ttcx")
-        })
+        fdinfo_values(self.pid(), "ifindex:", is_tcx_link)
+    }
+
+    /// The program each tcx link the agent holds runs, by id: a link taken over from a pin
+    /// runs the killed agent's program until the agent moves it to its own.
+    pub fn linked_programs(&self) -> Vec<u64> {
+        fdinfo_values(self.pid(), "prog_id:", is_tcx_link)
     }
 
     pub fn stop(mut self) -> anyhow::Result<(Duration, Option<i32>)> {

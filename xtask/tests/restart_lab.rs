@@ -13,7 +13,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write as _,
     net::{Shutdown, TcpStream},
-    path::PathBuf,
     process::Command,
     sync::{
         Arc,
@@ -26,7 +25,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use xtask::{
     agent::{self, LabAgent},
     build,
-    lab::{self, EndpointMode, Lab, Target, exec},
+    lab::{self, Bpffs, EndpointMode, Lab, Target, exec},
     scrape::{self, Sample},
     testing,
 };
@@ -182,34 +181,6 @@ fn killed_agents_leave_nothing_behind_once_restarted() {
     lab.down().expect("lab down");
 }
 
-/// A bpffs of the test's own, mounted for the test and unmounted (with whatever is still
-/// pinned in it) when dropped, even when the test fails.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn mount(lab: &Lab) -> Bpffs {
-        let dir = std::env::temp_dir().join(format!("trc-{}-bpffs", lab.id()));
-        std::fs::create_dir_all(&dir).expect("bpffs mount point");
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&dir)
-            .status()
-            .expect("mount");
-        assert!(
-            status.success(),
-            "mount -t bpf failed: this kernel needs CONFIG_BPF_SYSCALL"
-        );
-        Bpffs(dir)
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// The programs tcx runs on each hook of each of the node's interfaces, by id, as the kernel
 /// lists them (what `bpftool net` would show with tcx support).
 fn tcx_programs(lab: &Lab) -> BTreeMap<String, Vec<u32>> {
@@ -294,15 +265,10 @@ fn stream(
 fn pinned_agents_killed_mid_traffic_lose_no_byte_and_no_counter_goes_back() {
     testing::require_root();
     let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
-    let bpffs = Bpffs::mount(&lab);
-    let pins = bpffs.0.join("tracer");
-    let state = lab.state_dir().join("agent").join("state");
-    let flags = vec![
-        "--pin-path".to_owned(),
-        pins.display().to_string(),
-        "--state-file".to_owned(),
-        state.display().to_string(),
-    ];
+    let bpffs = Bpffs::mount(&lab).expect("a bpffs for the pins");
+    let pins = bpffs.pin_path();
+    let state = agent::state_file(&lab);
+    let flags = agent::restart_flags(&lab, &bpffs);
     let burst = testing::scenarios(EndpointMode::Public, &["pod_to_pod_local"]);
     let Target::Addr(pod_b) = burst[0].to else {
         panic!("pod_to_pod_local goes to an address");

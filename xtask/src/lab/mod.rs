@@ -8,6 +8,7 @@
 //! Servers and traffic clients are this binary's hidden `lab serve` / `lab client` subcommands,
 //! run inside the namespaces.
 
+mod bpffs;
 mod cli;
 mod dns;
 pub mod exec;
@@ -32,6 +33,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+pub use bpffs::Bpffs;
 pub use cli::{LabCommand, run};
 pub use facts::{CLUSTER_ENDPOINT, Eni, Ipv4Net, LabFacts};
 pub use traffic::{ClientKind, Outcome, Scenario, Sent, Target, scenarios};
