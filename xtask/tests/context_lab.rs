@@ -17,7 +17,7 @@ use xtask::{
     build,
     lab::{
         CLUSTER_ENDPOINT, ContextHealth, EndpointMode, ImdsHealth, Lab, LabFacts, ResolverHealth,
-        Sent, exec,
+        Sent,
     },
     scrape::{self, Sample},
     testing,

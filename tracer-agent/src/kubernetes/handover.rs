@@ -78,7 +78,7 @@ impl Asker {
             .map_err(|error| format!("GET daemonset {namespace}/{daemonset}: {error}"))?;
         Ok(Owner::DaemonSet {
             name: format!("{namespace}/{daemonset}"),
-            found,
+            found: found.map(Box::new),
         })
     }
 }
@@ -91,7 +91,7 @@ pub enum Owner {
     /// The owner DaemonSet (`namespace/name`), as a GET found it: `None` when it is gone (404).
     DaemonSet {
         name: String,
-        found: Option<DaemonSet>,
+        found: Option<Box<DaemonSet>>,
     },
 }
 
@@ -173,7 +173,7 @@ mod tests {
     const POD: &str = "tracer-agent-x7k2p";
     const DAEMONSET: &str = "tracer-agent";
 
-    fn standing() -> DaemonSet {
+    fn standing() -> Box<DaemonSet> {
         serde_json::from_value(daemonset(NAMESPACE, DAEMONSET)).unwrap()
     }
 
