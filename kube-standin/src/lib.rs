@@ -453,15 +453,12 @@ async fn one(
     kind: Kind,
     (namespace, name): (String, String),
 ) -> Response {
-    let store = {
-        let mut store = shared.store();
-        store.requests.push(Request {
-            kind,
-            watch: false,
-            resource_version: String::new(),
-        });
-        store
-    };
+    let mut store = shared.store();
+    store.requests.push(Request {
+        kind,
+        watch: false,
+        resource_version: String::new(),
+    });
     if store.garbage {
         return (
             [(header::CONTENT_TYPE, "application/json")],
