@@ -1,6 +1,6 @@
 //! An in-process stand-in for the Kubernetes API server (DESIGN §7: the one place a stand-in is
-//! the right tool): list and watch of pods, nodes, Services and EndpointSlices in the API's
-//! JSON shapes, with one resourceVersion counter for every write, a history that watches resume
+//! the right tool): list and watch of pods, nodes, Services and EndpointSlices, and GET of a
+//! single pod or DaemonSet (404 with a `Status` when absent), in the API's JSON shapes, with one resourceVersion counter for every write, a history that watches resume
 //! from, bookmarks every 100 ms to watches that ask for them, field and label selectors of the
 //! `key=value` form — and, on demand, 410 Gone, dropped watch connections, garbage answers and
 //! a server that is down.
@@ -41,12 +41,14 @@ pub enum Kind {
     Nodes,
     Services,
     EndpointSlices,
+    DaemonSets,
 }
 
 impl Kind {
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlices => "discovery.k8s.io/v1",
+            Kind::DaemonSets => "apps/v1",
             _ => "v1",
         }
     }
@@ -57,6 +59,7 @@ impl Kind {
             Kind::Nodes => "Node",
             Kind::Services => "Service",
             Kind::EndpointSlices => "EndpointSlice",
+            Kind::DaemonSets => "DaemonSet",
         }
     }
 }
@@ -211,6 +214,20 @@ impl StandIn {
         let _ = self.shared.messages.send(Message::Written(written));
     }
 
+    /// Starts deleting an object as the API server does while finalizers hold it (foreground
+    /// deletion): it stays, with `metadata.deletionTimestamp` set.
+    pub fn begin_deletion(&self, kind: Kind, namespace: &str, name: &str) {
+        let key = (kind, namespace.to_owned(), name.to_owned());
+        let mut store = self.shared.store();
+        let mut object = store
+            .objects
+            .get(&key)
+            .cloned()
+            .expect("deleting an object that exists");
+        object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        self.write(&mut store, key, "MODIFIED", object);
+    }
+
     /// While silent, writes reach neither the open watches nor the history.
     pub fn silence(&self, silent: bool) {
         self.shared.store().silent = silent;
@@ -283,6 +300,14 @@ impl StandIn {
             .route(
                 "/api/v1/pods",
                 get(|state, uri| answer(state, Kind::Pods, None, uri)),
+            )
+            .route(
+                "/api/v1/namespaces/{namespace}/pods/{name}",
+                get(|state, Path(at)| one(state, Kind::Pods, at)),
+            )
+            .route(
+                "/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}",
+                get(|state, Path(at)| one(state, Kind::DaemonSets, at)),
             )
             .route(
                 "/api/v1/nodes",
@@ -419,6 +444,49 @@ async fn answer(
     } else {
         list_answer(&shared, kind, &selection)
     }
+}
+
+/// One object as the API server answers a GET of it: whole, with its kind and apiVersion; or
+/// 404 with a `Status` saying so.
+async fn one(
+    State(shared): State<Arc<Shared>>,
+    kind: Kind,
+    (namespace, name): (String, String),
+) -> Response {
+    let mut store = shared.store();
+    store.requests.push(Request {
+        kind,
+        watch: false,
+        resource_version: String::new(),
+    });
+    if store.garbage {
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            "<html>502 Bad Gateway</html>\n",
+        )
+            .into_response();
+    }
+    let resource = format!("{}s", kind.kind().to_lowercase());
+    let (status, body) = match store.objects.get(&(kind, namespace, name.clone())) {
+        Some(object) => {
+            let mut object = object.clone();
+            object["kind"] = json!(kind.kind());
+            object["apiVersion"] = json!(kind.api_version());
+            (StatusCode::OK, object)
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("{resource} \"{name}\" not found"), "reason": "NotFound",
+                "details": {"name": name, "kind": resource}, "code": 404}),
+        ),
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// A list as the API server answers it: items without kind and apiVersion, the list's

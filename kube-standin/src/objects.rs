@@ -1,6 +1,7 @@
 //! The objects the stand-in serves, as the API server sends them: built as JSON, checked and
 //! normalised through their k8s-openapi types.
 use k8s_openapi::api::{
+    apps::v1::DaemonSet,
     core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
@@ -70,5 +71,19 @@ pub fn slice(namespace: &str, name: &str, service: &str, addresses: &[&str]) -> 
             "labels": {"kubernetes.io/service-name": service}},
         "addressType": "IPv4",
         "endpoints": endpoints,
+    }))
+}
+
+/// A DaemonSet selecting pods labelled `app: NAME`.
+pub fn daemonset(namespace: &str, name: &str) -> Value {
+    typed::<DaemonSet>(json!({
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}")},
+        "spec": {
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "main", "image": "example"}]}
+            }
+        }
     }))
 }

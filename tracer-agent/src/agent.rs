@@ -1,4 +1,5 @@
-//! `tracer agent`: run the pipeline and serve its snapshots — until SIGINT or SIGTERM.
+//! `tracer agent`: run the pipeline and serve its snapshots — until SIGINT or SIGTERM, then
+//! stop cleanly or hand the pinned datapath over (`kubernetes::handover`).
 use std::{sync::Arc, time::Instant};
 
 use anyhow::Context as _;
@@ -13,7 +14,10 @@ use crate::{
     cli::AgentArgs,
     discovery::{self, ChangeWatch, Changes},
     export::Metrics,
-    kubernetes,
+    kubernetes::{
+        self,
+        handover::{Asker, CleanStop, Stop},
+    },
     pipeline::Pipeline,
     server,
     snapshot::Snapshot,
@@ -46,6 +50,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     )
     .await
     .map_err(|error| AgentError::Config(error.into()))?;
+    let handover = Asker::new(
+        args.restart.pin_path.is_some(),
+        kubernetes.as_ref().map(|connection| &connection.config),
+        args.restart.pod(),
+    );
     let mut pipeline = Pipeline::start_resumable(&args.pipeline, &args.restart)?;
     if let Some(connection) = kubernetes {
         let facts = kubernetes::start(connection)
@@ -69,12 +78,41 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         "serving /metrics, /api/v1/paths, /api/v1/flows, /healthz, /readyz on {}",
         args.metrics_addr
     );
-    poll_until_signal(&mut pipeline, &snapshots, &metrics)
+    let signal = poll_until_signal(&mut pipeline, &snapshots, &metrics)
         .await
         .map_err(AgentError::Runtime)?;
-    info!("signal received");
-    pipeline.shutdown();
+    info!("{} received", signal.name());
+    let stop = match (handover, signal) {
+        (Err(reason), _) => Stop::Clean(reason),
+        (Ok(_), Signal::Interrupt) => Stop::Clean(CleanStop::Interrupted),
+        (Ok(asker), Signal::Terminate) => asker.ask().await,
+    };
+    match stop {
+        Stop::HandOver { daemonset } => pipeline.hand_over(&daemonset),
+        Stop::Clean(reason) => {
+            info!("stopping cleanly: {reason}");
+            pipeline.shutdown();
+        }
+    }
     Ok(())
+}
+
+/// The signal that ends the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Signal {
+    /// SIGTERM: the kubelet's (rolling update, uninstall, eviction).
+    Terminate,
+    /// SIGINT: Ctrl-C at a terminal.
+    Interrupt,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Terminate => "SIGTERM",
+            Signal::Interrupt => "SIGINT",
+        }
+    }
 }
 
 /// Polls every `--poll-interval` and publishes each snapshot to the server; attaches to a new
@@ -84,7 +122,7 @@ async fn poll_until_signal(
     pipeline: &mut Pipeline,
     snapshots: &watch::Sender<Arc<Snapshot>>,
     metrics: &Metrics,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Signal> {
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut ticker = tokio::time::interval(pipeline.poll_interval());
@@ -112,8 +150,8 @@ async fn poll_until_signal(
                 metrics.record_workloads(&snapshot.workloads);
                 snapshots.send_replace(snapshot);
             }
-            _ = terminate.recv() => return Ok(()),
-            _ = interrupt.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(Signal::Terminate),
+            _ = interrupt.recv() => return Ok(Signal::Interrupt),
         }
     }
 }

@@ -64,7 +64,8 @@ pub struct RestartArgs {
     /// A directory on a bpffs (e.g. /sys/fs/bpf/tracer) where the datapath — its maps and tcx
     /// links — is pinned, so that an agent killed without SIGTERM (crash, OOM kill, kill -9)
     /// leaves it counting and its successor carries on: no packet uncounted, no counter going
-    /// back. A clean stop (SIGTERM) removes it. Needs --state-file.
+    /// back. A clean stop removes it; SIGTERM hands it over instead when the agent's DaemonSet
+    /// stays (see --pod-name). Needs --state-file.
     #[arg(long, value_name = "DIR", requires = "state_file")]
     pub pin_path: Option<std::path::PathBuf>,
 
@@ -73,6 +74,40 @@ pub struct RestartArgs {
     /// /var/run/tracer/state. A clean stop removes it. Needs --pin-path.
     #[arg(long, value_name = "FILE", requires = "pin_path")]
     pub state_file: Option<std::path::PathBuf>,
+
+    /// The agent's own pod (Kubernetes sets it through the downward API). With --pin-path and
+    /// the Kubernetes context, SIGTERM asks the API server whether the pod's DaemonSet still
+    /// stands: if so (a rolling update) the agent hands over — it exits leaving the datapath
+    /// attached and pinned and its state saved, for the next pod to take over in place;
+    /// otherwise (uninstall, no answer within 2 s) it detaches and removes them. Needs
+    /// --pod-namespace.
+    #[arg(
+        long,
+        env = "POD_NAME",
+        value_name = "NAME",
+        requires = "pod_namespace"
+    )]
+    pub pod_name: Option<String>,
+
+    /// The namespace of the agent's pod (POD_NAMESPACE, from the downward API). Needs
+    /// --pod-name.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        value_name = "NAMESPACE",
+        requires = "pod_name"
+    )]
+    pub pod_namespace: Option<String>,
+}
+
+impl RestartArgs {
+    /// The agent's pod, when both flags name it.
+    pub fn pod(&self) -> Option<crate::kubernetes::PodIdentity> {
+        Some(crate::kubernetes::PodIdentity {
+            namespace: self.pod_namespace.clone()?,
+            name: self.pod_name.clone()?,
+        })
+    }
 }
 
 /// What the datapath and the classification need: shared by `agent` and the standalone mode

@@ -235,6 +235,10 @@ impl Pins {
         })
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn map(&self, name: &str) -> PathBuf {
         self.dir.join(format!("map-{name}"))
     }
@@ -498,6 +502,17 @@ impl Datapath {
     /// Names of the interfaces the programs are attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
+    }
+
+    /// The pin directory and how many interfaces keep their links there when the agent exits
+    /// (tcx links are pinned; clsact filters go with the agent).
+    pub fn pinned(&self) -> Option<(&Path, usize)> {
+        let pins = self.pins.as_ref()?;
+        let linked = match self.mode {
+            AttachMode::Tcx => self.attached.len(),
+            AttachMode::Clsact => 0,
+        };
+        Some((pins.dir(), linked))
     }
 
     /// Detaches from every interface and removes every pin: a clean stop leaves nothing.

@@ -338,6 +338,19 @@ impl Pipeline {
         }
     }
 
+    /// Leaves the datapath attached and pinned for the next agent, after one last poll has
+    /// saved the counts (see `kubernetes::handover`). `daemonset` is the successor's owner.
+    pub fn hand_over(mut self, daemonset: &str) {
+        self.poll();
+        match self.datapath.pinned() {
+            Some((dir, linked)) => info!(
+                "handed over: DaemonSet {daemonset} stays; {linked} interfaces stay attached, pinned in {}, for its next pod to take over",
+                dir.display()
+            ),
+            None => warn!("nothing pinned to hand over: the datapath goes with this agent"),
+        }
+    }
+
     fn aggregate(&mut self, flows: &[(FlowKey, FlowStats)]) {
         let nat = {
             let pending = self.aggregator.pending(flows);

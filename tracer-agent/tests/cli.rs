@@ -388,6 +388,9 @@ const BAD_CONFIGURATION: &[Case] = &[
     // Restarts without loss: both flags or neither, and the pins on a bpffs.
     flags("agent --pin-path /sys/fs/bpf/tracer", &["--state-file"]),
     flags("agent --state-file /tmp/tracer-state", &["--pin-path"]),
+    // The agent's pod, for the handover at SIGTERM: both or neither.
+    flags("agent --pod-name tracer-agent-x7k2p", &["--pod-namespace"]),
+    flags("agent --pod-namespace tracer", &["--pod-name"]),
     Case {
         args: "agent --metrics-addr 127.0.0.1:0 --pin-path /tmp --state-file /tmp/tracer-cli-state",
         config: None,

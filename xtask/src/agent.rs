@@ -354,7 +354,6 @@ impl LabAgent {
         scrape::http_get(&self.ns, self.addr, path)
     }
 
-    /// Sends SIGTERM and waits for the exit; returns how long it took and the exit code.
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -402,13 +401,19 @@ impl LabAgent {
         fdinfo_values(self.pid(), "prog_id:", is_tcx_link)
     }
 
-    pub fn stop(mut self) -> anyhow::Result<(Duration, Option<i32>)> {
+    /// Sends SIGTERM and waits for the exit; returns how long it took and the exit code.
+    pub fn stop(self) -> anyhow::Result<(Duration, Option<i32>)> {
+        self.stop_logged().map(|(took, code, _)| (took, code))
+    }
+
+    /// [`stop`](Self::stop), also returning everything the agent logged.
+    pub fn stop_logged(mut self) -> anyhow::Result<(Duration, Option<i32>, String)> {
         let started = Instant::now();
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         while started.elapsed() < Duration::from_secs(10) {
             if let Some(status) = self.child.try_wait()? {
-                return Ok((started.elapsed(), status.code()));
+                return Ok((started.elapsed(), status.code(), self.log()));
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -3,12 +3,9 @@
 //! the agent keeps counting, says why it is not ready (each cause in `/readyz`, logged once
 //! however often it retries), and is ready again within seconds of their return. The Kubernetes context end to end: an API server stand-in served in the node
 //! namespace, watched through `--kubeconfig`, down at the start and down again later.
-use std::{
-    io,
-    net::{SocketAddr, TcpListener},
-    sync::Arc,
-    time::{Duration, Instant},
-};
+mod support;
+
+use std::time::{Duration, Instant};
 
 use kube_standin::{
     Kind, StandIn,
@@ -20,7 +17,7 @@ use xtask::{
     build,
     lab::{
         CLUSTER_ENDPOINT, ContextHealth, EndpointMode, ImdsHealth, Lab, LabFacts, ResolverHealth,
-        Sent, exec,
+        Sent,
     },
     scrape::{self, Sample},
     testing,
@@ -270,17 +267,6 @@ fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the
     lab.down().expect("lab down");
 }
 
-/// Serves the stand-in on loopback in the lab's node namespace, where the agent runs.
-fn stand_in_in(lab: &Lab, runtime: &tokio::runtime::Runtime) -> StandIn {
-    let ns = lab.ns("node");
-    let bind = Arc::new(move |address: SocketAddr| {
-        exec::within(&ns, move || Ok(TcpListener::bind(address)?))
-            .map_err(|error| io::Error::other(format!("{error:#}")))
-    });
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    runtime.block_on(StandIn::start_with(loopback, bind))
-}
-
 /// The lab cluster as its API server would list it: both nodes with their zones, the pods
 /// with their lab addresses and owners, the EKS-owned ENIs behind `default/kubernetes`, and
 /// kube-dns.
@@ -339,30 +325,6 @@ fn seed(stand_in: &StandIn, facts: &LabFacts) {
     );
 }
 
-/// A kubeconfig for the stand-in, in the lab's state directory (removed with the lab).
-fn kubeconfig(lab: &Lab, stand_in: &StandIn) -> String {
-    let path = lab.state_dir().join("kubeconfig");
-    let text = format!(
-        "apiVersion: v1
-kind: Config
-current-context: lab
-clusters:
-- name: lab
-  cluster:
-    server: {}
-users:
-- name: tracer
-  user: {{}}
-contexts:
-- name: lab
-  context: {{cluster: lab, user: tracer}}
-",
-        stand_in.url()
-    );
-    std::fs::write(&path, text).expect("write the kubeconfig");
-    path.display().to_string()
-}
-
 /// The pod the flow from pod-a to pod-b names as its responder.
 fn pod_b_named(agent: &LabAgent, facts: &LabFacts) -> Option<String> {
     let (status, body) = agent.get("/api/v1/flows?limit=1000").ok()?;
@@ -382,7 +344,7 @@ fn the_kubernetes_context_names_pods_zones_and_the_control_plane_and_outlives_an
     let lab = testing::lab(MODE, env!("CARGO_BIN_EXE_xtask"));
     let facts = lab.facts().clone();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    let mut stand_in = stand_in_in(&lab, &runtime);
+    let mut stand_in = support::stand_in_in(&lab, &runtime);
     seed(&stand_in, &facts);
     // Neither --controlplane-ip nor --cluster-dns: the Kubernetes context brings them.
     let mut flags = agent::quick_flags();
@@ -392,7 +354,7 @@ fn the_kubernetes_context_names_pods_zones_and_the_control_plane_and_outlives_an
         "--cluster-endpoint".into(),
         facts.cluster_endpoint.clone(),
         "--kubeconfig".into(),
-        kubeconfig(&lab, &stand_in),
+        support::kubeconfig(&lab, &stand_in),
         "--node-name".into(),
         NODE.into(),
         "--workload-metrics".into(),

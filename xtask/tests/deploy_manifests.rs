@@ -123,6 +123,9 @@ fn the_chart_lints_and_every_option_renders_valid_manifests() {
     );
     let volumes = &daemonset_pod(&objects)["volumes"];
     assert_eq!(volumes[0]["hostPath"]["path"], "/sys/fs/bpf/tracer");
+    // The state outlives the pod, which a rolling update replaces.
+    assert_eq!(volumes[1]["name"], "state");
+    assert_eq!(volumes[1]["hostPath"]["path"], "/run/tracer");
     // The chart's option and the kustomize overlay for kernels before 5.11 agree.
     let (_, overlay) = rendered("overlays/kernel-5.10");
     let capabilities = |objects: &[Value]| {
@@ -191,14 +194,18 @@ fn the_daemonset_keeps_to_least_privilege() {
         assert!(resources[kind][what].is_string(), "resources.{kind}.{what}");
     }
 
-    let node_name = container["env"]
-        .as_array()
-        .and_then(|env| env.iter().find(|var| var["name"] == "NODE_NAME"))
-        .expect("NODE_NAME in the environment");
-    assert_eq!(
-        node_name["valueFrom"]["fieldRef"]["fieldPath"],
-        "spec.nodeName"
-    );
+    // The node and the agent's own pod, from the downward API.
+    for (name, field) in [
+        ("NODE_NAME", "spec.nodeName"),
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let var = container["env"]
+            .as_array()
+            .and_then(|env| env.iter().find(|var| var["name"] == name))
+            .unwrap_or_else(|| panic!("{name} in the environment"));
+        assert_eq!(var["valueFrom"]["fieldRef"]["fieldPath"], field, "{name}");
+    }
 }
 
 #[test]
@@ -251,6 +258,36 @@ fn the_cluster_role_only_reads() {
     assert_eq!(
         resources,
         BTreeSet::from(["endpointslices", "nodes", "pods", "services"])
+    );
+}
+
+/// The handover at SIGTERM reads the agent's own DaemonSet: `get` of that one object, in its
+/// namespace, through a Role rather than a wider ClusterRole.
+#[test]
+fn the_role_reads_only_the_agents_own_daemonset() {
+    let (_, objects) = rendered("base");
+    let daemonset = deploy::find(&objects, "DaemonSet", "tracer-agent").unwrap();
+    let namespace = &daemonset["metadata"]["namespace"];
+    let role = deploy::find(&objects, "Role", "tracer-agent").unwrap();
+    assert_eq!(&role["metadata"]["namespace"], namespace);
+    let rules = role["rules"].as_array().expect("rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(strings(&rules[0]["apiGroups"]), ["apps"]);
+    assert_eq!(strings(&rules[0]["resources"]), ["daemonsets"]);
+    assert_eq!(strings(&rules[0]["verbs"]), ["get"]);
+    assert_eq!(
+        rules[0]["resourceNames"],
+        serde_json::json!([daemonset["metadata"]["name"]])
+    );
+    let binding = deploy::find(&objects, "RoleBinding", "tracer-agent").unwrap();
+    assert_eq!(&binding["metadata"]["namespace"], namespace);
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let pod = daemonset_pod(&objects);
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+            "namespace": namespace}])
     );
 }
 

@@ -9,6 +9,13 @@
 //! 20 times in the middle of a stream and of new connections: no byte goes uncounted, no
 //! counter of /metrics ever goes back, each successor takes the links over in place and the
 //! killed agents' programs are gone.
+//!
+//! The third runs the agent as the DaemonSet does, knowing its pod, against the Kubernetes API
+//! stand-in: SIGTERM while the DaemonSet stands (a rolling update) hands over — the links stay,
+//! the successor takes them over in place and carries the counts on — and SIGTERM once it is
+//! gone (an uninstall) leaves no pin, no state and no program.
+mod support;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write as _,
@@ -22,6 +29,10 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
+use kube_standin::{
+    Kind,
+    objects::{daemonset, pod},
+};
 use xtask::{
     agent::{self, LabAgent},
     build,
@@ -342,6 +353,143 @@ fn pinned_agents_killed_mid_traffic_lose_no_byte_and_no_counter_goes_back() {
         ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    drop(bpffs);
+    lab.down().expect("lab down");
+}
+
+const NODE: &str = "ip-10-0-1-10.lab-1.compute.internal";
+const NAMESPACE: &str = "tracer";
+const DAEMONSET: &str = "tracer-agent";
+const POD: &str = "tracer-agent-x7k2p";
+
+#[test]
+fn sigterm_hands_over_while_the_daemonset_stands_and_cleans_up_once_it_is_gone() {
+    testing::require_root();
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let bpffs = Bpffs::mount(&lab).expect("a bpffs for the pins");
+    let pins = bpffs.pin_path();
+    let state = agent::state_file(&lab);
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let stand_in = support::stand_in_in(&lab, &runtime);
+    stand_in.apply(
+        Kind::Pods,
+        pod(NAMESPACE, POD, NODE, None, Some(("DaemonSet", DAEMONSET))),
+    );
+    stand_in.apply(Kind::DaemonSets, daemonset(NAMESPACE, DAEMONSET));
+    let mut flags = agent::restart_flags(&lab, &bpffs);
+    flags.extend([
+        "--kubeconfig".into(),
+        support::kubeconfig(&lab, &stand_in),
+        "--node-name".into(),
+        NODE.into(),
+        "--pod-name".into(),
+        POD.into(),
+        "--pod-namespace".into(),
+        NAMESPACE.into(),
+    ]);
+    let burst = testing::scenarios(EndpointMode::Public, &["pod_to_pod_local"]);
+    let Target::Addr(pod_b) = burst[0].to else {
+        panic!("pod_to_pod_local goes to an address");
+    };
+    let series = [("path", "pod_to_pod_local"), ("direction", "forward")];
+
+    let first = start_with(&lab, "tcx", flags.clone());
+    let traced = tcx_programs(&lab);
+    assert!(traced.len() >= 4, "the agent traces no hook: {traced:?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let streaming = stream(&lab, pod_b, Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut seen = counters(&first.scrape().expect("scrape"));
+    let first_programs = first.programs();
+
+    // A rolling update: the DaemonSet stands.
+    let (took, code, log) = first.stop_logged().expect("stop");
+    let handed_over = log
+        .lines()
+        .find(|line| line.contains("handed over"))
+        .unwrap_or_else(|| panic!("no handover logged:\n{log}"));
+    eprintln!("SIGTERM to exit: {took:?}; {handed_over}");
+    assert_eq!(code, Some(0), "a handover exits with 0:\n{log}");
+    assert!(took < Duration::from_secs(3), "the handover took {took:?}");
+    assert!(
+        handed_over.contains(&pins.display().to_string()),
+        "{handed_over}"
+    );
+    assert!(state.exists(), "the state file is gone after a handover");
+    let link_pins = std::fs::read_dir(&pins)
+        .expect("the pin directory stays")
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("link-"))
+        .count();
+    assert_eq!(link_pins, traced.len(), "a pinned link per traced hook");
+    let held = tcx_programs(&lab);
+    let firsts: BTreeSet<u32> = first_programs.iter().map(|id| *id as u32).collect();
+    assert!(
+        held.keys().eq(traced.keys())
+            && held
+                .values()
+                .all(|ids| ids.len() == 1 && firsts.contains(&ids[0])),
+        "between the agents, each traced hook still runs the first agent's program: {held:?}"
+    );
+
+    let second = start_with(&lab, "tcx", flags);
+    let ours: BTreeSet<u32> = second.programs().iter().map(|id| *id as u32).collect();
+    let hooks = tcx_programs(&lab);
+    assert!(
+        hooks.keys().eq(traced.keys())
+            && hooks
+                .values()
+                .all(|ids| ids.len() == 1 && ours.contains(&ids[0])),
+        "after the handover, each hook holds the successor's program alone: {hooks:?} (ours {ours:?})"
+    );
+    assert!(
+        second
+            .log()
+            .contains("carrying on from the previous agent's counts"),
+        "{}",
+        second.log_tail()
+    );
+    let outlived = still_loaded(&first_programs);
+    assert!(
+        outlived.is_empty(),
+        "programs {outlived:?} of the first agent are still loaded"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let now = counters(&second.scrape().expect("scrape"));
+    let mut failures = went_back(&seen, &now, "after the handover");
+    seen.extend(now);
+    stop.store(true, Ordering::Relaxed);
+    let streamed = streaming.join().expect("stream thread");
+    std::thread::sleep(Duration::from_millis(600));
+    let samples = second.scrape().expect("scrape");
+    let counted = scrape::sum(&samples, "tracer_path_bytes_total", &series);
+    eprintln!("handover: {streamed} payload bytes streamed across it, {counted} L3 bytes counted");
+    if !scrape::counts_payload(counted, streamed) {
+        failures.push(format!(
+            "pod_to_pod_local forward counted {counted} for {streamed} payload bytes streamed across the handover"
+        ));
+    }
+    failures.extend(went_back(&seen, &counters(&samples), "at the end"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // An uninstall: the DaemonSet is gone.
+    stand_in.delete(Kind::DaemonSets, NAMESPACE, DAEMONSET);
+    let ours = second.programs();
+    let (took, code, log) = second.stop_logged().expect("stop");
+    assert_eq!(code, Some(0), "a clean stop exits with 0:\n{log}");
+    let reason = format!("DaemonSet {NAMESPACE}/{DAEMONSET} is gone");
+    assert!(log.contains(&reason), "no {reason:?} in the log:\n{log}");
+    eprintln!("SIGTERM to exit after the uninstall: {took:?}");
+    let left = still_loaded(&ours);
+    let hooks = tcx_programs(&lab);
+    assert!(
+        left.is_empty() && hooks.is_empty() && !pins.exists() && !state.exists(),
+        "after the uninstall: programs {left:?} loaded, tcx {hooks:?}, pins left: {}, state left: {}",
+        pins.exists(),
+        state.exists()
+    );
+    drop(stand_in);
+    drop(runtime);
     drop(bpffs);
     lab.down().expect("lab down");
 }
