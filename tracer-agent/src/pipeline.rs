@@ -366,13 +366,13 @@ impl Pipeline {
         self.history.record(&result);
         // Before the first listing no pod is known: recording would forget every workload
         // (carried ones included) as gone from the node.
-        if let Some(workloads) = self.workloads.as_mut()
-            && self.context.cluster.synced
-        {
-            workloads.record(
-                result.connection_bytes.iter().copied(),
-                &self.context.cluster.pods,
-            );
+        if let Some(workloads) = self.workloads.as_mut() {
+            let polled = result.connection_bytes.iter().copied();
+            if self.context.cluster.synced {
+                workloads.record(polled, &self.context.cluster.pods);
+            } else {
+                workloads.hold(polled);
+            }
         }
         let created = self.datapath_counters[DatapathCounter::FlowsCreated as usize];
         self.flow_table.entries = flows.len() as u64;

@@ -42,6 +42,7 @@ use xtask::{
 };
 
 const KILLS: usize = 20;
+const WORKLOAD_BYTES: &str = "tracer_workload_bytes_total";
 
 fn start(lab: &Lab, mode: &str) -> LabAgent {
     start_with(lab, mode, Vec::new())
@@ -376,8 +377,22 @@ fn sigterm_hands_over_while_the_daemonset_stands_and_cleans_up_once_it_is_gone()
         pod(NAMESPACE, POD, NODE, None, Some(("DaemonSet", DAEMONSET))),
     );
     stand_in.apply(Kind::DaemonSets, daemonset(NAMESPACE, DAEMONSET));
+    // The streaming pod belongs to a workload: its series must go on across the handover too.
+    let pod_a = lab.facts().pod_ips["pod-a"].to_string();
+    stand_in.apply(
+        Kind::Pods,
+        pod(
+            "default",
+            "pod-a",
+            NODE,
+            Some(&pod_a),
+            Some(("ReplicaSet", "web-5d9f7c8b6")),
+        ),
+    );
     let mut flags = agent::restart_flags(&lab, &bpffs);
     flags.extend([
+        "--workload-metrics".into(),
+        "10".into(),
         "--kubeconfig".into(),
         support::kubeconfig(&lab, &stand_in),
         "--node-name".into(),
@@ -400,6 +415,13 @@ fn sigterm_hands_over_while_the_daemonset_stands_and_cleans_up_once_it_is_gone()
     let streaming = stream(&lab, pod_b, Arc::clone(&stop));
     std::thread::sleep(Duration::from_millis(500));
     let mut seen = counters(&first.scrape().expect("scrape"));
+    let web = [
+        ("namespace", "default"),
+        ("workload", "web"),
+        ("path", "pod_to_pod_local"),
+    ];
+    let web_before = scrape::sum(&first.scrape().expect("scrape"), WORKLOAD_BYTES, &web);
+    assert!(web_before > 0.0, "the stream is counted for default/web");
     let first_programs = first.programs();
 
     // A rolling update: the DaemonSet stands.
@@ -470,6 +492,12 @@ fn sigterm_hands_over_while_the_daemonset_stands_and_cleans_up_once_it_is_gone()
         ));
     }
     failures.extend(went_back(&seen, &counters(&samples), "at the end"));
+    let web_after = scrape::sum(&samples, WORKLOAD_BYTES, &web);
+    if !scrape::counts_payload(web_after, streamed) {
+        failures.push(format!(
+            "{WORKLOAD_BYTES} of default/web counted {web_after} B ({web_before} before the handover) for {streamed} B streamed"
+        ));
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // An uninstall: the DaemonSet is gone.

@@ -45,6 +45,9 @@ pub struct WorkloadBytes {
     /// The series named now: the `top_k` with the most bytes in total.
     named: HashSet<WorkloadSeries>,
     overflow: BTreeMap<Path, u64>,
+    /// Bytes of polls made before the pods were known, by connection ends and path, for
+    /// the first poll that knows them.
+    held: HashMap<(IpAddr, IpAddr, Path), u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,6 +78,7 @@ impl WorkloadBytes {
             tallies: carried.tallies.into_iter().collect(),
             named: HashSet::new(),
             overflow: carried.overflow,
+            held: HashMap::new(),
         };
         workloads.rank();
         workloads
@@ -92,16 +96,35 @@ impl WorkloadBytes {
         }
     }
 
-    /// Adds one poll's bytes. A connection belongs to its initiator's pod when the initiator is
-    /// a pod of this node, otherwise to its responder's; connections with neither (the node's
-    /// own) belong to no workload.
+    /// Keeps one poll's bytes for the first `record`, while the pods are not known yet (the
+    /// Kubernetes context has not listed them): attributed now, they would belong to nobody.
+    pub fn hold(&mut self, connections: impl IntoIterator<Item = ConnectionBytes>) {
+        for connection in connections {
+            *self
+                .held
+                .entry((connection.initiator, connection.responder, connection.path))
+                .or_default() += connection.bytes;
+        }
+    }
+
+    /// Adds one poll's bytes, and those held before. A connection belongs to its initiator's
+    /// pod when the initiator is a pod of this node, otherwise to its responder's; connections
+    /// with neither (the node's own) belong to no workload.
     pub fn record(
         &mut self,
         connections: impl IntoIterator<Item = ConnectionBytes>,
         pods: &HashMap<IpAddr, PodRef>,
     ) {
+        let held = std::mem::take(&mut self.held).into_iter().map(
+            |((initiator, responder, path), bytes)| ConnectionBytes {
+                initiator,
+                responder,
+                path,
+                bytes,
+            },
+        );
         let mut polled: HashMap<WorkloadSeries, u64> = HashMap::new();
-        for connection in connections {
+        for connection in held.chain(connections) {
             let pod = pods
                 .get(&connection.initiator)
                 .or_else(|| pods.get(&connection.responder));
@@ -270,6 +293,34 @@ mod tests {
                 named("web", PodToPodRemote, 500),
                 other(PodToExternal, 100),
             ])
+        );
+    }
+
+    #[test]
+    fn bytes_held_before_the_pods_are_known_go_to_their_workloads_once_they_are() {
+        use Path::*;
+        let mut bytes = WorkloadBytes::new(2);
+        bytes.hold([sent(WEB, PodToPodRemote, 70)]);
+        bytes.hold([sent(WEB, PodToPodRemote, 30), sent(API, PodToExternal, 5)]);
+        assert_eq!(
+            bytes.series(),
+            Vec::new(),
+            "nothing is named before the pods are known"
+        );
+        let all = pods(&[(WEB, "web"), (API, "api")]);
+        bytes.record([sent(WEB, PodToPodRemote, 1)], &all);
+        assert_eq!(
+            bytes.series(),
+            sorted(vec![
+                named("web", PodToPodRemote, 101),
+                named("api", PodToExternal, 5),
+            ])
+        );
+        bytes.record([], &all);
+        assert_eq!(
+            bytes.series()[1],
+            named("web", PodToPodRemote, 101),
+            "held bytes count once"
         );
     }
 
