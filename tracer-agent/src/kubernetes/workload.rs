@@ -256,8 +256,8 @@ mod tests {
         series
     }
 
-    #[test]
-    fn a_successor_goes_on_from_the_saved_tallies_and_no_series_goes_back() {
+    /// web, api and batch, after a first poll that names web and api in a top 2.
+    fn top_two_of_three() -> (HashMap<IpAddr, PodRef>, WorkloadBytes) {
         use Path::*;
         let all = pods(&[(WEB, "web"), (API, "api"), (BATCH, "batch")]);
         let mut bytes = WorkloadBytes::new(2);
@@ -269,6 +269,13 @@ mod tests {
             ],
             &all,
         );
+        (all, bytes)
+    }
+
+    #[test]
+    fn a_successor_goes_on_from_the_saved_tallies_and_no_series_goes_back() {
+        use Path::*;
+        let (all, bytes) = top_two_of_three();
         let before = bytes.series();
         // Through the state file's format.
         let saved = serde_json::to_string(&bytes.tallies()).unwrap();
@@ -327,16 +334,7 @@ mod tests {
     #[test]
     fn the_top_k_are_named_the_rest_overflows_and_counters_only_grow() {
         use Path::*;
-        let all = pods(&[(WEB, "web"), (API, "api"), (BATCH, "batch")]);
-        let mut bytes = WorkloadBytes::new(2);
-        bytes.record(
-            [
-                sent(WEB, PodToPodRemote, 500),
-                sent(API, PodToPodRemote, 300),
-                sent(BATCH, PodToExternal, 100),
-            ],
-            &all,
-        );
+        let (all, mut bytes) = top_two_of_three();
         assert_eq!(
             bytes.series(),
             sorted(vec![
