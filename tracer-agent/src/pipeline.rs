@@ -65,6 +65,10 @@ pub struct Pipeline {
     vpc_from_imds: Option<watch::Receiver<VpcCidrs>>,
     /// Answers about the cluster endpoint, when one was given.
     apiserver_from_dns: Option<watch::Receiver<Resolution>>,
+    /// Whether the cluster endpoint ever resolved: after that, a failure keeps the last answer.
+    apiserver_resolved: bool,
+    /// The resolver's failure since the last answer, logged once when it appears.
+    resolve_error: Option<String>,
     /// The Kubernetes context, when the agent watches the API server.
     cluster: Option<watch::Receiver<ClusterFacts>>,
     /// The Kubernetes context's last error, logged once when it appears.
@@ -180,6 +184,8 @@ impl Pipeline {
             apiserver_from_dns,
             cluster: None,
             cluster_error: None,
+            apiserver_resolved: false,
+            resolve_error: None,
             workloads: None,
             carried_workloads: None,
             attached: AttachedInterfaces::default(),
@@ -452,6 +458,8 @@ impl Pipeline {
         let resolution = receiver.borrow_and_update().clone();
         match resolution {
             Ok(addresses) => {
+                self.apiserver_resolved = true;
+                self.resolve_error = None;
                 if changed {
                     info!("cluster endpoint resolves to {addresses:?}");
                     self.context.apiserver_ips = self
@@ -464,10 +472,22 @@ impl Pipeline {
                         .collect();
                 }
             }
-            // The last good answer stays in use; only never having had one is a gap.
-            Err(error) => self.problem(Reason::ApiServer, format!(
+            // Only never having had an answer is a gap; after one, a resolver outage leaves the
+            // agent ready with the last answer, as a Kubernetes API outage does (a node-wide
+            // resolver failure must not make every agent unready).
+            Err(error) if !self.apiserver_resolved => self.problem(Reason::ApiServer, format!(
                 "{error}; API server traffic to addresses not given by --apiserver-ip is not recognised"
             )),
+            Err(error) => {
+                let error = error.to_string();
+                if self.resolve_error.as_ref() != Some(&error) {
+                    warn!(
+                        "{error}; the last answer stays in use: {:?}",
+                        self.context.apiserver_ips
+                    );
+                    self.resolve_error = Some(error);
+                }
+            }
         }
     }
 

@@ -263,6 +263,37 @@ fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the
     let public = [("path", "node_to_apiserver"), ("endpoint", "public")];
     let (sent, grown) = measure(&lab, &agent, "node_to_apiserver", &[&public]);
     assert_counted(&agent, "node_to_apiserver after recovery", &sent, grown[0]);
+
+    // The resolver fails again, after an answer: as with a Kubernetes API outage, the last
+    // answer stays in use and the agent ready; the failure is logged once, not per retry.
+    lab.set_context_health(ContextHealth {
+        resolver: ResolverHealth::Down,
+        ..ContextHealth::default()
+    })
+    .expect("resolver down");
+    let kept = "the last answer stays in use";
+    wait_for(
+        &agent,
+        "the resolver's failure logged",
+        Duration::from_secs(5),
+        || (logged(&agent, kept) > 0).then_some(()),
+    );
+    // Several more attempts (every RESOLVE_INTERVAL, 1 s).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(logged(&agent, kept), 1, "{}", agent.log_tail());
+    assert!(
+        matches!(agent.get("/readyz"), Ok((200, _))),
+        "a resolver outage after an answer made the agent unready:\n{}",
+        agent.log_tail()
+    );
+    assert_readiness(&agent, &[]);
+    let (_, paths) = agent.get("/api/v1/paths").expect("/api/v1/paths");
+    let paths: serde_json::Value = serde_json::from_str(&paths).expect("JSON");
+    assert_eq!(
+        paths["apiserver_endpoints"],
+        serde_json::json!(["public"]),
+        "the last answer's API server addresses are still known"
+    );
     drop(agent);
     lab.down().expect("lab down");
 }
