@@ -34,6 +34,47 @@ pub enum Command {
     /// Live terminal view of this node's paths and top flows, from the local agent's JSON API
     /// or, when none answers, from the datapath loaded by tracer top itself.
     Top(TopArgs),
+    /// Make the directories of a restart without loss and give them to the agent's user.
+    ///
+    /// Creates each DIR (and its parents) if missing, with mode 0700, owned by OWNER: the
+    /// --pin-path directory on the host's bpffs and the --state-file's directory. Both live in
+    /// memory (bpffs, /run) and are gone after every boot of the node, and the agent, running
+    /// as a non-root user without CAP_DAC_OVERRIDE, cannot make them; the Helm chart runs this
+    /// in an init container as root with CAP_CHOWN alone. Example:
+    /// `tracer prepare --owner 65532:65532 /sys/fs/bpf/tracer /var/run/tracer`.
+    Prepare(PrepareArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PrepareArgs {
+    /// The user (and group) the directories are given to: UID:GID, or UID for both.
+    #[arg(long, value_name = "UID:GID", value_parser = parse_owner)]
+    pub owner: Owner,
+
+    /// The directories.
+    #[arg(value_name = "DIR", required = true)]
+    pub dirs: Vec<std::path::PathBuf>,
+}
+
+/// A numeric user and group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+fn parse_owner(text: &str) -> Result<Owner, String> {
+    let number = |part: &str| {
+        part.parse::<u32>()
+            .map_err(|_| format!("{part:?} is not a numeric id (UID:GID, e.g. 65532:65532)"))
+    };
+    match text.split_once(':') {
+        Some((uid, gid)) => Ok(Owner {
+            uid: number(uid)?,
+            gid: number(gid)?,
+        }),
+        None => number(text).map(|uid| Owner { uid, gid: uid }),
+    }
 }
 
 #[derive(Args, Debug, Clone)]

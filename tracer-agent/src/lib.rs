@@ -21,6 +21,7 @@ pub mod imds;
 pub mod kubernetes;
 pub mod netlink;
 pub mod pipeline;
+pub mod prepare;
 pub mod privileges;
 pub mod process;
 pub mod readiness;

@@ -4,7 +4,7 @@ use clap::Parser;
 use tracer_agent::{
     agent::{self, AgentError},
     cli::{Cli, Command},
-    config, explain, top,
+    config, explain, prepare, top,
 };
 
 fn main() {
@@ -31,6 +31,7 @@ fn main() {
         Command::Agent(args) => block_on(agent::run(args)),
         Command::Explain(args) => explain::run(args),
         Command::Top(args) => block_on(top::run(args)),
+        Command::Prepare(args) => prepare::run(args),
     };
     if let Err(error) = result {
         eprintln!("tracer: {error}");

@@ -6,6 +6,7 @@
 //! (gone with the thread), so the host's interfaces are never seen, let alone attached to.
 use std::{
     net::TcpListener,
+    os::unix::fs::MetadataExt as _,
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -403,6 +404,16 @@ const BAD_CONFIGURATION: &[Case] = &[
         setup: Setup::Interfaces,
         expected: &["no interface matches --pod-iface [\"vlan*\"]"],
     },
+    // `tracer prepare`.
+    flags(
+        "prepare --owner nobody /tmp/tracer-cli-prepare",
+        &["--owner", "not a numeric id"],
+    ),
+    flags(
+        "prepare --owner 65532:x /tmp/tracer-cli-prepare",
+        &["--owner", "\"x\" is not a numeric id"],
+    ),
+    flags("prepare --owner 65532", &["<DIR>"]),
 ];
 
 /// Splits a case's arguments on spaces; a trailing space stands for an empty last argument.
@@ -465,6 +476,35 @@ fn bad_configuration_is_refused_with_exit_code_2_naming_the_flag() {
         BAD_CONFIGURATION.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn prepare_makes_the_directories_and_gives_them_away() {
+    let root = std::env::temp_dir().join(format!("tracer-cli-prepare-{}", std::process::id()));
+    let (pins, state) = (root.join("bpf/tracer"), root.join("run/tracer"));
+    let run = |owner: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tracer"))
+            .args(["prepare", "--owner", owner])
+            .args([&pins, &state])
+            .output()
+            .expect("run tracer prepare")
+    };
+    let first = run("65532:65533");
+    let second = run("65532:65533");
+    let owned = |dir: &std::path::Path| {
+        let metadata = std::fs::metadata(dir).expect("prepared");
+        (metadata.uid(), metadata.gid(), metadata.mode() & 0o7777)
+    };
+    let found = [owned(&pins), owned(&state)];
+    let _ = std::fs::remove_dir_all(&root);
+    for output in [first, second] {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(found, [(65532, 65533, 0o700); 2], "uid, gid and mode");
 }
 
 #[test]

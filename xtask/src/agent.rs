@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -154,6 +154,17 @@ impl Confinement {
         Ok(copy)
     }
 
+    /// Runs `tracer ARGS` to its end under this confinement (the binary copied into `dir`).
+    pub fn run(&self, tracer: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<Output> {
+        let copy = self.install(tracer, dir)?;
+        let argv = self.wrap(&copy);
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .args(args)
+            .output()
+            .with_context(|| format!("running {}", argv.join(" ")))
+    }
+
     /// The programs that run `binary` under this confinement, outermost first.
     fn wrap(&self, binary: &Path) -> Vec<String> {
         let uid = self.uid.to_string();
@@ -204,14 +215,17 @@ impl LabAgent {
         LabAgent::launch(lab, tracer, flags, None)
     }
 
-    /// Like `start`, run as the DaemonSet runs the agent (see [`Confinement`]).
+    /// Like `start`, run as the DaemonSet runs the agent (see [`Confinement`]), with `extra`
+    /// flags.
     pub fn start_confined(
         lab: &Lab,
         tracer: &Path,
         confinement: &Confinement,
+        extra: Vec<String>,
     ) -> anyhow::Result<LabAgent> {
         let mut flags = quick_flags();
         flags.extend(context_flags(lab));
+        flags.extend(extra);
         LabAgent::launch(lab, tracer, flags, Some(confinement))
     }
 

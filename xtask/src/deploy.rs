@@ -242,8 +242,25 @@ pub fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> anyhow::Result<
 
 /// How the DaemonSet of `objects` runs the agent, with the image's file capabilities.
 pub fn confinement(objects: &[Value], dockerfile: &str) -> anyhow::Result<Confinement> {
+    container_confinement(objects, dockerfile, "containers")
+}
+
+/// How the runtime runs the DaemonSet's (first) init container: the chart's `prepare`, with
+/// `pinPath` set.
+pub fn init_confinement(objects: &[Value], dockerfile: &str) -> anyhow::Result<Confinement> {
+    container_confinement(objects, dockerfile, "initContainers")
+}
+
+fn container_confinement(
+    objects: &[Value],
+    dockerfile: &str,
+    list: &str,
+) -> anyhow::Result<Confinement> {
     let pod = &find(objects, "DaemonSet", "tracer-agent")?["spec"]["template"]["spec"];
-    let container = &pod["containers"][0];
+    let container = &pod[list][0];
+    if container.is_null() {
+        bail!("the DaemonSet has no {list}");
+    }
     let uid = container["securityContext"]["runAsUser"]
         .as_u64()
         .or_else(|| pod["securityContext"]["runAsUser"].as_u64())

@@ -4,12 +4,14 @@
 //! attaches, becomes ready, counts traffic (NAT observed through conntrack) and detaches on
 //! SIGTERM; without any one of its capabilities the kernel refuses it and the agent exits 1
 //! naming the missing one.
-use std::{collections::BTreeSet, process::Command, time::Duration};
+use std::{
+    collections::BTreeSet, os::unix::fs::MetadataExt as _, process::Command, time::Duration,
+};
 
 use xtask::{
     agent::{Confinement, LabAgent},
     build, deploy,
-    lab::{EndpointMode, Lab},
+    lab::{Bpffs, EndpointMode, Lab},
     run::command_output,
     scrape, testing,
 };
@@ -74,7 +76,7 @@ fn the_manifests_capabilities_suffice_for_a_non_root_agent() {
     let confinement = manifest_confinement();
     assert_ne!(confinement.uid, 0, "the DaemonSet runs the agent as root");
     let lab = lab_up();
-    let mut agent = LabAgent::start_confined(&lab, &build::tracer_path(), &confinement)
+    let mut agent = LabAgent::start_confined(&lab, &build::tracer_path(), &confinement, Vec::new())
         .expect("start the confined agent");
     agent
         .wait_ready(Duration::from_secs(15))
@@ -172,9 +174,13 @@ fn without_any_one_capability_the_agent_exits_naming_it() {
     let confinement = manifest_confinement();
     let lab = lab_up();
     for cap in &confinement.capabilities {
-        let agent =
-            LabAgent::start_confined(&lab, &build::tracer_path(), &confinement.without(cap))
-                .expect("start the agent");
+        let agent = LabAgent::start_confined(
+            &lab,
+            &build::tracer_path(),
+            &confinement.without(cap),
+            Vec::new(),
+        )
+        .expect("start the agent");
         let (code, log) = agent
             .wait_exit(Duration::from_secs(10))
             .unwrap_or_else(|error| panic!("without {cap}: {error:#}"));
@@ -214,5 +220,88 @@ fn without_any_one_capability_the_agent_exits_naming_it() {
             "the kernel refused the datapath itself:\n{log}"
         );
     }
+    lab.down().expect("lab down");
+}
+
+#[test]
+fn the_init_container_prepares_the_pin_and_state_directories_for_the_confined_agent() {
+    let yaml = deploy::helm_template(&["--set", "pinPath=/sys/fs/bpf/tracer"])
+        .expect("render the chart with pinPath");
+    let objects = deploy::parse(&yaml).expect("parse it");
+    let dockerfile = deploy::dockerfile().expect("read the Dockerfile");
+    let prepare = deploy::init_confinement(&objects, &dockerfile).expect("the init container");
+    let confinement = deploy::confinement(&objects, &dockerfile).expect("the agent");
+    let lab = lab_up();
+    let bpffs = Bpffs::mount(&lab).expect("a bpffs for the pins");
+    let (pins, state_dir) = (bpffs.pin_path(), lab.state_dir().join("tracer-state"));
+    // As the kubelet makes a missing DirectoryOrCreate hostPath: root's, 0755.
+    for dir in [&pins, &state_dir] {
+        std::fs::create_dir_all(dir).expect("make the directory");
+    }
+    let copies = lab.state_dir().join("prepare");
+    let (pins_arg, state_arg) = (pins.display().to_string(), state_dir.display().to_string());
+    let owner = format!("--owner={0}:{0}", confinement.uid);
+    let args = ["prepare", &owner, &pins_arg, &state_arg];
+
+    let denied = prepare
+        .without("CHOWN")
+        .run(&build::tracer_path(), &copies, &args)
+        .expect("run prepare without CHOWN");
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert_eq!(denied.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("needs CAP_CHOWN"), "{stderr}");
+    let prepared = prepare
+        .run(&build::tracer_path(), &copies, &args)
+        .expect("run prepare");
+    assert!(
+        prepared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prepared.stderr)
+    );
+    for dir in [&pins, &state_dir] {
+        let metadata = std::fs::metadata(dir).expect("prepared");
+        assert_eq!(
+            (metadata.uid(), metadata.mode() & 0o7777),
+            (confinement.uid, 0o700),
+            "{} after prepare",
+            dir.display()
+        );
+    }
+
+    // The agent, as the DaemonSet runs it, pins and saves there.
+    let state = state_dir.join("state");
+    let flags = vec![
+        "--pin-path".into(),
+        pins_arg.clone(),
+        "--state-file".into(),
+        state.display().to_string(),
+    ];
+    let mut agent = LabAgent::start_confined(&lab, &build::tracer_path(), &confinement, flags)
+        .expect("start the confined agent");
+    agent
+        .wait_ready(Duration::from_secs(15))
+        .expect("the confined agent becomes ready");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let linked = || {
+        std::fs::read_dir(&pins).map_or(0, |entries| {
+            entries
+                .flatten()
+                .filter(|entry| entry.file_name().to_string_lossy().starts_with("link-"))
+                .count()
+        })
+    };
+    while (linked() == 0 || !state.exists()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        linked() > 0 && state.exists(),
+        "the confined agent pinned {} links, state saved: {}\n{}",
+        linked(),
+        state.exists(),
+        agent.log_tail()
+    );
+    let (_, code) = agent.stop().expect("stop");
+    assert_eq!(code, Some(0), "exit code after SIGTERM");
+    drop(bpffs);
     lab.down().expect("lab down");
 }

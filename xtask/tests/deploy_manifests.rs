@@ -126,6 +126,34 @@ fn the_chart_lints_and_every_option_renders_valid_manifests() {
     // The state outlives the pod, which a rolling update replaces.
     assert_eq!(volumes[1]["name"], "state");
     assert_eq!(volumes[1]["hostPath"]["path"], "/run/tracer");
+    // Both are in memory on the node, gone after a reboot: made again before every start, by
+    // an init container that can do nothing but give them to the agent's user.
+    for volume in [&volumes[0], &volumes[1]] {
+        assert_eq!(volume["hostPath"]["type"], "DirectoryOrCreate", "{volume}");
+    }
+    let prepare = &daemonset_pod(&objects)["initContainers"][0];
+    assert_eq!(prepare["image"], container["image"]);
+    assert_eq!(
+        strings(&prepare["command"]),
+        [
+            "/tracer",
+            "prepare",
+            "--owner=65532:65532",
+            "/sys/fs/bpf/tracer",
+            "/var/run/tracer"
+        ]
+    );
+    let mounts = |container: &Value| container["volumeMounts"].clone();
+    assert_eq!(mounts(prepare), mounts(container));
+    let security = &prepare["securityContext"];
+    assert_eq!(security["runAsUser"], 0);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        security["capabilities"]["add"],
+        serde_json::json!(["CHOWN"])
+    );
     // The chart's option and the kustomize overlay for kernels before 5.11 agree.
     let (_, overlay) = rendered("overlays/kernel-5.10");
     let capabilities = |objects: &[Value]| {
