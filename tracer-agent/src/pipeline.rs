@@ -142,7 +142,13 @@ impl Pipeline {
                 .with_context(|| format!("--state-file: cannot create {}", dir.display()))
                 .map_err(AgentError::Config)?;
         }
-        let state = restart.state_file.as_deref().map(StateFile::new);
+        let state = restart
+            .state_file
+            .as_deref()
+            .map(StateFile::open)
+            .transpose()
+            .context("--state-file")
+            .map_err(AgentError::Config)?;
         let saved = state.as_ref().and_then(load_saved);
         let datapath = Datapath::load_pinned(
             args.flow_table_size,

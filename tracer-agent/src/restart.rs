@@ -15,6 +15,7 @@ use std::{
     ffi::OsString,
     fs::File,
     io::{self, BufRead as _, BufReader, BufWriter, Read as _, Write as _},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -39,6 +40,10 @@ pub enum StateError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: not a state this agent can read ({reason})")]
     Format { path: PathBuf, reason: String },
+    #[error(
+        "{path} is in use by another agent ({holder}): one agent per state file and pin directory, or they would take each other's links and count the same connections twice (a DaemonSet's maxSurge must stay 0)"
+    )]
+    Busy { path: PathBuf, holder: String },
 }
 
 /// The totals, before the connections' records.
@@ -65,17 +70,49 @@ pub struct Saved {
     pub connections: Vec<(FlowKey, Carried)>,
 }
 
-/// The state file (`tracer agent --state-file`).
-#[derive(Clone, Debug)]
+/// The state file (`tracer agent --state-file`), held by one agent at a time: an exclusive
+/// `flock` on `<file>.lock`, released by the kernel when the agent ends however it ends.
+#[derive(Debug)]
 pub struct StateFile {
     path: PathBuf,
+    #[expect(dead_code, reason = "held for its flock, released when it closes")]
+    lock: File,
 }
 
 impl StateFile {
-    pub fn new(path: &Path) -> StateFile {
-        StateFile {
-            path: path.to_owned(),
+    /// Takes the state file for this agent; `Busy` while another one holds it.
+    pub fn open(path: &Path) -> Result<StateFile, StateError> {
+        let lock_path = lock_path(path);
+        let io_error = |source| StateError::Io {
+            path: lock_path.clone(),
+            source,
+        };
+        let mut lock = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_error)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io_error(error));
+            }
+            let mut holder = String::new();
+            let _ = lock.read_to_string(&mut holder);
+            return Err(StateError::Busy {
+                path: path.to_owned(),
+                holder: holder.trim().to_owned(),
+            });
         }
+        lock.set_len(0).map_err(io_error)?;
+        writeln!(lock, "pid {}", std::process::id()).map_err(io_error)?;
+        Ok(StateFile {
+            path: path.to_owned(),
+            lock,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -131,9 +168,7 @@ impl StateFile {
         workloads: Option<&WorkloadTallies>,
         connections: impl ExactSizeIterator<Item = (&'a FlowKey, Carried)>,
     ) -> Result<(), StateError> {
-        let mut aside = OsString::from(self.path.as_os_str());
-        aside.push(".new");
-        let aside = PathBuf::from(aside);
+        let aside = beside(&self.path, ".new");
         let write = || -> io::Result<()> {
             let mut out = BufWriter::new(File::create(&aside)?);
             let header = Header {
@@ -156,9 +191,10 @@ impl StateFile {
         write().map_err(|source| self.io_error(source))
     }
 
-    /// Removes the file: after a clean stop there is nothing to carry on.
+    /// Removes the file and its lock: after a clean stop there is nothing to carry on.
     pub fn remove(&self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(lock_path(&self.path));
     }
 
     fn io_error(&self, source: io::Error) -> StateError {
@@ -238,6 +274,17 @@ fn from_bytes<T: aya::Pod>(bytes: &[u8]) -> T {
     unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
 }
 
+fn lock_path(path: &Path) -> PathBuf {
+    beside(path, ".lock")
+}
+
+/// `path` with `suffix` added to its file name.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,8 +318,12 @@ mod tests {
     fn a_saved_state_loads_back_whole() {
         let dir = std::env::temp_dir().join(format!("tracer-state-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let file = StateFile::new(&dir.join("state"));
+        let file = StateFile::open(&dir.join("state")).unwrap();
         assert!(file.load().unwrap().is_none(), "nothing saved yet");
+        // One agent at a time: a second one is told who holds it.
+        let error = StateFile::open(&dir.join("state")).expect_err("held");
+        let pid = format!("pid {}", std::process::id());
+        assert!(error.to_string().contains(&pid), "{error}");
         let connections = [
             connection(1, Handshake::Open),
             connection(2, Handshake::Timed(Duration::from_micros(250))),
@@ -307,6 +358,8 @@ mod tests {
             assert!(error.to_string().contains("state"), "{error}");
         }
         file.remove();
+        drop(file);
+        StateFile::open(&dir.join("state")).expect("free once the holder is gone");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

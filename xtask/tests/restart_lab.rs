@@ -273,6 +273,28 @@ fn stream(
     })
 }
 
+/// One agent per pin directory and state file: a second one started with the same flags (a
+/// DaemonSet with maxSurge) exits 2 saying so, before it touches the pins; the first keeps
+/// every hook.
+fn second_agent_is_refused(lab: &Lab, flags: &[String], first: &LabAgent) {
+    let before = tcx_programs(lab);
+    let ended = lab
+        .command_in("node", &build::tracer_path().to_string_lossy())
+        .args(["agent", "--metrics-addr", "127.0.0.1:0"])
+        .args(flags)
+        .output()
+        .expect("run a second agent");
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(ended.status.code(), Some(2), "{stderr}");
+    let holder = format!("in use by another agent (pid {})", first.pid());
+    assert!(stderr.contains(&holder), "{stderr}");
+    assert_eq!(
+        tcx_programs(lab),
+        before,
+        "the refused agent changed the hooks"
+    );
+}
+
 #[test]
 fn pinned_agents_killed_mid_traffic_lose_no_byte_and_no_counter_goes_back() {
     testing::require_root();
@@ -289,6 +311,7 @@ fn pinned_agents_killed_mid_traffic_lose_no_byte_and_no_counter_goes_back() {
 
     let mut agent = start_with(&lab, "tcx", flags.clone());
     let traced = tcx_programs(&lab).len();
+    second_agent_is_refused(&lab, &flags, &agent);
     let stop = Arc::new(AtomicBool::new(false));
     let streaming = stream(&lab, pod_b, Arc::clone(&stop));
     let mut sent_in_bursts = 0u64;
