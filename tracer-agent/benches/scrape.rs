@@ -24,11 +24,11 @@ use std::{
 use anyhow::bail;
 use serde::Serialize;
 use tracer_agent::{
-    api::{AttachedInterfaces, FlowTableStats, Handshakes, PathRow, PathsResponse},
+    api::{AttachedInterfaces, FlowTableStats, Histogram, PathRow, PathsResponse},
     classify::Path,
     export::Metrics,
     kubernetes::workload::WorkloadSeries,
-    snapshot::{HANDSHAKE_BUCKETS, Snapshot},
+    snapshot::{LATENCY_BUCKETS, Snapshot},
 };
 
 /// Counts the bytes the program holds on the heap, and the most it held.
@@ -237,10 +237,10 @@ fn every_path() -> Snapshot {
         ("pod_to_service", None, "dnat"),
         ("unknown", None, "none"),
     ];
-    let handshakes = Handshakes {
+    let handshakes = Histogram {
         count: 1_000,
         sum_seconds: 1.25,
-        buckets: HANDSHAKE_BUCKETS
+        buckets: LATENCY_BUCKETS
             .iter()
             .enumerate()
             .map(|(index, bound)| (*bound, 50 * index as u64))

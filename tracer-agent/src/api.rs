@@ -68,12 +68,12 @@ pub struct PathRow {
     pub active_flows: u64,
     pub unanswered_syns: u64,
     pub resets: u64,
-    pub handshakes: Handshakes,
+    pub handshakes: Histogram,
 }
 
-/// TCP SYN → SYN-ACK times: the histogram `tracer_path_handshake_seconds` exports.
+/// A latency histogram: a path's TCP SYN → SYN-ACK times (`tracer_path_handshake_seconds`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Handshakes {
+pub struct Histogram {
     pub count: u64,
     pub sum_seconds: f64,
     /// (upper bound in seconds, cumulative count), ascending; +Inf is `count`.

@@ -15,7 +15,7 @@ use indexmap::IndexMap;
 use tracer_common::DatapathCounter;
 
 use crate::{
-    api::{Handshakes, PathRow},
+    api::{Histogram, PathRow},
     kubernetes::workload::WorkloadSeries,
     process,
     readiness::Reason,
@@ -108,7 +108,7 @@ fn path_labels(row: &PathRow) -> [(&'static str, &str); 4] {
 struct TcpHealth {
     unanswered_syns: u64,
     resets: u64,
-    handshakes: Handshakes,
+    handshakes: Histogram,
 }
 
 fn render_paths(out: &mut Exposition, rows: &[PathRow]) {
@@ -206,7 +206,7 @@ fn health_labels<'a>((path, endpoint): (&'a str, &'a str)) -> [(&'static str, &'
 }
 
 /// Adds `other`'s observations to `sum` (same buckets, cumulative counts add up).
-fn add_handshakes(sum: &mut Handshakes, other: &Handshakes) {
+fn add_handshakes(sum: &mut Histogram, other: &Histogram) {
     if sum.buckets.is_empty() {
         sum.buckets = other.buckets.iter().map(|(bound, _)| (*bound, 0)).collect();
     }
@@ -364,7 +364,7 @@ impl Exposition {
         let _ = writeln!(self.text, " {value}");
     }
 
-    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], handshakes: &Handshakes) {
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], handshakes: &Histogram) {
         let bucket = format!("{name}_bucket");
         let bounds = handshakes
             .buckets
@@ -537,7 +537,7 @@ mod tests {
     use crate::{
         api::{AttachedInterfaces, FlowTableStats, PathsResponse},
         readiness::Problem,
-        snapshot::{HANDSHAKE_BUCKETS, Health},
+        snapshot::{Health, LATENCY_BUCKETS},
     };
 
     fn row(path: &str, endpoint: Option<&str>, nat: &str) -> PathRow {
@@ -554,10 +554,10 @@ mod tests {
             active_flows: 1,
             unanswered_syns: 1,
             resets: 0,
-            handshakes: Handshakes {
+            handshakes: Histogram {
                 count: 2,
                 sum_seconds: 0.0005,
-                buckets: HANDSHAKE_BUCKETS
+                buckets: LATENCY_BUCKETS
                     .iter()
                     .enumerate()
                     .map(|(index, bound)| (*bound, if index == 0 { 0 } else { 2 }))

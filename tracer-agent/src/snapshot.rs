@@ -18,17 +18,18 @@ use crate::{
     readiness::Problem,
 };
 
-/// How many handshake-time buckets there are.
-pub const HANDSHAKE_BUCKET_COUNT: usize = 21;
+/// How many latency buckets there are.
+pub const LATENCY_BUCKET_COUNT: usize = 21;
 
-/// Upper bounds (seconds) of the handshake-time buckets: 12.5 µs (a pod on the same node
-/// answers within tens of µs) to ~13 s (a SYN retransmitted), doubling.
-/// `tracer_path_handshake_seconds` and the JSON API share them.
-pub const HANDSHAKE_BUCKETS: [f64; HANDSHAKE_BUCKET_COUNT] = {
-    let mut bounds = [0.0; HANDSHAKE_BUCKET_COUNT];
+/// Upper bounds (seconds) of the latency buckets: 12.5 µs (a pod on the same node answers a
+/// SYN within tens of µs) to ~13 s (a SYN retransmitted), doubling.
+/// `tracer_path_handshake_seconds`, `tracer_attach_duration_seconds` and the JSON API share
+/// them.
+pub const LATENCY_BUCKETS: [f64; LATENCY_BUCKET_COUNT] = {
+    let mut bounds = [0.0; LATENCY_BUCKET_COUNT];
     let mut bound = 0.0000125;
     let mut index = 0;
-    while index < HANDSHAKE_BUCKET_COUNT {
+    while index < LATENCY_BUCKET_COUNT {
         bounds[index] = bound;
         bound *= 2.0;
         index += 1;
@@ -36,21 +37,22 @@ pub const HANDSHAKE_BUCKETS: [f64; HANDSHAKE_BUCKET_COUNT] = {
     bounds
 };
 
-/// Handshake times of one path: counts per bucket (not cumulative), their number and sum.
+/// Latencies (a path's handshake times, the agent's attach times): counts per bucket (not
+/// cumulative), their number and sum.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct HandshakeHistogram {
+pub struct LatencyHistogram {
     /// Observations per bucket; those above the last bound are only in `count`.
-    in_bucket: [u64; HANDSHAKE_BUCKET_COUNT],
+    in_bucket: [u64; LATENCY_BUCKET_COUNT],
     count: u64,
     /// In whole nanoseconds: an integer sum is exact, whatever the order of its terms, and
     /// survives being saved for a successor (`restart`) bit for bit.
     sum_nanos: u64,
 }
 
-impl HandshakeHistogram {
+impl LatencyHistogram {
     pub fn observe(&mut self, took: Duration) {
         let seconds = took.as_secs_f64();
-        if let Some(bucket) = HANDSHAKE_BUCKETS.iter().position(|bound| seconds <= *bound) {
+        if let Some(bucket) = LATENCY_BUCKETS.iter().position(|bound| seconds <= *bound) {
             self.in_bucket[bucket] += 1;
         }
         self.count += 1;
@@ -58,9 +60,9 @@ impl HandshakeHistogram {
     }
 
     /// Cumulative counts per upper bound, as Prometheus histograms have them.
-    pub fn to_api(&self) -> api::Handshakes {
+    pub fn to_api(&self) -> api::Histogram {
         let mut cumulative = 0;
-        let buckets = HANDSHAKE_BUCKETS
+        let buckets = LATENCY_BUCKETS
             .iter()
             .zip(self.in_bucket)
             .map(|(bound, count)| {
@@ -68,7 +70,7 @@ impl HandshakeHistogram {
                 (*bound, cumulative)
             })
             .collect();
-        api::Handshakes {
+        api::Histogram {
             count: self.count,
             sum_seconds: self.sum_nanos as f64 / 1e9,
             buckets,
@@ -80,7 +82,7 @@ impl HandshakeHistogram {
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 struct PathHistory {
     totals: Totals,
-    handshakes: HandshakeHistogram,
+    handshakes: LatencyHistogram,
 }
 
 /// Every path's history: the sum of the aggregator's per-poll growth. Saved for a successor
@@ -407,14 +409,14 @@ mod tests {
 
     #[test]
     fn handshake_buckets_double_from_12_5_microseconds() {
-        assert_eq!(HANDSHAKE_BUCKETS[0], 0.0000125);
-        assert_eq!(HANDSHAKE_BUCKETS[1], 0.0000125 * 2.0);
-        assert_eq!(HANDSHAKE_BUCKETS[20], 0.0000125 * f64::from(1 << 20));
+        assert_eq!(LATENCY_BUCKETS[0], 0.0000125);
+        assert_eq!(LATENCY_BUCKETS[1], 0.0000125 * 2.0);
+        assert_eq!(LATENCY_BUCKETS[20], 0.0000125 * f64::from(1 << 20));
     }
 
     #[test]
     fn histograms_are_cumulative_and_count_what_no_bucket_holds() {
-        let mut histogram = HandshakeHistogram::default();
+        let mut histogram = LatencyHistogram::default();
         for micros in [50, 150, 150, 1_000_000, 60_000_000] {
             histogram.observe(Duration::from_micros(micros));
         }

@@ -1,6 +1,6 @@
 //! Rates over the refresh interval, from two readings of cumulative counters — what
 //! Prometheus' `rate()` and `histogram_quantile()` do, for one interval.
-use crate::api::{Handshakes, PathRow};
+use crate::api::{Histogram, PathRow};
 
 /// Per-second rates of one path between two readings.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -52,7 +52,7 @@ pub struct BucketGrowth {
     pub count: f64,
 }
 
-fn bucket_growth(previous: &Handshakes, current: &Handshakes) -> BucketGrowth {
+fn bucket_growth(previous: &Histogram, current: &Histogram) -> BucketGrowth {
     let reset = current.count < previous.count;
     let before = |index: usize, bound: f64| -> u64 {
         match previous.buckets.get(index) {
@@ -120,15 +120,15 @@ pub fn quantile(q: f64, histogram: &BucketGrowth) -> Option<Quantile> {
 mod tests {
     use super::*;
 
-    fn handshakes(buckets: &[(f64, u64)], count: u64) -> Handshakes {
-        Handshakes {
+    fn handshakes(buckets: &[(f64, u64)], count: u64) -> Histogram {
+        Histogram {
             count,
             sum_seconds: 0.0,
             buckets: buckets.to_vec(),
         }
     }
 
-    fn row(packets: u64, bytes: u64, flows: u64, handshakes: Handshakes) -> PathRow {
+    fn row(packets: u64, bytes: u64, flows: u64, handshakes: Histogram) -> PathRow {
         PathRow {
             path: "pod_to_pod_local".into(),
             nat: "none".into(),
