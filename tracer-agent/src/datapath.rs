@@ -4,6 +4,7 @@ use std::{
     collections::HashMap,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -393,12 +394,18 @@ impl Datapath {
 
     /// Attaches the ingress and egress programs to `interface`, after whatever is already
     /// there (they hand every packet on, so order does not change other programs' verdicts).
-    pub fn attach(&mut self, interface: &str, index: u32) -> Result<(), DatapathError> {
+    /// How long it took when it attached anew; `None` when it already was.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        index: u32,
+    ) -> Result<Option<Duration>, DatapathError> {
         match self.attached.get(interface) {
-            Some(attachment) if attachment.index == index => return Ok(()),
+            Some(attachment) if attachment.index == index => return Ok(None),
             Some(_) => self.detach(interface),
             None => {}
         }
+        let started = Instant::now();
         if self.mode == AttachMode::Clsact {
             // An agent killed before it could detach (SIGKILL, OOM) leaves its clsact filters
             // behind, still running on every packet: remove them, or each restart adds one more
@@ -420,7 +427,7 @@ impl Datapath {
                 links: [ingress, egress],
             },
         );
-        Ok(())
+        Ok(Some(started.elapsed()))
     }
 
     /// One hook: a pinned link of a predecessor moved to this agent's program, else a new

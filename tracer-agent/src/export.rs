@@ -262,6 +262,12 @@ fn render_health(out: &mut Exposition, snapshot: &Snapshot) {
         out.sample(name, &[], value);
     }
     out.family(
+        "tracer_attach_duration_seconds",
+        "histogram",
+        "Time to attach the datapath to a new interface, both hooks (a tcx attach waits for an RCU grace period under the RTNL lock)",
+    );
+    out.histogram("tracer_attach_duration_seconds", &[], &health.attach_times);
+    out.family(
         "tracer_datapath_packets_total",
         "counter",
         "What the datapath did with the packets it saw (counted, duplicate, truncated, …)",
@@ -533,11 +539,13 @@ impl Capped {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::{
         api::{AttachedInterfaces, FlowTableStats, PathsResponse},
         readiness::Problem,
-        snapshot::{Health, LATENCY_BUCKETS},
+        snapshot::{Health, LATENCY_BUCKETS, LatencyHistogram},
     };
 
     fn row(path: &str, endpoint: Option<&str>, nat: &str) -> PathRow {
@@ -587,6 +595,12 @@ mod tests {
                     reason: Reason::VpcCidr,
                     message: "VPC CIDR unknown".into(),
                 }],
+                attach_times: {
+                    let mut times = LatencyHistogram::default();
+                    times.observe(Duration::from_millis(9));
+                    times.observe(Duration::from_millis(30));
+                    times.to_api()
+                },
                 ..Health::default()
             },
             ..Snapshot::default()
@@ -631,6 +645,13 @@ mod tests {
             Some(4.0)
         );
         assert_eq!(series("tracer_flow_table_capacity"), Some(65536.0));
+        // 9 ms is under the 12.8 ms bound, 30 ms is not.
+        assert_eq!(
+            series(r#"tracer_attach_duration_seconds_bucket{le="0.0128"}"#),
+            Some(1.0)
+        );
+        assert_eq!(series("tracer_attach_duration_seconds_count"), Some(2.0));
+        assert_eq!(series("tracer_attach_duration_seconds_sum"), Some(0.039));
         assert_eq!(series("tracer_ready"), Some(0.0));
         assert_eq!(
             series(r#"tracer_readiness_problems{reason="vpc_cidr"}"#),

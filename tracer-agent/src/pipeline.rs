@@ -39,7 +39,7 @@ use crate::{
     cli::{AttachModeArg, PipelineArgs, RestartArgs},
     conntrack::Conntrack,
     context,
-    datapath::{AttachMode, Datapath, Evictions, Pins},
+    datapath::{AttachMode, Datapath, DatapathError, Evictions, Pins},
     discovery::{self, Changes, InterfaceKind, InterfacePatterns, Scan},
     endpoint::{self, Resolution},
     imds::{self, ImdsClient, VpcCidrs},
@@ -47,7 +47,7 @@ use crate::{
     privileges,
     readiness::{self, Change, Problem, Reason},
     restart::{Saved, StateFile},
-    snapshot::{self, Health, History, Snapshot},
+    snapshot::{self, Health, History, LatencyHistogram, Snapshot},
 };
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -77,6 +77,8 @@ pub struct Pipeline {
     workloads: Option<WorkloadBytes>,
     /// A predecessor's per-workload tallies, until the Kubernetes context starts them.
     carried_workloads: Option<WorkloadTallies>,
+    /// How long each attach to an interface took (both hooks).
+    attach_times: LatencyHistogram,
     attached: AttachedInterfaces,
     flow_table: FlowTableStats,
     /// The datapath's counters as last read.
@@ -194,6 +196,7 @@ impl Pipeline {
             resolve_error: None,
             workloads: None,
             carried_workloads: None,
+            attach_times: LatencyHistogram::default(),
             attached: AttachedInterfaces::default(),
             flow_table: FlowTableStats {
                 capacity: u64::from(args.flow_table_size),
@@ -321,11 +324,19 @@ impl Pipeline {
         }
         for (index, name) in changes.links {
             if self.patterns.kind_of(&name).is_some()
-                && let Err(error) = self.datapath.attach(&name, index)
+                && let Err(error) = self.attach(&name, index)
             {
                 debug!("{error}; the next poll tries again");
             }
         }
+    }
+
+    /// Attaches to an interface (nothing when it already is), timing the attach.
+    fn attach(&mut self, name: &str, index: u32) -> Result<(), DatapathError> {
+        if let Some(took) = self.datapath.attach(name, index)? {
+            self.attach_times.observe(took);
+        }
+        Ok(())
     }
 
     /// Lists interfaces, addresses and routes again and applies what changed.
@@ -419,7 +430,7 @@ impl Pipeline {
         }
         let mut attached = AttachedInterfaces::default();
         for interface in &interfaces {
-            match self.datapath.attach(&interface.name, interface.index) {
+            match self.attach(&interface.name, interface.index) {
                 Ok(()) => match interface.kind {
                     InterfaceKind::Pod => attached.pod += 1,
                     InterfaceKind::Node => attached.node += 1,
@@ -600,6 +611,7 @@ impl Pipeline {
                 datapath: self.datapath_counters,
                 events_lost: self.unread.lost(),
                 problems,
+                attach_times: self.attach_times.to_api(),
             },
             workloads: self
                 .workloads

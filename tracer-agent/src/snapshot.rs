@@ -165,6 +165,8 @@ pub struct Health {
     pub events_lost: u64,
     /// Why the agent is not ready, with reasons (`paths.problems` has the messages).
     pub problems: Vec<Problem>,
+    /// How long attaching to each new interface took (`tracer_attach_duration_seconds`).
+    pub attach_times: api::Histogram,
 }
 
 /// One poll's view of everything, shared read-only with the exporters.

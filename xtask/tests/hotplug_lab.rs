@@ -64,6 +64,22 @@ fn pods_churning_at_10_per_second_are_attached_counted_and_forgotten() {
     );
     let flows = grew("tracer_path_flows_total", &[("path", "pod_to_pod_local")]);
     assert_eq!(flows, f64::from(PODS - 1), "one flow per new pod");
+    // The agent times its own attaches: one per pod, none for the deletions.
+    let attaches = grew("tracer_attach_duration_seconds_count", &[]);
+    let took = grew("tracer_attach_duration_seconds_sum", &[]);
+    eprintln!(
+        "the agent's own view: {attaches} attaches, {:.1} ms on average",
+        took / attaches * 1000.0
+    );
+    assert_eq!(
+        attaches,
+        f64::from(PODS),
+        "tracer_attach_duration_seconds_count"
+    );
+    assert!(
+        took > 0.0,
+        "tracer_attach_duration_seconds_sum grew by {took}"
+    );
     // A pod not yet known as local would show as remote; one not placed at all, as unknown.
     for path in ["pod_to_pod_remote", "unknown"] {
         let stray = grew("tracer_path_bytes_total", &[("path", path)]);
