@@ -46,7 +46,7 @@ use crate::{
     kubernetes::{ClusterFacts, WorkloadTallies, workload::WorkloadBytes},
     privileges,
     readiness::{self, Change, Problem, Reason},
-    restart::{Saved, StateFile},
+    restart::{Saved, StateFile, Totals},
     snapshot::{self, Health, History, LatencyHistogram, Snapshot},
 };
 
@@ -231,6 +231,7 @@ impl Pipeline {
         self.unread = saved.unread;
         self.evictions = saved.evictions;
         self.carried_workloads = saved.workloads;
+        self.attach_times = saved.attach_times.unwrap_or_default();
         self.aggregator.carry_on(saved.connections);
     }
 
@@ -298,12 +299,17 @@ impl Pipeline {
         let Some(state) = &self.state else {
             return;
         };
+        let workloads = self.workloads.as_ref().map(WorkloadBytes::tallies);
+        let totals = Totals {
+            history: &self.history,
+            unread: &self.unread,
+            evictions: &self.evictions,
+            workloads: workloads.as_ref(),
+            attach_times: &self.attach_times,
+        };
         let saved = state.save(
             self.datapath.flow_table_id(),
-            &self.history,
-            &self.unread,
-            &self.evictions,
-            self.workloads.as_ref().map(WorkloadBytes::tallies).as_ref(),
+            totals,
             self.aggregator.carried(),
         );
         if let Err(error) = saved {

@@ -26,7 +26,7 @@ use crate::{
     aggregate::{Carried, Handshake, Unread},
     datapath::Evictions,
     kubernetes::WorkloadTallies,
-    snapshot::History,
+    snapshot::{History, LatencyHistogram},
 };
 
 /// Bumped whenever the layout changes: a successor then starts afresh.
@@ -48,7 +48,7 @@ pub enum StateError {
 
 /// The totals, before the connections' records.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Header<H, U, E, W> {
+struct Header<H, U, E, W, A> {
     version: u32,
     flow_table_id: u32,
     connections: u64,
@@ -57,6 +57,17 @@ struct Header<H, U, E, W> {
     evictions: E,
     /// With `--workload-metrics`; absent (None) otherwise.
     workloads: Option<W>,
+    /// Absent (None) in the states of agents that did not time their attaches.
+    attach_times: Option<A>,
+}
+
+/// What a poll saves beside the connections, borrowed from the pipeline.
+pub struct Totals<'a> {
+    pub history: &'a History,
+    pub unread: &'a Unread,
+    pub evictions: &'a Evictions,
+    pub workloads: Option<&'a WorkloadTallies>,
+    pub attach_times: &'a LatencyHistogram,
 }
 
 /// What a predecessor left.
@@ -67,6 +78,7 @@ pub struct Saved {
     pub unread: Unread,
     pub evictions: Evictions,
     pub workloads: Option<WorkloadTallies>,
+    pub attach_times: Option<LatencyHistogram>,
     pub connections: Vec<(FlowKey, Carried)>,
 }
 
@@ -131,7 +143,7 @@ impl StateFile {
         reader
             .read_until(b'\n', &mut line)
             .map_err(|source| self.io_error(source))?;
-        let header: Header<History, Unread, Evictions, WorkloadTallies> =
+        let header: Header<History, Unread, Evictions, WorkloadTallies, LatencyHistogram> =
             serde_json::from_slice(&line).map_err(|error| self.format_error(error.to_string()))?;
         if header.version != VERSION {
             return Err(self.format_error(format!("version {}", header.version)));
@@ -154,6 +166,7 @@ impl StateFile {
             unread: header.unread,
             evictions: header.evictions,
             workloads: header.workloads,
+            attach_times: header.attach_times,
             connections,
         }))
     }
@@ -162,10 +175,7 @@ impl StateFile {
     pub fn save<'a>(
         &self,
         flow_table_id: u32,
-        history: &History,
-        unread: &Unread,
-        evictions: &Evictions,
-        workloads: Option<&WorkloadTallies>,
+        totals: Totals<'_>,
         connections: impl ExactSizeIterator<Item = (&'a FlowKey, Carried)>,
     ) -> Result<(), StateError> {
         let aside = beside(&self.path, ".new");
@@ -175,10 +185,11 @@ impl StateFile {
                 version: VERSION,
                 flow_table_id,
                 connections: connections.len() as u64,
-                history,
-                unread,
-                evictions,
-                workloads,
+                history: totals.history,
+                unread: totals.unread,
+                evictions: totals.evictions,
+                workloads: totals.workloads,
+                attach_times: Some(totals.attach_times),
             };
             serde_json::to_writer(&mut out, &header)?;
             out.write_all(b"\n")?;
@@ -332,12 +343,18 @@ mod tests {
         ];
         let mut unread = Unread::default();
         unread.update(7, &crate::aggregate::PollResult::default());
+        let mut attach_times = LatencyHistogram::default();
+        attach_times.observe(Duration::from_millis(14));
+        let totals = Totals {
+            history: &History::default(),
+            unread: &unread,
+            evictions: &Evictions::default(),
+            workloads: None,
+            attach_times: &attach_times,
+        };
         file.save(
             42,
-            &History::default(),
-            &unread,
-            &Evictions::default(),
-            None,
+            totals,
             connections.iter().map(|(key, carried)| (key, *carried)),
         )
         .unwrap();
@@ -348,6 +365,7 @@ mod tests {
             "no workload metrics, nothing saved of them"
         );
         assert_eq!(saved.unread.lost(), 7);
+        assert_eq!(saved.attach_times, Some(attach_times));
         assert_eq!(saved.connections, connections);
 
         // A file cut short is an error naming the file, never a panic nor half a state.

@@ -66,8 +66,17 @@ fn still_loaded<'a>(programs: impl IntoIterator<Item = &'a u64>) -> Vec<u64> {
     let programs: BTreeSet<u64> = programs.into_iter().copied().collect();
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
+        // A program freed between the kernel listing its id and our asking for it is gone.
         let loaded: BTreeSet<u64> = aya::programs::loaded_programs()
-            .map(|program| u64::from(program.expect("reading a loaded program").id()))
+            .filter_map(|program| match program {
+                Ok(program) => Some(u64::from(program.id())),
+                Err(aya::programs::ProgramError::SyscallError(error))
+                    if error.io_error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    None
+                }
+                Err(error) => panic!("reading a loaded program: {error}"),
+            })
             .collect();
         let left: Vec<u64> = programs.intersection(&loaded).copied().collect();
         if left.is_empty() || Instant::now() > deadline {
