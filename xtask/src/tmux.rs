@@ -12,6 +12,9 @@ use anyhow::{Context as _, bail};
 /// back.
 pub const PROMPT: &str = "tmux-test$ ";
 
+/// How long a screen must stay the same to count as drawn, not caught mid-redraw.
+const SETTLE: Duration = Duration::from_millis(50);
+
 pub struct Tmux {
     socket: String,
 }
@@ -102,7 +105,8 @@ impl Tmux {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
-    /// Polls the screen until `ready` holds; fails with the last screen after `timeout`.
+    /// Polls the screen until `ready` holds on a settled screen; fails with the last screen
+    /// after `timeout`.
     pub fn wait_for(
         &self,
         what: &str,
@@ -112,7 +116,12 @@ impl Tmux {
         let deadline = Instant::now() + timeout;
         loop {
             let screen = self.screen()?;
-            if ready(&screen) {
+            // A capture taken while the program redraws mixes two frames: only a screen that
+            // is still the same a moment later counts.
+            if ready(&screen) && {
+                std::thread::sleep(SETTLE);
+                self.screen()? == screen
+            } {
                 return Ok(screen);
             }
             if Instant::now() > deadline {
