@@ -299,12 +299,11 @@ impl Pipeline {
         let Some(state) = &self.state else {
             return;
         };
-        let workloads = self.workloads.as_ref().map(WorkloadBytes::tallies);
         let totals = Totals {
             history: &self.history,
             unread: &self.unread,
             evictions: &self.evictions,
-            workloads: workloads.as_ref(),
+            workloads: self.workloads.as_ref().map(WorkloadBytes::tallies),
             attach_times: &self.attach_times,
         };
         let saved = state.save(

@@ -88,23 +88,7 @@ struct PathHistory {
 /// Every path's history: the sum of the aggregator's per-poll growth. Saved for a successor
 /// as a list of pairs (a JSON map needs string keys).
 #[derive(Default, serde::Serialize, serde::Deserialize)]
-#[serde(from = "Vec<(Classification, PathHistory)>")]
-pub struct History(
-    #[serde(serialize_with = "serialize_pairs")] BTreeMap<Classification, PathHistory>,
-);
-
-impl From<Vec<(Classification, PathHistory)>> for History {
-    fn from(pairs: Vec<(Classification, PathHistory)>) -> History {
-        History(pairs.into_iter().collect())
-    }
-}
-
-fn serialize_pairs<S: serde::Serializer>(
-    map: &BTreeMap<Classification, PathHistory>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.collect_seq(map.iter())
-}
+pub struct History(#[serde(with = "crate::restart::pairs")] BTreeMap<Classification, PathHistory>);
 
 impl History {
     pub fn record(&mut self, result: &PollResult) {

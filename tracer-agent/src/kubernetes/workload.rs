@@ -41,10 +41,9 @@ pub struct ConnectionBytes {
 #[derive(Debug)]
 pub struct WorkloadBytes {
     top_k: usize,
-    tallies: HashMap<WorkloadSeries, Tally>,
+    counts: WorkloadTallies,
     /// The series named now: the `top_k` with the most bytes in total.
     named: HashSet<WorkloadSeries>,
-    overflow: BTreeMap<Path, u64>,
     /// Bytes of polls made before the pods were known, by connection ends and path, for
     /// the first poll that knows them.
     held: HashMap<(IpAddr, IpAddr, Path), u64>,
@@ -58,11 +57,12 @@ struct Tally {
     counted: u64,
 }
 
-/// What a restart carries over (`restart`): every workload's tally and the `_other` sums, so
-/// that no series goes back. Which series are named follows from them and the new top K.
+/// Every workload's tally and the `_other` sums: what a restart carries over (`restart`), so
+/// that no series goes back. Which series are named follows from them and the top K.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WorkloadTallies {
-    tallies: Vec<(WorkloadSeries, Tally)>,
+    #[serde(with = "crate::restart::pairs")]
+    tallies: HashMap<WorkloadSeries, Tally>,
     overflow: BTreeMap<Path, u64>,
 }
 
@@ -75,9 +75,8 @@ impl WorkloadBytes {
     pub fn resume(top_k: usize, carried: WorkloadTallies) -> Self {
         let mut workloads = WorkloadBytes {
             top_k,
-            tallies: carried.tallies.into_iter().collect(),
+            counts: carried,
             named: HashSet::new(),
-            overflow: carried.overflow,
             held: HashMap::new(),
         };
         workloads.rank();
@@ -85,15 +84,8 @@ impl WorkloadBytes {
     }
 
     /// What a successor needs to go on.
-    pub fn tallies(&self) -> WorkloadTallies {
-        WorkloadTallies {
-            tallies: self
-                .tallies
-                .iter()
-                .map(|(series, tally)| (series.clone(), *tally))
-                .collect(),
-            overflow: self.overflow.clone(),
-        }
+    pub fn tallies(&self) -> &WorkloadTallies {
+        &self.counts
     }
 
     /// Keeps one poll's bytes for the first `record`, while the pods are not known yet (the
@@ -138,28 +130,29 @@ impl WorkloadBytes {
             }
         }
         for (series, bytes) in &polled {
-            self.tallies.entry(series.clone()).or_default().total += bytes;
+            self.counts.tallies.entry(series.clone()).or_default().total += bytes;
         }
         let present: HashSet<(&str, &str)> = pods
             .values()
             .map(|pod| (pod.namespace.as_str(), pod.workload.name.as_str()))
             .collect();
-        self.tallies.retain(|series, _| {
+        self.counts.tallies.retain(|series, _| {
             polled.contains_key(series)
                 || present.contains(&(series.namespace.as_str(), series.workload.as_str()))
         });
         self.rank();
         for (series, bytes) in polled {
             if self.named.contains(&series) {
-                self.tallies.entry(series).or_default().counted += bytes;
+                self.counts.tallies.entry(series).or_default().counted += bytes;
             } else {
-                *self.overflow.entry(series.path).or_default() += bytes;
+                *self.counts.overflow.entry(series.path).or_default() += bytes;
             }
         }
     }
 
     fn rank(&mut self) {
         let mut ranked: Vec<(&WorkloadSeries, u64)> = self
+            .counts
             .tallies
             .iter()
             .map(|(series, tally)| (series, tally.total))
@@ -178,8 +171,8 @@ impl WorkloadBytes {
         let named = self
             .named
             .iter()
-            .map(|series| (series.clone(), self.tallies[series].counted));
-        let overflow = self.overflow.iter().map(|(path, bytes)| {
+            .map(|series| (series.clone(), self.counts.tallies[series].counted));
+        let overflow = self.counts.overflow.iter().map(|(path, bytes)| {
             let series = WorkloadSeries {
                 namespace: OVERFLOW.into(),
                 workload: OVERFLOW.into(),
@@ -280,7 +273,7 @@ mod tests {
         // Through the state file's format.
         let saved = serde_json::to_string(&bytes.tallies()).unwrap();
         let carried: WorkloadTallies = serde_json::from_str(&saved).unwrap();
-        assert_eq!(carried, bytes.tallies());
+        assert_eq!(&carried, bytes.tallies());
         let mut successor = WorkloadBytes::resume(2, carried.clone());
         assert_eq!(successor.series(), before);
         successor.record([sent(API, PodToPodRemote, 1)], &all);
