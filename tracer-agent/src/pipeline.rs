@@ -67,12 +67,12 @@ pub struct Pipeline {
     apiserver_from_dns: Option<watch::Receiver<Resolution>>,
     /// Whether the cluster endpoint ever resolved: after that, a failure keeps the last answer.
     apiserver_resolved: bool,
-    /// The resolver's failure since the last answer, logged once when it appears.
-    resolve_error: Option<String>,
+    /// The resolver failing since its last answer.
+    resolver_outage: Outage,
     /// The Kubernetes context, when the agent watches the API server.
     cluster: Option<watch::Receiver<ClusterFacts>>,
-    /// The Kubernetes context's last error, logged once when it appears.
-    cluster_error: Option<String>,
+    /// The Kubernetes API failing since the last facts.
+    cluster_outage: Outage,
     /// Bytes per workload, with `--workload-metrics`.
     workloads: Option<WorkloadBytes>,
     /// A predecessor's per-workload tallies, until the Kubernetes context starts them.
@@ -191,9 +191,9 @@ impl Pipeline {
             vpc_from_imds,
             apiserver_from_dns,
             cluster: None,
-            cluster_error: None,
+            cluster_outage: Outage::default(),
             apiserver_resolved: false,
-            resolve_error: None,
+            resolver_outage: Outage::default(),
             workloads: None,
             carried_workloads: None,
             attach_times: LatencyHistogram::default(),
@@ -481,7 +481,7 @@ impl Pipeline {
         match resolution {
             Ok(addresses) => {
                 self.apiserver_resolved = true;
-                self.resolve_error = None;
+                self.resolver_outage = Outage::default();
                 if changed {
                     info!("cluster endpoint resolves to {addresses:?}");
                     self.context.apiserver_ips = self
@@ -501,14 +501,11 @@ impl Pipeline {
                 "{error}; API server traffic to addresses not given by --apiserver-ip is not recognised"
             )),
             Err(error) => {
-                let error = error.to_string();
-                if self.resolve_error.as_ref() != Some(&error) {
-                    warn!(
-                        "{error}; the last answer stays in use: {:?}",
-                        self.context.apiserver_ips
-                    );
-                    self.resolve_error = Some(error);
-                }
+                let kept = &self.context.apiserver_ips;
+                self.resolver_outage
+                    .update(Some(&error.to_string()), |error| {
+                        warn!("{error}; the last answer stays in use: {kept:?}");
+                    });
             }
         }
     }
@@ -527,12 +524,10 @@ impl Pipeline {
             );
         }
         // An API server outage does not make the agent unready: the last facts stay in use.
-        if facts.last_error != self.cluster_error {
-            if let Some(error) = &facts.last_error {
+        self.cluster_outage
+            .update(facts.last_error.as_deref(), |error| {
                 warn!("Kubernetes API: {error}; the last facts stay in use");
-            }
-            self.cluster_error = facts.last_error.clone();
-        }
+            });
         let flags = &self.args.context;
         self.context.controlplane_ips = flags
             .controlplane_ips
@@ -626,6 +621,23 @@ impl Pipeline {
         };
         self.latest = Arc::new(snapshot);
         Arc::clone(&self.latest)
+    }
+}
+
+/// The failure of a source whose last answer stays in use (the resolver, the Kubernetes API):
+/// logged when it appears or its cause changes, not at every poll.
+#[derive(Default)]
+struct Outage(Option<String>);
+
+impl Outage {
+    /// `failure` is the source's now, `None` once it answers; `log` words a new one.
+    fn update(&mut self, failure: Option<&str>, log: impl FnOnce(&str)) {
+        if failure != self.0.as_deref() {
+            if let Some(failure) = failure {
+                log(failure);
+            }
+            self.0 = failure.map(str::to_owned);
+        }
     }
 }
 
