@@ -139,11 +139,6 @@ impl Pipeline {
             .transpose()
             .context("--pin-path")
             .map_err(AgentError::Config)?;
-        if let Some(dir) = restart.state_file.as_deref().and_then(Path::parent) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("--state-file: cannot create {}", dir.display()))
-                .map_err(AgentError::Config)?;
-        }
         let state = restart
             .state_file
             .as_deref()

@@ -92,8 +92,15 @@ pub struct StateFile {
 }
 
 impl StateFile {
-    /// Takes the state file for this agent; `Busy` while another one holds it.
+    /// Takes the state file for this agent (making its directory if needed); `Busy` while
+    /// another one holds it.
     pub fn open(path: &Path) -> Result<StateFile, StateError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| StateError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
         let lock_path = lock_path(path);
         let io_error = |source| StateError::Io {
             path: lock_path.clone(),
