@@ -9,7 +9,7 @@ use std::{
 };
 
 use xtask::{
-    agent::{Confinement, LabAgent},
+    agent::{self, Confinement, LabAgent},
     build, deploy,
     lab::{Bpffs, EndpointMode, Lab},
     run::command_output,
@@ -233,7 +233,12 @@ fn the_init_container_prepares_the_pin_and_state_directories_for_the_confined_ag
     let confinement = deploy::confinement(&objects, &dockerfile).expect("the agent");
     let lab = lab_up();
     let bpffs = Bpffs::mount(&lab).expect("a bpffs for the pins");
-    let (pins, state_dir) = (bpffs.pin_path(), lab.state_dir().join("tracer-state"));
+    let state = agent::state_file(&lab);
+    let state_dir = state
+        .parent()
+        .expect("the state file's directory")
+        .to_owned();
+    let pins = bpffs.pin_path();
     // As the kubelet makes a missing DirectoryOrCreate hostPath: root's, 0755.
     for dir in [&pins, &state_dir] {
         std::fs::create_dir_all(dir).expect("make the directory");
@@ -269,13 +274,7 @@ fn the_init_container_prepares_the_pin_and_state_directories_for_the_confined_ag
     }
 
     // The agent, as the DaemonSet runs it, pins and saves there.
-    let state = state_dir.join("state");
-    let flags = vec![
-        "--pin-path".into(),
-        pins_arg.clone(),
-        "--state-file".into(),
-        state.display().to_string(),
-    ];
+    let flags = agent::restart_flags(&lab, &bpffs);
     let mut agent = LabAgent::start_confined(&lab, &build::tracer_path(), &confinement, flags)
         .expect("start the confined agent");
     agent
