@@ -92,6 +92,17 @@ fn fdinfo_values(pid: u32, field: &str, select: impl Fn(&str) -> bool) -> Vec<u6
         .collect()
 }
 
+/// The value of line `field` (`Uid`, `VmRSS`, …) of `/proc/PID/status`, trimmed.
+pub fn status_field(pid: u32, field: &str) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .map(|value| value.trim().to_owned())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
 fn is_tcx_link(fdinfo: &str) -> bool {
     fdinfo.contains("link_type:\ttcx")
 }
@@ -381,19 +392,17 @@ impl LabAgent {
 
     /// The agent's resident memory now and at its peak (`VmRSS`, `VmHWM`), in KiB.
     pub fn memory_kib(&self) -> anyhow::Result<Memory> {
-        let pid = self.pid();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("reading /proc/{pid}/status"))?;
-        let field = |name: &str| -> anyhow::Result<u64> {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|value| value.split_whitespace().next()?.parse().ok())
-                .with_context(|| format!("{name} missing from /proc/{pid}/status"))
+        let kib = |name: &str| -> anyhow::Result<u64> {
+            let value = status_field(self.pid(), name)?;
+            value
+                .split_whitespace()
+                .next()
+                .and_then(|kib| kib.parse().ok())
+                .with_context(|| format!("{name} of /proc/{}/status is {value:?}", self.pid()))
         };
         Ok(Memory {
-            rss_kib: field("VmRSS:")?,
-            peak_kib: field("VmHWM:")?,
+            rss_kib: kib("VmRSS")?,
+            peak_kib: kib("VmHWM")?,
         })
     }
 

@@ -31,13 +31,7 @@ fn lab_up() -> Lab {
 
 /// A line of /proc/PID/status, e.g. `CapEff`.
 fn status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_owned()
+    agent::status_field(pid, field).unwrap_or_else(|error| panic!("{error:#}"))
 }
 
 /// Capability names of a hex mask, as `capsh --decode` spells them (`cap_bpf`).
