@@ -24,11 +24,11 @@ use std::{
 use anyhow::bail;
 use serde::Serialize;
 use tracer_agent::{
-    api::{AttachedInterfaces, FlowTableStats, Histogram, PathRow, PathsResponse},
+    aggregate::workload::WorkloadSeries,
     classify::Path,
-    export::Metrics,
-    kubernetes::workload::WorkloadSeries,
-    snapshot::{LATENCY_BUCKETS, Snapshot},
+    pipeline::snapshot::{LATENCY_BUCKETS, Snapshot},
+    serve::api::{AttachedInterfaces, FlowTableStats, Histogram, PathRow, PathsResponse},
+    serve::export::Metrics,
 };
 
 /// Counts the bytes the program holds on the heap, and the most it held.

@@ -7,8 +7,7 @@ use std::{
 };
 
 use crate::{
-    cidr::Cidr,
-    kubernetes::{ClusterFacts, ZoneLabel},
+    context::cidr::Cidr, context::kubernetes::ClusterFacts, context::kubernetes::ZoneLabel,
 };
 
 /// Where the instance metadata service lives, on every EC2 instance.

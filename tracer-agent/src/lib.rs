@@ -1,31 +1,21 @@
-//! The tracer agent. Data flows one way: the kernel's flow table (`datapath`) is read every
-//! poll, joined with conntrack's NAT facts and the node's context (`discovery`, `imds`),
-//! classified (`classify`), summed per path (`aggregate`) into a `snapshot` by the
-//! `pipeline`, and served (`server`: Prometheus text by `export`, the JSON `api`).
-pub mod agent;
+//! The tracer agent. Data flows one way, and the folders follow it:
+//!
+//! - [`datapath`]: the kernel programs, attaching them to interfaces (found over netlink),
+//!   reading the flow table;
+//! - [`context`]: what the node knows about itself and its cluster (flags, IMDS, the cluster
+//!   endpoint's DNS answer, the Kubernetes API);
+//! - [`classify`]: a connection and the context in, its path out — a pure function;
+//! - [`aggregate`]: per-connection counters, joined with conntrack's NAT facts, summed per path;
+//! - [`pipeline`]: one poll through all of the above, ending in a `Snapshot`;
+//! - [`serve`]: the snapshot as Prometheus text and the JSON API;
+//! - [`cmd`]: the subcommands (`agent`, `top`, `explain`, `prepare`), parsed by [`cli`].
 pub mod aggregate;
-pub mod api;
-pub mod cidr;
 pub mod classify;
 pub mod cli;
-pub mod config;
-pub mod conntrack;
+pub mod cmd;
 pub mod context;
 pub mod craft;
 pub mod datapath;
-pub mod discovery;
-pub mod endpoint;
-pub mod explain;
-pub mod export;
-pub mod imds;
-pub mod kubernetes;
-pub mod netlink;
+pub mod error;
 pub mod pipeline;
-pub mod prepare;
-pub mod privileges;
-pub mod process;
-pub mod readiness;
-pub mod restart;
-pub mod server;
-pub mod snapshot;
-pub mod top;
+pub mod serve;

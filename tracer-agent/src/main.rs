@@ -2,9 +2,13 @@
 use anyhow::Context as _;
 use clap::Parser;
 use tracer_agent::{
-    agent::{self, AgentError},
+    cli::config,
     cli::{Cli, Command},
-    config, explain, prepare, top,
+    cmd::agent,
+    cmd::explain,
+    cmd::prepare,
+    cmd::top,
+    error::AgentError,
 };
 
 fn main() {

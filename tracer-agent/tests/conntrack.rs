@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use tracer_agent::conntrack::{Conntrack, Entry, Tuple};
+use tracer_agent::aggregate::conntrack::{Conntrack, Entry, Tuple};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 const TCP: u8 = 6;

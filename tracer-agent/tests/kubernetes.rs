@@ -14,7 +14,9 @@ use kube_standin::{
 };
 use serde_json::json;
 use tokio::sync::watch;
-use tracer_agent::kubernetes::{self, ClusterFacts, Connection, PodRef, Workload, ZoneLabel};
+use tracer_agent::context::kubernetes::{
+    self, ClusterFacts, Connection, PodRef, Workload, ZoneLabel,
+};
 
 /// How long the facts may take to follow a change: the watcher's backoff after an error
 /// starts at 0.8 s and doubles.

@@ -11,7 +11,7 @@ use kube_standin::{
     Kind, StandIn,
     objects::{node, pod, service, slice},
 };
-use tracer_agent::api::FlowsResponse;
+use tracer_agent::serve::api::FlowsResponse;
 use xtask::{
     agent::{self, LabAgent},
     build,

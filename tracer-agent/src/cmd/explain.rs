@@ -10,11 +10,13 @@ use anyhow::{Context as _, anyhow};
 use serde::Serialize;
 
 use crate::{
-    agent::AgentError,
     classify::{self, Connection, Nat, NodeContext, comma_separated},
     cli::{ExplainArgs, ProtoArg},
-    context, discovery, endpoint,
-    imds::{self, ImdsClient},
+    context,
+    context::endpoint,
+    context::imds::{self, ImdsClient},
+    datapath::discovery,
+    error::AgentError,
 };
 
 /// What `--json` prints; the text form shows the same fields.

@@ -7,7 +7,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::netlink::{self, LinkChange, NetlinkError, Protocol, Socket};
+use crate::datapath::netlink::{self, LinkChange, NetlinkError, Protocol, Socket};
 
 /// The role an interface plays on an EKS node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

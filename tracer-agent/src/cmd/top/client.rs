@@ -9,7 +9,7 @@ use tokio::{
 };
 
 use super::Reading;
-use crate::api::{self, FlowsResponse, PathsResponse};
+use crate::serve::api::{self, FlowsResponse, PathsResponse};
 
 /// An agent's base URL: `http://HOST:PORT[/PREFIX]`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,6 +5,8 @@
 //! connections appear twice in the flow table — before translation at the pod veth, after it at
 //! the ENI — and conntrack says which entry is which: the translated one is an alias and is not
 //! counted again.
+pub mod conntrack;
+pub mod workload;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -13,9 +15,8 @@ use std::{
 use tracer_common::{FAMILY_IPV4, FlowKey, FlowStats, PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN};
 
 use crate::{
+    aggregate::workload::ConnectionBytes,
     classify::{Classification, Connection, Nat, NodeContext, classify},
-    conntrack,
-    kubernetes::workload::ConnectionBytes,
 };
 
 /// A classified connection's counters, by direction relative to its initiator.

@@ -15,7 +15,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::cidr::Cidr;
+use crate::context::cidr::Cidr;
 
 /// What IMDS says about this node and its VPC.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! Rates over the refresh interval, from two readings of cumulative counters — what
 //! Prometheus' `rate()` and `histogram_quantile()` do, for one interval.
-use crate::api::{Histogram, PathRow};
+use crate::serve::api::{Histogram, PathRow};
 
 /// Per-second rates of one path between two readings.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

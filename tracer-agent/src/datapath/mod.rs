@@ -1,5 +1,8 @@
 //! The kernel side as user space sees it: load the programs, attach them to interfaces, and
 //! read the flow table and the datapath counters.
+pub mod discovery;
+pub mod netlink;
+pub mod privileges;
 use std::{
     collections::HashMap,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},

@@ -12,8 +12,8 @@ use std::{
     net::IpAddr,
 };
 
-use super::PodRef;
 use crate::classify::Path;
+use crate::context::kubernetes::PodRef;
 
 /// The namespace and workload of the series that sums everything outside the top K.
 pub const OVERFLOW: &str = "_other";
@@ -61,7 +61,7 @@ struct Tally {
 /// that no series goes back. Which series are named follows from them and the top K.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WorkloadTallies {
-    #[serde(with = "crate::restart::pairs")]
+    #[serde(with = "crate::pipeline::restart::pairs")]
     tallies: HashMap<WorkloadSeries, Tally>,
     overflow: BTreeMap<Path, u64>,
 }
@@ -189,7 +189,7 @@ impl WorkloadBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubernetes::Workload;
+    use crate::context::kubernetes::Workload;
 
     const WEB: &str = "10.0.1.10";
     const API: &str = "10.0.1.11";

@@ -1,9 +1,13 @@
 //! The node's context as the flags give it: the part `agent` and `explain` share before the
 //! sources that answer later (netlink, IMDS, DNS) fill in the rest.
+pub mod cidr;
+pub mod endpoint;
+pub mod imds;
+pub mod kubernetes;
 use crate::{
     classify::{Contradiction, NodeContext},
     cli::ContextArgs,
-    discovery::InterfacePatterns,
+    datapath::discovery::InterfacePatterns,
 };
 
 /// The context the flags state, or what in them cannot all be true.

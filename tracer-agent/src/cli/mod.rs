@@ -1,9 +1,11 @@
 //! The command line (DESIGN §5): `tracer agent`, with every flag documented in `--help`.
+pub mod config;
+
 use std::{net::IpAddr, net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::cidr::Cidr;
+use crate::context::cidr::Cidr;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -87,7 +89,7 @@ pub struct AgentArgs {
     /// Most series the opt-in families whose label values come from the cluster (workload
     /// names) may hold together; updates beyond are refused and counted in
     /// tracer_series_overflow_total. The taxonomy's families are bounded and not capped.
-    #[arg(long, value_name = "SERIES", default_value_t = crate::export::DEFAULT_MAX_SERIES,
+    #[arg(long, value_name = "SERIES", default_value_t = crate::serve::export::DEFAULT_MAX_SERIES,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_series: u32,
 
@@ -143,8 +145,8 @@ pub struct RestartArgs {
 
 impl RestartArgs {
     /// The agent's pod, when both flags name it.
-    pub fn pod(&self) -> Option<crate::kubernetes::PodIdentity> {
-        Some(crate::kubernetes::PodIdentity {
+    pub fn pod(&self) -> Option<crate::cmd::handover::PodIdentity> {
+        Some(crate::cmd::handover::PodIdentity {
             namespace: self.pod_namespace.clone()?,
             name: self.pod_name.clone()?,
         })
@@ -301,7 +303,7 @@ pub struct TopArgs {
     /// The agent to read (its --metrics-addr). When none answers there, tracer top loads the
     /// datapath itself, which needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9477")]
-    pub agent: crate::top::AgentUrl,
+    pub agent: crate::cmd::top::AgentUrl,
 
     /// Print one snapshot and exit, for scripts (with --json).
     #[arg(long, requires = "json")]
@@ -313,8 +315,8 @@ pub struct TopArgs {
     pub json: bool,
 
     /// How many flows to show (the largest first); the filter works on these.
-    #[arg(long, value_name = "N", default_value_t = crate::api::DEFAULT_FLOWS_LIMIT as u32,
-          value_parser = clap::value_parser!(u32).range(1..=crate::api::MAX_FLOWS_LIMIT as i64))]
+    #[arg(long, value_name = "N", default_value_t = crate::serve::api::DEFAULT_FLOWS_LIMIT as u32,
+          value_parser = clap::value_parser!(u32).range(1..=crate::serve::api::MAX_FLOWS_LIMIT as i64))]
     pub limit: u32,
 
     /// The datapath tracer top runs itself when no agent answers: the flags of `tracer agent`.

@@ -11,11 +11,12 @@ use std::{
 use tracer_common::{DatapathCounter, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
+    aggregate::workload::WorkloadSeries,
     aggregate::{ConnectionView, PollResult, Totals},
-    api::{self, FlowRow, FlowsResponse, PathRow, PathsResponse},
     classify::Classification,
-    kubernetes::{PodRef, workload::WorkloadSeries},
-    readiness::Problem,
+    context::kubernetes::PodRef,
+    pipeline::readiness::Problem,
+    serve::api::{self, FlowRow, FlowsResponse, PathRow, PathsResponse},
 };
 
 /// How many latency buckets there are.
@@ -88,7 +89,9 @@ struct PathHistory {
 /// Every path's history: the sum of the aggregator's per-poll growth. Saved for a successor
 /// as a list of pairs (a JSON map needs string keys).
 #[derive(Default, serde::Serialize, serde::Deserialize)]
-pub struct History(#[serde(with = "crate::restart::pairs")] BTreeMap<Classification, PathHistory>);
+pub struct History(
+    #[serde(with = "crate::pipeline::restart::pairs")] BTreeMap<Classification, PathHistory>,
+);
 
 impl History {
     pub fn record(&mut self, result: &PollResult) {
@@ -361,7 +364,7 @@ mod tests {
             PodRef {
                 namespace: "shop".into(),
                 name: "cart-7d9f".into(),
-                workload: crate::kubernetes::Workload {
+                workload: crate::context::kubernetes::Workload {
                     kind: "Deployment".into(),
                     name: "cart".into(),
                 },

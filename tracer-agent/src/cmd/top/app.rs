@@ -7,7 +7,7 @@ use super::{
     columns::{Column, FLOW_COLUMNS, PATH_COLUMNS, TREND_WIDTH},
     rates::{PathRates, growth},
 };
-use crate::api::{FlowRow, PathRow};
+use crate::serve::api::{FlowRow, PathRow};
 
 /// A path row with its rates over the last refresh interval and its recent bytes/s.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -398,7 +398,7 @@ fn visible<'a, R>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{FlowsResponse, PathsResponse};
+    use crate::serve::api::{FlowsResponse, PathsResponse};
 
     fn path_row(path: &str, bytes: u64) -> PathRow {
         PathRow {

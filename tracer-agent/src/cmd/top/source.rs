@@ -9,10 +9,10 @@ use super::{
     client::{AgentClient, FetchError},
 };
 use crate::{
-    agent::AgentError,
     cli::TopArgs,
+    datapath::privileges::{self, Capability},
+    error::AgentError,
     pipeline::Pipeline,
-    privileges::{self, Capability},
 };
 
 pub enum Source {

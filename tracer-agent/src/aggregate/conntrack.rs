@@ -6,7 +6,7 @@
 //! them here instead of guessing.
 use std::net::IpAddr;
 
-use crate::netlink::{Attr, Message, NetlinkError, Protocol, Socket};
+use crate::datapath::netlink::{Attr, Message, NetlinkError, Protocol, Socket};
 
 /// One direction of a connection. Ports are in host byte order; for ICMP and ICMPv6 echo both
 /// ports hold the echo identifier, for other ICMP messages they are 0 (as the datapath keys them).
@@ -214,7 +214,7 @@ fn parse_proto(proto: Attr<'_>) -> Result<Option<(u8, u16, u16)>, NetlinkError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::{NLMSG_HDRLEN, bytes::*, dump_request, parse_datagram};
+    use crate::datapath::netlink::{NLMSG_HDRLEN, bytes::*, dump_request, parse_datagram};
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     const CTA_PROTO_ICMP_CODE: u16 = 6;

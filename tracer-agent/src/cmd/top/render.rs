@@ -294,8 +294,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        api::{FlowRow, FlowsResponse, PathRow, PathsResponse},
-        top::{Reading, app::Action},
+        cmd::top::{Reading, app::Action},
+        serve::api::{FlowRow, FlowsResponse, PathRow, PathsResponse},
     };
 
     const PATHS: [&str; 3] = [

@@ -1,5 +1,8 @@
 //! The HTTP endpoints on `--metrics-addr`: `/metrics`, the JSON API (`/api/v1/paths`,
 //! `/api/v1/flows`), `/healthz` and `/readyz`, all answered from the latest snapshot.
+pub mod api;
+pub mod export;
+pub mod process;
 use std::sync::Arc;
 
 use axum::{
@@ -12,11 +15,7 @@ use axum::{
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{
-    api::{self, ErrorResponse},
-    export::{self, Metrics},
-    snapshot::Snapshot,
-};
+use crate::{pipeline::snapshot::Snapshot, serve::api::ErrorResponse, serve::export::Metrics};
 
 #[derive(Clone)]
 struct AppState {

@@ -4,7 +4,7 @@
 //! `tracer agent` serves the snapshots over HTTP; `tracer top` shows them.
 //!
 //! ```no_run
-//! use tracer_agent::{agent::AgentError, cli::PipelineArgs, pipeline::Pipeline};
+//! use tracer_agent::{error::AgentError, cli::PipelineArgs, pipeline::Pipeline};
 //!
 //! fn show(args: &PipelineArgs) -> Result<(), AgentError> {
 //!     let mut pipeline = Pipeline::start(args)?;
@@ -19,6 +19,9 @@
 //!     Ok(())
 //! }
 //! ```
+pub mod readiness;
+pub mod restart;
+pub mod snapshot;
 use std::{
     collections::{BTreeSet, HashSet},
     path::Path,
@@ -32,22 +35,24 @@ use tokio::sync::watch;
 use tracer_common::{DatapathCounter, FlowKey, FlowStats};
 
 use crate::{
-    agent::AgentError,
+    aggregate::conntrack::Conntrack,
+    aggregate::workload::WorkloadBytes,
+    aggregate::workload::WorkloadTallies,
     aggregate::{Aggregator, NatTable, Unread},
-    api::{self, AttachedInterfaces, FlowTableStats, PathsResponse},
     classify::NodeContext,
     cli::{AttachModeArg, PipelineArgs, RestartArgs},
-    conntrack::Conntrack,
     context,
+    context::endpoint::{self, Resolution},
+    context::imds::{self, ImdsClient, VpcCidrs},
+    context::kubernetes::ClusterFacts,
+    datapath::discovery::{self, Changes, InterfaceKind, InterfacePatterns, Scan},
+    datapath::privileges,
     datapath::{AttachMode, Datapath, DatapathError, Evictions, Pins},
-    discovery::{self, Changes, InterfaceKind, InterfacePatterns, Scan},
-    endpoint::{self, Resolution},
-    imds::{self, ImdsClient, VpcCidrs},
-    kubernetes::{ClusterFacts, WorkloadTallies, workload::WorkloadBytes},
-    privileges,
-    readiness::{self, Change, Problem, Reason},
-    restart::{Saved, StateFile, Totals},
-    snapshot::{self, Health, History, LatencyHistogram, Snapshot},
+    error::AgentError,
+    pipeline::readiness::{Change, Problem, Reason},
+    pipeline::restart::{Saved, StateFile, Totals},
+    pipeline::snapshot::{Health, History, LatencyHistogram, Snapshot},
+    serve::api::{self, AttachedInterfaces, FlowTableStats, PathsResponse},
 };
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";

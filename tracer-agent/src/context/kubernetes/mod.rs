@@ -3,9 +3,7 @@
 //! agent runs in a pod, and published as plain data ([`ClusterFacts`]) that the agent reads
 //! once per poll.
 mod facts;
-pub mod handover;
 mod watchers;
-pub mod workload;
 
 use std::path::{Path, PathBuf};
 
@@ -13,9 +11,7 @@ use kube::config::{InClusterError, KubeConfigOptions, Kubeconfig, KubeconfigErro
 use log::info;
 
 pub use facts::{ClusterFacts, PodRef, Workload, ZoneLabel};
-pub use handover::PodIdentity;
 pub use watchers::start;
-pub use workload::WorkloadTallies;
 
 use crate::cli::{KubernetesArgs, KubernetesMode};
 

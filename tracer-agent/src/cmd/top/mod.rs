@@ -25,9 +25,9 @@ use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    agent::AgentError,
-    api::{FlowsResponse, PathsResponse},
     cli::TopArgs,
+    error::AgentError,
+    serve::api::{FlowsResponse, PathsResponse},
 };
 use app::App;
 use client::FetchError;

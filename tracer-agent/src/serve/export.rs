@@ -15,11 +15,11 @@ use indexmap::IndexMap;
 use tracer_common::DatapathCounter;
 
 use crate::{
-    api::{Histogram, PathRow},
-    kubernetes::workload::WorkloadSeries,
-    process,
-    readiness::Reason,
-    snapshot::Snapshot,
+    aggregate::workload::WorkloadSeries,
+    pipeline::readiness::Reason,
+    pipeline::snapshot::Snapshot,
+    serve::api::{Histogram, PathRow},
+    serve::process,
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -543,9 +543,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        api::{AttachedInterfaces, FlowTableStats, PathsResponse},
-        readiness::Problem,
-        snapshot::{Health, LATENCY_BUCKETS, LatencyHistogram},
+        pipeline::readiness::Problem,
+        pipeline::snapshot::{Health, LATENCY_BUCKETS, LatencyHistogram},
+        serve::api::{AttachedInterfaces, FlowTableStats, PathsResponse},
     };
 
     fn row(path: &str, endpoint: Option<&str>, nat: &str) -> PathRow {

@@ -1,5 +1,5 @@
 //! `tracer agent`: run the pipeline and serve its snapshots — until SIGINT or SIGTERM, then
-//! stop cleanly or hand the pinned datapath over (`kubernetes::handover`).
+//! stop cleanly or hand the pinned datapath over ([`handover`](crate::cmd::handover)).
 use std::{sync::Arc, time::Instant};
 
 use anyhow::Context as _;
@@ -12,34 +12,15 @@ use tokio::{
 
 use crate::{
     cli::AgentArgs,
-    discovery::{self, ChangeWatch, Changes},
-    export::Metrics,
-    kubernetes::{
-        self,
-        handover::{Asker, CleanStop, Stop},
-    },
+    cmd::handover::{Asker, CleanStop, Stop},
+    context::kubernetes,
+    datapath::discovery::{self, ChangeWatch, Changes},
+    error::AgentError,
     pipeline::Pipeline,
-    server,
-    snapshot::Snapshot,
+    pipeline::snapshot::Snapshot,
+    serve,
+    serve::export::Metrics,
 };
-
-/// Why the agent stopped: the exit code tells usage/configuration (2) from runtime (1).
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("{0:#}")]
-    Config(anyhow::Error),
-    #[error("{0:#}")]
-    Runtime(anyhow::Error),
-}
-
-impl AgentError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            AgentError::Config(_) => 2,
-            AgentError::Runtime(_) => 1,
-        }
-    }
-}
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     // The Kubernetes configuration is checked before the datapath loads: a mistake in it is
@@ -68,7 +49,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         .map_err(AgentError::Config)?;
     let (snapshots, latest) = watch::channel(pipeline.snapshot());
     let metrics = Metrics::new(args.max_series as usize);
-    let app = server::router(latest, metrics.clone());
+    let app = serve::router(latest, metrics.clone());
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             warn!("metrics server stopped: {error}");

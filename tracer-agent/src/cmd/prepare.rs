@@ -10,8 +10,8 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    agent::AgentError,
     cli::{Owner, PrepareArgs},
+    error::AgentError,
 };
 
 pub fn run(args: PrepareArgs) -> Result<(), AgentError> {

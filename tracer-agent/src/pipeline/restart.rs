@@ -23,10 +23,10 @@ use std::{
 use tracer_common::{FlowKey, FlowStats};
 
 use crate::{
+    aggregate::workload::WorkloadTallies,
     aggregate::{Carried, Handshake, Unread},
     datapath::Evictions,
-    kubernetes::WorkloadTallies,
-    snapshot::{History, LatencyHistogram},
+    pipeline::snapshot::{History, LatencyHistogram},
 };
 
 /// Bumped whenever the layout changes: a successor then starts afresh.
@@ -292,7 +292,7 @@ fn from_bytes<T: aya::Pod>(bytes: &[u8]) -> T {
     unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
 }
 
-/// Maps saved as lists of pairs (`#[serde(with = "crate::restart::pairs")]`): a JSON map
+/// Maps saved as lists of pairs (`#[serde(with = "crate::pipeline::restart::pairs")]`): a JSON map
 /// needs string keys, and the saved maps are keyed by labels and series.
 pub mod pairs {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
