@@ -10,7 +10,7 @@ use common::{
 };
 use tracer_agent::{
     aggregate::{Aggregator, NatTable, Unread},
-    classify::NodeContext,
+    context::NodeContext,
     craft::{ETH_P_8021AD, ETH_P_8021Q, ExtHeader, Fragment, Frame, Icmp, arp_request},
 };
 use tracer_common::{

@@ -16,7 +16,8 @@ use tracer_common::{FAMILY_IPV4, FlowKey, FlowStats, PROTO_TCP, TCP_ACK, TCP_RST
 
 use crate::{
     aggregate::workload::ConnectionBytes,
-    classify::{Classification, Connection, Nat, NodeContext, classify},
+    classify::{Classification, Connection, Nat, classify},
+    context::NodeContext,
 };
 
 /// A classified connection's counters, by direction relative to its initiator.

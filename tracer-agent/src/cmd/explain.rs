@@ -10,11 +10,12 @@ use anyhow::{Context as _, anyhow};
 use serde::Serialize;
 
 use crate::{
-    classify::{self, Connection, Nat, NodeContext, comma_separated},
+    classify::{self, Connection, Nat},
     cli::{ExplainArgs, ProtoArg},
     context,
     context::endpoint,
     context::imds::{self, ImdsClient},
+    context::{NodeContext, comma_separated},
     datapath::discovery,
     error::AgentError,
 };

@@ -19,6 +19,7 @@
 //!     Ok(())
 //! }
 //! ```
+mod feed;
 pub mod readiness;
 pub mod restart;
 pub mod snapshot;
@@ -39,16 +40,16 @@ use crate::{
     aggregate::workload::WorkloadBytes,
     aggregate::workload::WorkloadTallies,
     aggregate::{Aggregator, NatTable, Unread},
-    classify::NodeContext,
     cli::{AttachModeArg, PipelineArgs, RestartArgs},
     context,
-    context::endpoint::{self, Resolution},
-    context::imds::{self, ImdsClient, VpcCidrs},
+    context::endpoint,
+    context::imds::{self, ImdsClient},
     context::kubernetes::ClusterFacts,
     datapath::discovery::{self, Changes, InterfaceKind, InterfacePatterns, Scan},
     datapath::privileges,
     datapath::{AttachMode, Datapath, DatapathError, Evictions, Pins},
     error::AgentError,
+    pipeline::feed::ContextFeed,
     pipeline::readiness::{Change, Problem, Reason},
     pipeline::restart::{Saved, StateFile, Totals},
     pipeline::snapshot::{Health, History, LatencyHistogram, Snapshot},
@@ -62,22 +63,11 @@ pub struct Pipeline {
     args: PipelineArgs,
     patterns: InterfacePatterns,
     datapath: Datapath,
-    context: NodeContext,
+    /// The node's context and the sources that keep it current.
+    feed: ContextFeed,
     aggregator: Aggregator,
     history: History,
     conntrack: Option<Conntrack>,
-    /// IMDS answer still to come, when the VPC CIDRs were not given on the command line.
-    vpc_from_imds: Option<watch::Receiver<VpcCidrs>>,
-    /// Answers about the cluster endpoint, when one was given.
-    apiserver_from_dns: Option<watch::Receiver<Resolution>>,
-    /// Whether the cluster endpoint ever resolved: after that, a failure keeps the last answer.
-    apiserver_resolved: bool,
-    /// The resolver failing since its last answer.
-    resolver_outage: Outage,
-    /// The Kubernetes context, when the agent watches the API server.
-    cluster: Option<watch::Receiver<ClusterFacts>>,
-    /// The Kubernetes API failing since the last facts.
-    cluster_outage: Outage,
     /// Bytes per workload, with `--workload-metrics`.
     workloads: Option<WorkloadBytes>,
     /// A predecessor's per-workload tallies, until the Kubernetes context starts them.
@@ -180,20 +170,20 @@ impl Pipeline {
             .cluster_endpoint
             .clone()
             .map(|host| endpoint::spawn_resolver(host, args.resolve_interval));
+        let feed = ContextFeed::new(
+            args.context.clone(),
+            context,
+            vpc_from_imds,
+            apiserver_from_dns,
+        );
         let mut pipeline = Pipeline {
             args: args.clone(),
             patterns,
             datapath,
-            context,
+            feed,
             aggregator: Aggregator::new(args.syn_timeout),
             history: History::default(),
             conntrack: None,
-            vpc_from_imds,
-            apiserver_from_dns,
-            cluster: None,
-            cluster_outage: Outage::default(),
-            apiserver_resolved: false,
-            resolver_outage: Outage::default(),
             workloads: None,
             carried_workloads: None,
             attach_times: LatencyHistogram::default(),
@@ -238,7 +228,7 @@ impl Pipeline {
     /// Takes pod names, control-plane ENIs, the cluster DNS and the nodes' zones from the
     /// Kubernetes context (`kubernetes::start`) from the next poll on.
     pub fn follow_cluster(&mut self, facts: watch::Receiver<ClusterFacts>) {
-        self.cluster = Some(facts);
+        self.feed.follow_cluster(facts);
         if let Some(top_k) = self.args.kubernetes.workload_metrics {
             self.aggregator.report_connection_bytes();
             let carried = self.carried_workloads.take().unwrap_or_default();
@@ -272,17 +262,7 @@ impl Pipeline {
         }
         let flows = self.datapath.flows();
         self.rescan();
-        self.receive_imds();
-        self.receive_apiserver_addresses();
-        self.receive_cluster_facts();
-        for contradiction in self.context.contradictions() {
-            self.problem(
-                Reason::Contradiction,
-                format!(
-                    "{contradiction}; classification of the addresses involved cannot be trusted"
-                ),
-            );
-        }
+        self.problems.extend(self.feed.refresh());
         match flows {
             Ok(flows) => self.aggregate(&flows),
             Err(error) => self.problem(
@@ -390,14 +370,14 @@ impl Pipeline {
         };
         let result = self
             .aggregator
-            .poll(flows, &self.context, &nat, monotonic_ns());
+            .poll(flows, self.feed.context(), &nat, monotonic_ns());
         self.history.record(&result);
         // Before the first listing no pod is known: recording would forget every workload
         // (carried ones included) as gone from the node.
         if let Some(workloads) = self.workloads.as_mut() {
             let polled = result.connection_bytes.iter().copied();
-            if self.context.cluster.synced {
-                workloads.record(polled, &self.context.cluster.pods);
+            if self.feed.context().cluster.synced {
+                workloads.record(polled, &self.feed.context().cluster.pods);
             } else {
                 workloads.hold(polled);
             }
@@ -448,95 +428,7 @@ impl Pipeline {
             self.problem(Reason::Interfaces, "attached to no interface".to_owned());
         }
         self.attached = attached;
-        self.context.node_ips = node_ips;
-        self.context.local_pods = local_pods;
-    }
-
-    /// The VPC CIDRs once IMDS gives them; until then, the latest cause as a problem.
-    fn receive_imds(&mut self) {
-        let Some(receiver) = &self.vpc_from_imds else {
-            return;
-        };
-        let answer = receiver.borrow().clone();
-        match answer {
-            Ok(cidrs) => {
-                info!("VPC CIDR blocks from IMDS: {cidrs:?}");
-                self.context.vpc_cidrs = cidrs;
-                self.vpc_from_imds = None;
-            }
-            Err(cause) => self.problem(
-                Reason::VpcCidr,
-                imds::vpc_cidrs_missing(self.args.context.imds_addr, &cause),
-            ),
-        }
-    }
-
-    /// The API server addresses: those given by flag and the cluster endpoint's latest answer.
-    fn receive_apiserver_addresses(&mut self) {
-        let Some(receiver) = self.apiserver_from_dns.as_mut() else {
-            return;
-        };
-        let changed = receiver.has_changed().unwrap_or(false);
-        let resolution = receiver.borrow_and_update().clone();
-        match resolution {
-            Ok(addresses) => {
-                self.apiserver_resolved = true;
-                self.resolver_outage = Outage::default();
-                if changed {
-                    info!("cluster endpoint resolves to {addresses:?}");
-                    self.context.apiserver_ips = self
-                        .args
-                        .context
-                        .apiserver_ips
-                        .iter()
-                        .copied()
-                        .chain(addresses)
-                        .collect();
-                }
-            }
-            // Only never having had an answer is a gap; after one, a resolver outage leaves the
-            // agent ready with the last answer, as a Kubernetes API outage does (a node-wide
-            // resolver failure must not make every agent unready).
-            Err(error) if !self.apiserver_resolved => self.problem(Reason::ApiServer, format!(
-                "{error}; API server traffic to addresses not given by --apiserver-ip is not recognised"
-            )),
-            Err(error) => {
-                let kept = &self.context.apiserver_ips;
-                self.resolver_outage
-                    .update(Some(&error.to_string()), |error| {
-                        warn!("{error}; the last answer stays in use: {kept:?}");
-                    });
-            }
-        }
-    }
-
-    /// The Kubernetes context's latest facts, added to what the flags say: control-plane ENIs
-    /// join `--controlplane-ip`, the cluster DNS stands in for a missing `--cluster-dns`.
-    fn receive_cluster_facts(&mut self) {
-        let Some(receiver) = self.cluster.as_mut() else {
-            return;
-        };
-        let facts = receiver.borrow_and_update().clone();
-        if !facts.synced {
-            self.problem(
-                Reason::Kubernetes,
-                "the Kubernetes context has not listed pods, nodes and endpoints yet".to_owned(),
-            );
-        }
-        // An API server outage does not make the agent unready: the last facts stay in use.
-        self.cluster_outage
-            .update(facts.last_error.as_deref(), |error| {
-                warn!("Kubernetes API: {error}; the last facts stay in use");
-            });
-        let flags = &self.args.context;
-        self.context.controlplane_ips = flags
-            .controlplane_ips
-            .iter()
-            .chain(&facts.controlplane_ips)
-            .copied()
-            .collect();
-        self.context.cluster_dns = flags.cluster_dns.or(facts.cluster_dns);
-        self.context.cluster = Arc::new(facts);
+        self.feed.set_addresses(node_ips, local_pods);
     }
 
     /// The conntrack entries of the `pending` connections. A dump that fails half-way keeps
@@ -583,11 +475,11 @@ impl Pipeline {
         }
         self.published = self.problems.clone();
         let problems: Vec<Problem> = self.problems.iter().cloned().collect();
-        let apiserver_endpoints: BTreeSet<&str> = self
-            .context
+        let context = self.feed.context();
+        let apiserver_endpoints: BTreeSet<&str> = context
             .apiserver_ips
             .iter()
-            .map(|addr| self.context.endpoint_of(*addr).as_str())
+            .map(|addr| context.endpoint_of(*addr).as_str())
             .collect();
         let snapshot = Snapshot {
             paths: PathsResponse {
@@ -605,7 +497,7 @@ impl Pipeline {
             largest_flows: snapshot::top_flows(
                 self.aggregator.connections(),
                 api::MAX_FLOWS_LIMIT,
-                &self.context.cluster.pods,
+                &self.feed.context().cluster.pods,
             ),
             health: Health {
                 datapath: self.datapath_counters,
@@ -621,23 +513,6 @@ impl Pipeline {
         };
         self.latest = Arc::new(snapshot);
         Arc::clone(&self.latest)
-    }
-}
-
-/// The failure of a source whose last answer stays in use (the resolver, the Kubernetes API):
-/// logged when it appears or its cause changes, not at every poll.
-#[derive(Default)]
-struct Outage(Option<String>);
-
-impl Outage {
-    /// `failure` is the source's now, `None` once it answers; `log` words a new one.
-    fn update(&mut self, failure: Option<&str>, log: impl FnOnce(&str)) {
-        if failure != self.0.as_deref() {
-            if let Some(failure) = failure {
-                log(failure);
-            }
-            self.0 = failure.map(str::to_owned);
-        }
     }
 }
 

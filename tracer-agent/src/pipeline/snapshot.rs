@@ -307,7 +307,7 @@ mod tests {
     fn top_flows_lists_the_largest_connections_first_as_rows() {
         use crate::aggregate::{Aggregator, NatTable};
         use tracer_common::{FAMILY_IPV4, FlowKey, FlowStats, TCP_SYN};
-        let context = crate::classify::NodeContext {
+        let context = crate::context::NodeContext {
             vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
             local_pods: ["10.0.1.101".parse().unwrap()].into(),
             ..Default::default()

@@ -120,8 +120,10 @@ mod tests {
             String::from_utf8_lossy(&output.stdout).into_owned()
         };
         let test_binary = std::env::current_exe().expect("the test binary");
+        // The test's path inside the crate, wherever the module moves.
+        let (_crate, module) = module_path!().split_once("::").expect("a module path");
         let script = format!(
-            "RUST_BACKTRACE=0 {} --exact top::terminal::tests::panic_on_the_screen --ignored --nocapture --test-threads=1; \
+            "RUST_BACKTRACE=0 {} --exact {module}::panic_on_the_screen --ignored --nocapture --test-threads=1; \
              stty -a | tr ' ;' '\\n\\n' | grep -x -e -icanon -e icanon -e -echo -e echo | tr '\\n' ' '; \
              echo finished; sleep 60",
             test_binary.display()
