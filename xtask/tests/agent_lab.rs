@@ -2,7 +2,10 @@
 //! class counts what was sent (within header overhead) under the right labels, nothing else
 //! moves, a packet crossing a veth and an ENI is counted
 //! once, and SIGTERM detaches everything within 2 s.
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use xtask::{
     agent::LabAgent,
@@ -13,6 +16,8 @@ use xtask::{
 
 /// Growth of forward bytes allowed on series a scenario does not use (and on `unknown`).
 const NOISE_BYTES: f64 = 5_000.0;
+/// How long a scenario's counts may take to settle before they are read as they are.
+const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Forward bytes by series, keyed `path nat=… endpoint=…`.
 type Growth = BTreeMap<String, f64>;
@@ -38,18 +43,32 @@ fn start(mode: EndpointMode) -> (Lab, LabAgent) {
     testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_xtask"))
 }
 
-/// Runs one scenario and returns what was sent and the growth it caused, by series.
+/// Runs one scenario and returns what was sent and the growth it caused, by series: read once
+/// the scenario's own series has counted what was sent and nothing has moved for two scrapes,
+/// so that no byte of it is left to land in the next scenario (a loaded machine delays polls).
 fn run_one(lab: &Lab, agent: &LabAgent, scenario: Scenario) -> (lab::Sent, Growth) {
     let before = forward_bytes(&agent.scrape().expect("scrape"));
     let sent = lab.run_traffic(&[scenario]).expect("traffic").remove(0);
-    // Enough polls (200 ms each) to see the connections and resolve their NAT.
-    std::thread::sleep(Duration::from_millis(900));
-    let after = forward_bytes(&agent.scrape().expect("scrape"));
-    let growth = after
-        .iter()
-        .map(|(key, value)| (key.clone(), value - before.get(key).copied().unwrap_or(0.0)))
-        .collect();
-    (sent, growth)
+    let expected = expected_series(&sent);
+    let growth_now = || -> Growth {
+        forward_bytes(&agent.scrape().expect("scrape"))
+            .iter()
+            .map(|(key, value)| (key.clone(), value - before.get(key).copied().unwrap_or(0.0)))
+            .collect()
+    };
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    let mut growth = growth_now();
+    loop {
+        // Several polls (200 ms each): the connections seen and their NAT resolved.
+        std::thread::sleep(Duration::from_millis(600));
+        let next = growth_now();
+        let counted = next.get(&expected).copied().unwrap_or(0.0);
+        let settled = next == growth && counted >= sent.payload_bytes as f64;
+        growth = next;
+        if settled || Instant::now() >= deadline {
+            return (sent, growth);
+        }
+    }
 }
 
 fn expected_series(sent: &lab::Sent) -> String {
