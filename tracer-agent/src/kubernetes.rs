@@ -10,7 +10,7 @@ pub mod workload;
 use std::path::{Path, PathBuf};
 
 use kube::config::{InClusterError, KubeConfigOptions, Kubeconfig, KubeconfigError};
-use log::info;
+use tracing::info;
 
 pub use facts::{ClusterFacts, PodRef, Workload, ZoneLabel};
 pub use handover::PodIdentity;
@@ -77,9 +77,9 @@ async fn from_kubeconfig(path: &Path) -> Result<kube::Config, ConfigError> {
         .await
         .map_err(error)?;
     info!(
-        "Kubernetes API at {} (--kubeconfig {})",
-        config.cluster_url,
-        path.display()
+        url = %config.cluster_url,
+        kubeconfig = %path.display(),
+        "Kubernetes API from --kubeconfig"
     );
     Ok(config)
 }

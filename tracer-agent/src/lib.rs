@@ -19,6 +19,7 @@ pub mod explain;
 pub mod export;
 pub mod imds;
 pub mod kubernetes;
+pub mod logging;
 pub mod netlink;
 pub mod pipeline;
 pub mod prepare;
