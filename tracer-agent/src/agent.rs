@@ -81,7 +81,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let signal = poll_until_signal(&mut pipeline, &snapshots, &metrics)
         .await
         .map_err(AgentError::Runtime)?;
-    info!(signal = signal.name(), "stop signal received");
+    info!(signal = %signal.name(), "stop signal received");
     let stop = match (handover, signal) {
         (Err(reason), _) => Stop::Clean(reason),
         (Ok(_), Signal::Interrupt) => Stop::Clean(CleanStop::Interrupted),

@@ -486,7 +486,8 @@ mod tests {
                 "json",
             ],
         ] {
-            let cli = Cli::try_parse_from(argv).expect(&argv.join(" "));
+            let cli = Cli::try_parse_from(argv)
+                .unwrap_or_else(|error| panic!("{}: {error}", argv.join(" ")));
             assert_eq!(cli.log_format, LogFormat::Json, "{}", argv.join(" "));
         }
     }

@@ -160,8 +160,8 @@ impl Pipeline {
         }
         info!(
             entries = args.flow_table_size,
-            attach = mode.as_str(),
-            node = args.node_name.as_deref().unwrap_or("(NODE_NAME unset)"),
+            attach = %mode.as_str(),
+            node = %args.node_name.as_deref().unwrap_or("(NODE_NAME unset)"),
             "datapath loaded"
         );
         let vpc_from_imds = args.context.vpc_cidrs.is_empty().then(|| {
@@ -367,7 +367,7 @@ impl Pipeline {
         self.poll();
         match self.datapath.pinned() {
             Some((dir, linked)) => info!(
-                daemonset,
+                daemonset = %daemonset,
                 interfaces = linked,
                 pin_path = %dir.display(),
                 "handed over: the DaemonSet stays; the interfaces stay attached and pinned, for its next pod to take over"
@@ -574,9 +574,9 @@ impl Pipeline {
     fn publish(&mut self) -> Arc<Snapshot> {
         for change in readiness::changes(&self.published, &self.problems) {
             match change {
-                Change::Appeared(problem) => warn!(reason = problem.reason.as_str(), "{problem}"),
+                Change::Appeared(problem) => warn!(reason = %problem.reason.as_str(), "{problem}"),
                 Change::Resolved(problem) => {
-                    info!(reason = problem.reason.as_str(), "resolved: {problem}")
+                    info!(reason = %problem.reason.as_str(), "resolved: {problem}")
                 }
             }
         }

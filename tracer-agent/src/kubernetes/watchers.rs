@@ -277,7 +277,7 @@ impl<V: PartialEq> Projection<V> {
             // Gone is how the API server asks for a re-list, which the watcher does next.
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                 debug!(
-                    resource = self.what,
+                    resource = %self.what,
                     "watch expired: {} (re-listing)", status.message
                 );
                 false
@@ -285,10 +285,10 @@ impl<V: PartialEq> Projection<V> {
             Err(error) => {
                 let message = error.to_string();
                 if self.failure.as_ref().map(|failure| &failure.message) == Some(&message) {
-                    debug!(resource = self.what, "watch failed again: {message}");
+                    debug!(resource = %self.what, "watch failed again: {message}");
                 } else {
                     warn!(
-                        resource = self.what,
+                        resource = %self.what,
                         "watch failed: {message}; keeping the last state, retrying"
                     );
                 }
@@ -316,7 +316,7 @@ impl<V: PartialEq> Projection<V> {
                 let listed = self.relisting.take().unwrap_or_default();
                 let changed = !self.synced || listed != self.objects;
                 if !self.synced {
-                    info!(resource = self.what, objects = listed.len(), "watch listed");
+                    info!(resource = %self.what, objects = listed.len(), "watch listed");
                 }
                 self.objects = listed;
                 self.synced = true;
@@ -337,7 +337,7 @@ impl<V: PartialEq> Projection<V> {
         let over = self.failure.as_ref().is_some_and(|failure| failure.at < at);
         if over {
             info!(
-                resource = self.what,
+                resource = %self.what,
                 "the API server answers the watch again"
             );
             self.failure = None;
