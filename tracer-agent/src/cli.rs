@@ -26,6 +26,7 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// How the logs are written (`--log-format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,

@@ -2,8 +2,8 @@
 //! that already log through `tracing` (kube, tower, hyper) and, through the `log` bridge, those
 //! of the crates that still use `log` (aya), so that all land in the same output and format.
 //!
-//! `RUST_LOG` says what is logged, with the syntax and default (`info`, for every crate) that
-//! the agent had before it moved to `tracing`.
+//! `RUST_LOG` says what is logged (`debug`, `info,kube=debug`, …); by default `info`, for every
+//! crate.
 use std::{io::IsTerminal as _, sync::OnceLock};
 
 use tracing_subscriber::{
@@ -56,6 +56,7 @@ pub struct Silence {
     previous: Option<EnvFilter>,
 }
 
+/// Holds the logs back until the returned guard is dropped.
 pub fn silence() -> Silence {
     let mut previous = None;
     if let Some(filter) = FILTER.get() {
@@ -77,5 +78,6 @@ impl Drop for Silence {
 
 /// Colours on a terminal only, and not when NO_COLOR asks for none (https://no-color.org).
 fn colours_wanted() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
 }
