@@ -22,7 +22,7 @@ static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
 /// Sends the logs to stderr in `format`, filtered by `RUST_LOG`. Once per process.
 pub fn init(format: LogFormat) -> Result<(), LoggingError> {
-    // Like env_logger before: a directive RUST_LOG gets wrong is ignored, not fatal.
+    // A directive RUST_LOG gets wrong is skipped: a typo in it must not stop the agent.
     let filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
         .from_env_lossy();
