@@ -17,5 +17,6 @@ pub mod context;
 pub mod craft;
 pub mod datapath;
 pub mod error;
+pub mod logging;
 pub mod pipeline;
 pub mod serve;

@@ -3,17 +3,17 @@ use anyhow::Context as _;
 use clap::Parser;
 use tracer_agent::{
     cli::config,
-    cli::{Cli, Command},
+    cli::{Cli, Command, LogFormat},
     cmd::agent,
     cmd::explain,
     cmd::prepare,
     cmd::top,
     error::AgentError,
+    logging,
 };
 
 fn main() {
     unmap_large_blocks_when_freed();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let (argv, config) = match config::expand(std::env::args_os().collect()) {
         Ok(expanded) => expanded,
         Err(error) => {
@@ -31,6 +31,11 @@ fn main() {
             std::process::exit(error.exit_code());
         }
     };
+    let log_format = cli.log_format;
+    if let Err(error) = logging::init(log_format) {
+        eprintln!("tracer: {error}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Command::Agent(args) => block_on(agent::run(args)),
         Command::Explain(args) => explain::run(args),
@@ -38,11 +43,25 @@ fn main() {
         Command::Prepare(args) => prepare::run(args),
     };
     if let Err(error) = result {
-        eprintln!("tracer: {error}");
-        if error.exit_code() == 2 {
-            note_config(config.as_deref());
-        }
+        report(&error, log_format, config.as_deref());
         std::process::exit(error.exit_code());
+    }
+}
+
+/// Says why the run failed, naming the configuration file when the flag the message names may
+/// come from it: in JSON, as the last log record, so that log shippers see it as an error.
+fn report(error: &AgentError, format: LogFormat, config: Option<&std::path::Path>) {
+    let config = config.filter(|_| error.exit_code() == 2);
+    match format {
+        LogFormat::Text => {
+            eprintln!("tracer: {error}");
+            note_config(config);
+        }
+        LogFormat::Json => tracing::error!(
+            config = config.map(|path| tracing::field::display(path.display())),
+            exit_code = error.exit_code(),
+            "{error}"
+        ),
     }
 }
 

@@ -36,6 +36,16 @@ struct Ended {
 
 /// Runs `tracer args` in a fresh namespace prepared as `setup`.
 fn run_in_fresh_netns(setup: Setup, args: Vec<String>) -> Ended {
+    run_in_fresh_netns_with_env(setup, args, &[])
+}
+
+/// Runs `tracer args` with the environment variables `env` in a fresh namespace prepared as
+/// `setup`.
+fn run_in_fresh_netns_with_env(
+    setup: Setup,
+    args: Vec<String>,
+    env: &'static [(&'static str, &'static str)],
+) -> Ended {
     in_fresh_netns(move || {
         if setup != Setup::Empty {
             ip(&[
@@ -45,7 +55,11 @@ fn run_in_fresh_netns(setup: Setup, args: Vec<String>) -> Ended {
         // Held until the run ends.
         let _listener = (setup == Setup::PortTaken)
             .then(|| TcpListener::bind("127.0.0.1:9477").expect("binding 127.0.0.1:9477"));
-        run_bounded(Command::new(env!("CARGO_BIN_EXE_tracer")).args(&args))
+        run_bounded(
+            Command::new(env!("CARGO_BIN_EXE_tracer"))
+                .args(&args)
+                .envs(env.iter().copied()),
+        )
     })
 }
 
@@ -414,6 +428,20 @@ const BAD_CONFIGURATION: &[Case] = &[
         &["--owner", "\"x\" is not a numeric id"],
     ),
     flags("prepare --owner 65532", &["<DIR>"]),
+    // The logs' format, global to every subcommand.
+    flags(
+        "agent --log-format xml",
+        &["--log-format", "'xml'", "text", "json"],
+    ),
+    flags(
+        "--log-format yaml prepare --owner 0 /tmp/tracer-cli-prepare",
+        &["--log-format", "'yaml'"],
+    ),
+    file(
+        "agent",
+        "log-format = \"logfmt\"",
+        &["--log-format", "'logfmt'"],
+    ),
 ];
 
 /// Splits a case's arguments on spaces; a trailing space stands for an empty last argument.
@@ -548,5 +576,53 @@ fn a_config_file_sets_flags() {
         ended.stdout.contains("\"path\": \"unknown\""),
         "{}",
         ended.stdout
+    );
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_level_message_and_fields() {
+    // The agent gets as far as loading the datapath, then fails to listen: every record on the
+    // way, aya's too (through the `log` bridge, at debug), and the failure itself are JSON.
+    let ended = run_in_fresh_netns_with_env(
+        Setup::PortTaken,
+        argv("--log-format json agent --metrics-addr 127.0.0.1:9477"),
+        &[("RUST_LOG", "debug")],
+    );
+    assert_eq!(ended.code, Some(2), "{}", ended.stderr);
+    let records: Vec<serde_json::Value> = ended
+        .stderr
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|error| panic!("{error} in {line:?}"))
+        })
+        .collect();
+    for record in &records {
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(record[key].is_string(), "no {key} in {record}");
+        }
+    }
+    let loaded = records
+        .iter()
+        .find(|record| record["message"] == "datapath loaded")
+        .unwrap_or_else(|| panic!("no \"datapath loaded\" in:\n{}", ended.stderr));
+    assert_eq!(loaded["level"], "INFO", "{loaded}");
+    assert!(
+        loaded["entries"].is_u64(),
+        "the values are fields: {loaded}"
+    );
+    assert!(
+        records.iter().any(|record| record["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("aya"))),
+        "no record of aya's (it logs through `log`):\n{}",
+        ended.stderr
+    );
+    let last = records.last().expect("some records");
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(
+        last["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("cannot listen on --metrics-addr")),
+        "{last}"
     );
 }

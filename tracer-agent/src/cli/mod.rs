@@ -17,8 +17,22 @@ use crate::context::cidr::Cidr;
                   SNATed egress, DNS, IMDS, …) and exports per-path metrics."
 )]
 pub struct Cli {
+    /// How the logs on stderr are written: text, for people; json, one object per line
+    /// (timestamp, level, target, message and the event's fields), for cluster log shippers.
+    /// RUST_LOG says what is logged (default: info).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT", env = "TRACER_LOG_FORMAT",
+          default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How the logs are written (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -462,6 +476,26 @@ mod tests {
     }
 
     #[test]
+    fn the_log_format_goes_before_or_after_the_subcommand() {
+        for argv in [
+            &["tracer", "--log-format", "json", "agent"][..],
+            &["tracer", "agent", "--log-format=json"],
+            &[
+                "tracer",
+                "explain",
+                "10.0.1.1",
+                "10.0.1.2",
+                "--log-format",
+                "json",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(argv)
+                .unwrap_or_else(|error| panic!("{}: {error}", argv.join(" ")));
+            assert_eq!(cli.log_format, LogFormat::Json, "{}", argv.join(" "));
+        }
+    }
+
+    #[test]
     fn bad_flags_are_usage_errors() {
         for argv in [
             &["tracer", "agent", "--metrics-addr", "nonsense"][..],
@@ -485,6 +519,16 @@ mod tests {
             &["tracer", "top", "--limit", "0"],
             &["tracer", "top", "--once"],
             &["tracer", "top", "--json"],
+            &["tracer", "agent", "--log-format", "xml"],
+            &[
+                "tracer",
+                "--log-format",
+                "yaml",
+                "prepare",
+                "--owner",
+                "0",
+                "/tmp/x",
+            ],
         ] {
             let error = Cli::try_parse_from(argv).expect_err(&argv.join(" "));
             assert_eq!(error.exit_code(), 2, "{}", argv.join(" "));

@@ -3,12 +3,12 @@
 use std::{sync::Arc, time::Instant};
 
 use anyhow::Context as _;
-use log::{info, warn};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
+use tracing::{info, warn};
 
 use crate::{
     cli::AgentArgs,
@@ -56,13 +56,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
     });
     info!(
-        "serving /metrics, /api/v1/paths, /api/v1/flows, /healthz, /readyz on {}",
-        args.metrics_addr
+        address = %args.metrics_addr,
+        "serving /metrics, /api/v1/paths, /api/v1/flows, /healthz, /readyz"
     );
     let signal = poll_until_signal(&mut pipeline, &snapshots, &metrics)
         .await
         .map_err(AgentError::Runtime)?;
-    info!("{} received", signal.name());
+    info!(signal = %signal.name(), "stop signal received");
     let stop = match (handover, signal) {
         (Err(reason), _) => Stop::Clean(reason),
         (Ok(_), Signal::Interrupt) => Stop::Clean(CleanStop::Interrupted),

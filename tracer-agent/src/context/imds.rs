@@ -115,7 +115,7 @@ impl ImdsClient {
                 status: status @ 403..=405, // forbidden, not found, method not allowed
                 ..
             }) => {
-                log::debug!("IMDSv2 token refused with {status}; falling back to IMDSv1");
+                tracing::debug!(status, "IMDSv2 token refused; falling back to IMDSv1");
                 Ok(None)
             }
             Ok(Response { status, .. }) => Err(ImdsError::Http {
@@ -123,7 +123,7 @@ impl ImdsClient {
                 status,
             }),
             Err(ImdsError::Timeout { .. }) => {
-                log::debug!("IMDSv2 token request timed out; falling back to IMDSv1");
+                tracing::debug!("IMDSv2 token request timed out; falling back to IMDSv1");
                 Ok(None)
             }
             Err(error) => Err(error),

@@ -174,7 +174,7 @@ pub fn watch_changes() -> Result<Arc<ChangeWatch>, NetlinkError> {
                     watch.wake.notify_one();
                 }
                 Err(error) => {
-                    log::warn!(
+                    tracing::warn!(
                         "netlink change notifications stopped ({error}); new interfaces are found at the next poll"
                     );
                     return;

@@ -677,7 +677,7 @@ fn raise_memlock_limit() {
     };
     // SAFETY: setrlimit reads the struct we pass and nothing else.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        log::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels ≥ 5.11");
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels ≥ 5.11");
     }
 }
 

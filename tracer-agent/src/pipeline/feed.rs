@@ -5,8 +5,8 @@
 //! publish on watch channels — so the step is tested on its own.
 use std::{collections::HashSet, net::IpAddr, sync::Arc};
 
-use log::{info, warn};
 use tokio::sync::watch;
+use tracing::{info, warn};
 
 use crate::{
     cli::ContextArgs,
@@ -98,7 +98,7 @@ impl ContextFeed {
         let answer = receiver.borrow().clone();
         match answer {
             Ok(cidrs) => {
-                info!("VPC CIDR blocks from IMDS: {cidrs:?}");
+                info!(cidrs = ?cidrs, "VPC CIDR blocks from IMDS");
                 self.context.vpc_cidrs = cidrs;
                 self.vpc_from_imds = None;
                 Ok(())
@@ -119,7 +119,7 @@ impl ContextFeed {
                 self.apiserver_resolved = true;
                 self.resolver_outage = Outage::default();
                 if changed {
-                    info!("cluster endpoint resolves to {addresses:?}");
+                    info!(addresses = ?addresses, "cluster endpoint resolved");
                     self.context.apiserver_ips = self
                         .flags
                         .apiserver_ips
@@ -140,7 +140,7 @@ impl ContextFeed {
                 let kept = &self.context.apiserver_ips;
                 self.resolver_outage
                     .update(Some(&error.to_string()), |error| {
-                        warn!("{error}; the last answer stays in use: {kept:?}");
+                        warn!(kept = ?kept, "{error}; the last answer stays in use");
                     });
                 Ok(())
             }

@@ -31,9 +31,9 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use log::{debug, info, warn};
 use tokio::sync::watch;
 use tracer_common::{DatapathCounter, FlowKey, FlowStats};
+use tracing::{debug, info, warn};
 
 use crate::{
     aggregate::conntrack::Conntrack,
@@ -151,13 +151,13 @@ impl Pipeline {
         .context("loading the datapath")
         .map_err(|error| AgentError::Runtime(privileges.explain(error)))?;
         if let Some(path) = &args.context.config {
-            info!("configuration from {} and the command line", path.display());
+            info!(config = %path.display(), "configuration from --config and the command line");
         }
         info!(
-            "datapath loaded ({} entries, {} attach) on node {}",
-            args.flow_table_size,
-            mode.as_str(),
-            args.node_name.as_deref().unwrap_or("(NODE_NAME unset)")
+            entries = args.flow_table_size,
+            attach = %mode.as_str(),
+            node = %args.node_name.as_deref().unwrap_or("(NODE_NAME unset)"),
+            "datapath loaded"
         );
         let vpc_from_imds = args.context.vpc_cidrs.is_empty().then(|| {
             imds::spawn_vpc_lookup(ImdsClient::new(
@@ -214,8 +214,8 @@ impl Pipeline {
     /// where it last read them.
     fn carry_on(&mut self, saved: Saved) {
         info!(
-            "carrying on from the previous agent's counts ({} connections)",
-            saved.connections.len()
+            connections = saved.connections.len(),
+            "carrying on from the previous agent's counts"
         );
         self.history = saved.history;
         self.unread = saved.unread;
@@ -337,8 +337,8 @@ impl Pipeline {
     /// pins and the state file.)
     pub fn shutdown(mut self) {
         info!(
-            "detaching from {} interfaces",
-            self.datapath.attached().count()
+            interfaces = self.datapath.attached().count(),
+            "detaching from the interfaces"
         );
         self.datapath.detach_all();
         if let Some(state) = &self.state {
@@ -352,8 +352,10 @@ impl Pipeline {
         self.poll();
         match self.datapath.pinned() {
             Some((dir, linked)) => info!(
-                "handed over: DaemonSet {daemonset} stays; {linked} interfaces stay attached, pinned in {}, for its next pod to take over",
-                dir.display()
+                daemonset = %daemonset,
+                interfaces = linked,
+                pin_path = %dir.display(),
+                "handed over: the DaemonSet stays; the interfaces stay attached and pinned, for its next pod to take over"
             ),
             None => warn!("nothing pinned to hand over: the datapath goes with this agent"),
         }
@@ -410,7 +412,7 @@ impl Pipeline {
             .map(str::to_owned)
             .collect();
         for name in vanished {
-            info!("interface {name} is gone");
+            info!(interface = %name, "interface gone");
             self.datapath.detach(&name);
         }
         let mut attached = AttachedInterfaces::default();
@@ -469,8 +471,10 @@ impl Pipeline {
     fn publish(&mut self) -> Arc<Snapshot> {
         for change in readiness::changes(&self.published, &self.problems) {
             match change {
-                Change::Appeared(problem) => warn!("{problem}"),
-                Change::Resolved(problem) => info!("resolved: {problem}"),
+                Change::Appeared(problem) => warn!(reason = %problem.reason.as_str(), "{problem}"),
+                Change::Resolved(problem) => {
+                    info!(reason = %problem.reason.as_str(), "resolved: {problem}")
+                }
             }
         }
         self.published = self.problems.clone();

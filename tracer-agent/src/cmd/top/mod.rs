@@ -96,8 +96,9 @@ async fn show(app: App, mut source: Source, interval: Duration) -> Result<(), Ag
     let (updates, received) = mpsc::channel();
     let mut ui = tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
         // A log line would land in the middle of the screen; what goes wrong shows in the
-        // header (the source's problems) and the status line instead.
-        log::set_max_level(log::LevelFilter::Off);
+        // header (the source's problems) and the status line instead. Dropped after the
+        // screen: the logs come back once the terminal is restored.
+        let _silence = crate::logging::silence();
         let mut screen = Screen::enter()?;
         ui_loop(&mut screen, app, &received)
             .map_err(|error| AgentError::Runtime(anyhow!("drawing the terminal: {error}")))

@@ -8,7 +8,7 @@ mod watchers;
 use std::path::{Path, PathBuf};
 
 use kube::config::{InClusterError, KubeConfigOptions, Kubeconfig, KubeconfigError};
-use log::info;
+use tracing::info;
 
 pub use facts::{ClusterFacts, PodRef, Workload, ZoneLabel};
 pub use watchers::start;
@@ -73,9 +73,9 @@ async fn from_kubeconfig(path: &Path) -> Result<kube::Config, ConfigError> {
         .await
         .map_err(error)?;
     info!(
-        "Kubernetes API at {} (--kubeconfig {})",
-        config.cluster_url,
-        path.display()
+        url = %config.cluster_url,
+        kubeconfig = %path.display(),
+        "Kubernetes API from --kubeconfig"
     );
     Ok(config)
 }

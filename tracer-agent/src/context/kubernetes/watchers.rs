@@ -24,9 +24,9 @@ use kube::{
         watcher::{self, Event},
     },
 };
-use log::{debug, info, warn};
 use tokio::sync::{mpsc, watch};
 use tower::util::MapResponseLayer;
+use tracing::{debug, info, warn};
 
 use super::{
     Connection,
@@ -276,17 +276,20 @@ impl<V: PartialEq> Projection<V> {
             Ok(event) => self.failure.take().is_some() | self.apply_event(event, project),
             // Gone is how the API server asks for a re-list, which the watcher does next.
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
-                debug!("watching {}: {} (re-listing)", self.what, status.message);
+                debug!(
+                    resource = %self.what,
+                    "watch expired: {} (re-listing)", status.message
+                );
                 false
             }
             Err(error) => {
                 let message = error.to_string();
                 if self.failure.as_ref().map(|failure| &failure.message) == Some(&message) {
-                    debug!("watching {}: {message} (again)", self.what);
+                    debug!(resource = %self.what, "watch failed again: {message}");
                 } else {
                     warn!(
-                        "watching {}: {message}; keeping the last state, retrying",
-                        self.what
+                        resource = %self.what,
+                        "watch failed: {message}; keeping the last state, retrying"
                     );
                 }
                 self.failure = Some(Failure {
@@ -313,7 +316,7 @@ impl<V: PartialEq> Projection<V> {
                 let listed = self.relisting.take().unwrap_or_default();
                 let changed = !self.synced || listed != self.objects;
                 if !self.synced {
-                    info!("watching {}: {} listed", self.what, listed.len());
+                    info!(resource = %self.what, objects = listed.len(), "watch listed");
                 }
                 self.objects = listed;
                 self.synced = true;
@@ -333,7 +336,10 @@ impl<V: PartialEq> Projection<V> {
     fn answered(&mut self, at: Instant) -> bool {
         let over = self.failure.as_ref().is_some_and(|failure| failure.at < at);
         if over {
-            info!("watching {}: the API server answers again", self.what);
+            info!(
+                resource = %self.what,
+                "the API server answers the watch again"
+            );
             self.failure = None;
         }
         over
