@@ -15,6 +15,9 @@ macro_rules! label_enum {
         pub enum $name { $($variant),+ }
 
         impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: [$name; [$($name::$variant),+].len()] = [$($name::$variant),+];
+
             /// The label value, as dashboards and alerts spell it.
             pub const fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
@@ -91,19 +94,20 @@ pub struct Classification {
     pub zone: Option<ZoneLabel>,
 }
 
-/// The rule of the taxonomy that decided a classification: what `tracer explain` reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rule {
-    Imds,
-    Kubelet,
-    ApiServer,
-    Dns,
-    Dnat,
-    UntranslatedClusterIp,
-    KubernetesService,
-    Ends,
-    NoneFits,
-}
+label_enum!(
+    /// The rule of the taxonomy that decided a classification: what `tracer explain` reports.
+    Rule {
+        Imds => "imds",
+        Kubelet => "kubelet",
+        ApiServer => "apiserver",
+        Dns => "dns",
+        Dnat => "dnat",
+        UntranslatedClusterIp => "untranslated_cluster_ip",
+        KubernetesService => "kubernetes_service",
+        Ends => "ends",
+        NoneFits => "none_fits",
+    }
+);
 
 impl Rule {
     pub fn describe(self) -> &'static str {
@@ -252,13 +256,15 @@ mod tests {
         }
     }
 
-    /// initiator, responder, NAT, requested address, expected (path, endpoint).
+    /// initiator, responder, NAT, requested address, expected (path, endpoint), and the rule
+    /// that decides it.
     type Case = (
         &'static str,
         &'static str,
         Nat,
         Option<&'static str>,
         (Path, Option<Endpoint>),
+        Rule,
     );
 
     fn check(
@@ -267,6 +273,7 @@ mod tests {
         nat: Nat,
         requested: Option<&str>,
         expected: (Path, Option<Endpoint>),
+        rule: Rule,
     ) {
         let connection = Connection {
             initiator: end(from),
@@ -274,10 +281,10 @@ mod tests {
             nat,
             requested: requested.map(end),
         };
-        let got = classify(&connection, &context());
+        let (got, decided_by) = decide(&connection, &context());
         assert_eq!(
-            (got.path, got.endpoint, got.nat),
-            (expected.0, expected.1, nat),
+            (got.path, got.endpoint, got.nat, decided_by),
+            (expected.0, expected.1, nat, rule),
             "{from} → {to} ({nat}, requested {requested:?})"
         );
     }
@@ -294,6 +301,7 @@ mod tests {
                 Nat::None,
                 None,
                 (PodToPodLocal, None),
+                Rule::Ends,
             ),
             (
                 "10.0.1.101:40000",
@@ -301,6 +309,7 @@ mod tests {
                 Nat::None,
                 None,
                 (PodToPodRemote, None),
+                Rule::Ends,
             ),
             // Secondary VPC CIDR (custom networking): still a remote pod.
             (
@@ -309,6 +318,7 @@ mod tests {
                 Nat::None,
                 None,
                 (PodToPodRemote, None),
+                Rule::Ends,
             ),
             (
                 "10.0.2.101:40000",
@@ -316,6 +326,7 @@ mod tests {
                 Nat::None,
                 None,
                 (PodToPodRemote, None),
+                Rule::Ends,
             ),
             (
                 "10.0.1.101:40000",
@@ -323,6 +334,7 @@ mod tests {
                 Dnat,
                 Some("10.100.20.20:80"),
                 (PodToService, None),
+                Rule::Dnat,
             ),
             // Hairpin: a pod reaching its own service lands on itself.
             (
@@ -331,6 +343,7 @@ mod tests {
                 Dnat,
                 Some("10.100.20.21:80"),
                 (PodToService, None),
+                Rule::Dnat,
             ),
             (
                 "10.0.1.101:40000",
@@ -338,6 +351,7 @@ mod tests {
                 Dnat,
                 Some("10.100.0.1:443"),
                 (PodToApiserver, Some(Private)),
+                Rule::ApiServer,
             ),
             (
                 "10.0.1.101:40000",
@@ -345,6 +359,7 @@ mod tests {
                 Snat,
                 None,
                 (PodToApiserver, Some(Public)),
+                Rule::ApiServer,
             ),
             (
                 "10.0.1.10:40000",
@@ -352,6 +367,7 @@ mod tests {
                 Nat::None,
                 None,
                 (NodeToApiserver, Some(Public)),
+                Rule::ApiServer,
             ),
             (
                 "10.0.1.10:40000",
@@ -359,6 +375,7 @@ mod tests {
                 Nat::None,
                 None,
                 (NodeToApiserver, Some(Private)),
+                Rule::ApiServer,
             ),
             (
                 "10.0.2.50:40000",
@@ -366,6 +383,7 @@ mod tests {
                 Nat::None,
                 None,
                 (ControlplaneToKubelet, None),
+                Rule::Kubelet,
             ),
             (
                 "10.0.1.101:40000",
@@ -373,6 +391,7 @@ mod tests {
                 Dnat,
                 Some("10.100.0.10:53"),
                 (PodToDns, None),
+                Rule::Dns,
             ),
             (
                 "10.0.1.101:40000",
@@ -380,6 +399,7 @@ mod tests {
                 Nat::None,
                 None,
                 (PodToDns, None),
+                Rule::Dns,
             ),
             (
                 "10.0.1.101:40000",
@@ -387,6 +407,7 @@ mod tests {
                 Snat,
                 None,
                 (PodToExternal, None),
+                Rule::Ends,
             ),
             // External SNAT (a NAT gateway does it): the node leaves the source alone.
             (
@@ -395,6 +416,7 @@ mod tests {
                 Nat::None,
                 None,
                 (PodToExternal, None),
+                Rule::Ends,
             ),
             (
                 "10.0.1.10:40000",
@@ -402,6 +424,7 @@ mod tests {
                 Nat::None,
                 None,
                 (NodeToExternal, None),
+                Rule::Ends,
             ),
             (
                 "10.0.1.101:40000",
@@ -409,6 +432,7 @@ mod tests {
                 Snat,
                 None,
                 (PodToImds, None),
+                Rule::Imds,
             ),
             (
                 "10.0.1.10:40000",
@@ -416,6 +440,7 @@ mod tests {
                 Nat::None,
                 None,
                 (NodeToImds, None),
+                Rule::Imds,
             ),
             (
                 "10.0.1.10:40000",
@@ -423,6 +448,7 @@ mod tests {
                 Nat::None,
                 None,
                 (NodeToNode, None),
+                Rule::Ends,
             ),
             (
                 "10.0.2.10:40000",
@@ -430,6 +456,7 @@ mod tests {
                 Nat::None,
                 None,
                 (NodeToNode, None),
+                Rule::Ends,
             ),
             (
                 "192.0.2.80:40000",
@@ -437,6 +464,7 @@ mod tests {
                 Dnat,
                 Some("10.0.1.10:30080"),
                 (ExternalToPod, None),
+                Rule::Ends,
             ),
             (
                 "192.0.2.80:40000",
@@ -444,6 +472,7 @@ mod tests {
                 Nat::None,
                 None,
                 (ExternalToNode, None),
+                Rule::Ends,
             ),
             // A host-network pod uses the node's address: it is the node.
             (
@@ -452,6 +481,7 @@ mod tests {
                 Nat::None,
                 None,
                 (NodeToExternal, None),
+                Rule::Ends,
             ),
             (
                 "[2600:1f14::1]:40000",
@@ -459,6 +489,7 @@ mod tests {
                 Nat::None,
                 None,
                 (Unknown, None),
+                Rule::NoneFits,
             ),
             (
                 "127.0.0.1:40000",
@@ -466,6 +497,7 @@ mod tests {
                 Nat::None,
                 None,
                 (Unknown, None),
+                Rule::NoneFits,
             ),
             // A ClusterIP no DNAT rewrote (no ready backend): a service, not the internet.
             (
@@ -474,6 +506,7 @@ mod tests {
                 Nat::None,
                 None,
                 (PodToService, None),
+                Rule::UntranslatedClusterIp,
             ),
             (
                 "10.0.1.101:40000",
@@ -481,6 +514,7 @@ mod tests {
                 Nat::None,
                 None,
                 (PodToDns, None),
+                Rule::Dns,
             ),
             (
                 "10.0.1.101:40000",
@@ -488,6 +522,7 @@ mod tests {
                 Nat::None,
                 None,
                 (PodToApiserver, Some(Private)),
+                Rule::KubernetesService,
             ),
             // Pod → the VPC resolver directly (dnsPolicy: Default).
             (
@@ -496,10 +531,24 @@ mod tests {
                 Nat::None,
                 None,
                 (PodToDns, None),
+                Rule::Dns,
             ),
         ];
-        for (from, to, nat, requested, expected) in cases {
-            check(from, to, *nat, *requested, *expected);
+        for (from, to, nat, requested, expected, rule) in cases {
+            check(from, to, *nat, *requested, *expected, *rule);
+        }
+        // One row per case of the taxonomy: every path and every rule has one.
+        for path in Path::ALL {
+            assert!(
+                cases.iter().any(|case| case.4.0 == path),
+                "no row of the taxonomy table is {path}"
+            );
+        }
+        for rule in Rule::ALL {
+            assert!(
+                cases.iter().any(|case| case.5 == rule),
+                "no row of the taxonomy table is decided by {rule:?}"
+            );
         }
     }
 
