@@ -1,4 +1,4 @@
-//! The command line (DESIGN §5): `tracer agent`, with every flag documented in `--help`.
+//! The command line: `tracer agent`, with every flag documented in `--help`.
 use std::{net::IpAddr, net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
