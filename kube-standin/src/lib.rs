@@ -1,9 +1,10 @@
-//! An in-process stand-in for the Kubernetes API server (DESIGN §7: the one place a stand-in is
-//! the right tool): list and watch of pods, nodes, Services and EndpointSlices, and GET of a
-//! single pod or DaemonSet (404 with a `Status` when absent), in the API's JSON shapes, with one resourceVersion counter for every write, a history that watches resume
-//! from, bookmarks every 100 ms to watches that ask for them, field and label selectors of the
-//! `key=value` form — and, on demand, 410 Gone, dropped watch connections, garbage answers and
-//! a server that is down.
+//! An in-process stand-in for the Kubernetes API server (docs/design.md, "Testing without a
+//! cluster": the machines cannot run a real one): list and watch of pods, nodes, Services and
+//! EndpointSlices, and GET of a single pod or DaemonSet (404 with a `Status` when absent), in
+//! the API's JSON shapes, with one resourceVersion counter for every write, a history that
+//! watches resume from, bookmarks every 100 ms to watches that ask for them, field and label
+//! selectors of the `key=value` form — and, on demand, 410 Gone, dropped watch connections,
+//! garbage answers and a server that is down.
 //!
 //! The agent's tests run it on loopback; the lab serves it inside a lab namespace, for the real
 //! agent to watch through a kubeconfig ([`StandIn::start_with`]). [`objects`] builds the objects

@@ -4,8 +4,8 @@
 //! Each case runs the real `tracer_ingress` and the empty `tracer_baseline` on the same
 //! 64-byte-class packet with BPF_PROG_TEST_RUN, `REPEAT` runs per measurement, in `ROUNDS`
 //! interleaved rounds, and reports the medians and their difference: the ns the tracer adds
-//! to a packet, against the goals of PERFORMANCE.md. The packet's flow is already in the table
-//! (the steady state: lookup and in-place adds), with the table holding one flow per case
+//! to a packet, against the goals in docs/performance.md. The packet's flow is already in the
+//! table (the steady state: lookup and in-place adds), with the table holding one flow per case
 //! ("hot"), 64k flows (half of a 131,072-entry table), or 64k flows in a table 75 % full.
 //! A repeated run keeps its one flow in the CPU cache, so the fuller states measure the hash
 //! table's load, not the cache misses of a real mix of flows.

@@ -1,5 +1,5 @@
-//! The path taxonomy (DESIGN §3) as a pure function: a connection and the node's context in,
-//! a path with its labels out. No I/O, no clock: every rule is unit-tested on its own.
+//! The path taxonomy (docs/taxonomy.md) as a pure function: a connection and the node's context
+//! in, a path with its labels out. No I/O, no clock: every rule is unit-tested on its own.
 use std::{fmt, net::SocketAddr};
 
 use crate::context::{IMDS_ADDR, NodeContext, Side, kubernetes::ZoneLabel};

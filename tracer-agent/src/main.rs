@@ -1,4 +1,5 @@
-//! `tracer`: one binary, one subcommand per way of running (DESIGN §5).
+//! `tracer`: one binary, one subcommand per way of running; its exit codes are listed in
+//! docs/metrics.md.
 use anyhow::Context as _;
 use clap::Parser;
 use tracer_agent::{

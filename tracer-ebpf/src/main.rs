@@ -29,7 +29,8 @@ use tracer_common::{
 };
 
 /// One entry per connection, shared by all CPUs: per-CPU values would multiply the memory by
-/// the CPU count (see PERFORMANCE.md). LRU so that a full table evicts instead of failing.
+/// the CPU count (docs/design.md, "Counting a packet once per node"). LRU so that a full table
+/// evicts instead of failing.
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowStats> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);

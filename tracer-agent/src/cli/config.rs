@@ -1,4 +1,4 @@
-//! `--config FILE`: every flag of a subcommand, settable in a TOML file (DESIGN §5).
+//! `--config FILE`: every flag of a subcommand, settable in a TOML file.
 //!
 //! Keys are the long flag names (`vpc-cidr = ["10.0.0.0/16"]`, `poll-interval = "1s"`,
 //! `flow-table-size = 65536`). The file is turned into the flags it stands for, inserted before

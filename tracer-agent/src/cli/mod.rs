@@ -1,4 +1,4 @@
-//! The command line (DESIGN §5): `tracer agent`, with every flag documented in `--help`.
+//! The command line: `tracer agent`, with every flag documented in `--help`.
 pub mod config;
 
 use std::{net::IpAddr, net::SocketAddr, time::Duration};

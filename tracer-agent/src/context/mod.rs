@@ -224,9 +224,9 @@ pub fn comma_separated<T: ToString>(items: impl IntoIterator<Item = T>) -> Strin
         .join(", ")
 }
 
-/// Context facts that cannot all be true (DESIGN §2: a VPC's blocks never overlap, EKS keeps the
-/// service CIDR apart from the VPC, the EKS-owned ENIs live in the cluster's subnets). Each names
-/// the flags that set the facts involved.
+/// Context facts that cannot all be true (docs/taxonomy.md, "EKS networking facts": a VPC's
+/// blocks never overlap, EKS keeps the service CIDR apart from the VPC, the EKS-owned ENIs live
+/// in the cluster's subnets). Each names the flags that set the facts involved.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Contradiction {
     #[error("VPC CIDRs {0} and {1} overlap (--vpc-cidr): a VPC's blocks never do")]

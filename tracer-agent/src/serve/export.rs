@@ -1,6 +1,7 @@
-//! The Prometheus endpoint (DESIGN §5) in the text exposition format 0.0.4, rendered at scrape
-//! time from the latest `Snapshot`: path counters, agent health, the process's CPU and memory,
-//! build info — and the capped families, whose label values the taxonomy does not bound.
+//! The Prometheus endpoint (its families: docs/metrics.md) in the text exposition format 0.0.4,
+//! rendered at scrape time from the latest `Snapshot`: path counters, agent health, the
+//! process's CPU and memory, build info — and the capped families, whose label values the
+//! taxonomy does not bound.
 use std::{
     collections::BTreeMap,
     fmt::{Display, Write as _},

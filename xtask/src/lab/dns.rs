@@ -190,7 +190,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Where the cluster endpoint name points for someone asking from `asker` (DESIGN.md §2).
+/// Where the cluster endpoint name points for someone asking from `asker` (docs/taxonomy.md,
+/// "EKS networking facts": the endpoint access modes).
 pub fn endpoint_addresses(mode: EndpointMode, asker: Ipv4Addr) -> Vec<Ipv4Addr> {
     let inside_vpc = VPC_CIDR.contains(asker);
     match mode {

@@ -1,6 +1,6 @@
 //! The lab: a faithful Amazon EKS worker node (AWS VPC CNI) built from network namespaces,
 //! veths, bridges and iptables on this machine, with the VPC, the EKS control plane, a second
-//! node and the internet around it, so that every path of the taxonomy (DESIGN.md §3) is
+//! node and the internet around it, so that every path of the taxonomy (docs/taxonomy.md) is
 //! reproduced for real.
 //!
 //! Everything lives in namespaces named `trc-<id>-<role>` and in `/run/tracer-lab/<id>/`;
@@ -38,7 +38,8 @@ pub use cli::{LabCommand, run};
 pub use facts::{CLUSTER_ENDPOINT, Eni, Ipv4Net, LabFacts};
 pub use traffic::{ClientKind, Outcome, Scenario, Sent, Target, scenarios};
 
-/// The API server endpoint access mode of the lab cluster (DESIGN.md §2).
+/// The API server endpoint access mode of the lab cluster (docs/taxonomy.md, "EKS networking
+/// facts").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EndpointMode {
     /// The endpoint name resolves to the public NLB everywhere.

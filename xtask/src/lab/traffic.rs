@@ -1,5 +1,5 @@
-//! Traffic with known sizes on every path of the taxonomy (DESIGN.md §3): the scenarios, the
-//! `lab client` subcommand that runs one inside a namespace, and what it reports.
+//! Traffic with known sizes on every path of the taxonomy (docs/taxonomy.md): the scenarios,
+//! the `lab client` subcommand that runs one inside a namespace, and what it reports.
 use std::{
     fmt, io,
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
