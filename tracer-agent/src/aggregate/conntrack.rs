@@ -4,9 +4,18 @@
 //! ClusterIP by kube-proxy) the datapath sees two 5-tuples for one connection: the pre-NAT one at
 //! the pod veth and the post-NAT one at the node ENI. Conntrack holds both, so user space joins
 //! them here instead of guessing.
+//!
+//! The rust-netlink crates have no parser for the conntrack attributes this needs (ICMP echo
+//! identifiers and types among them), so the messages are parsed here, on the framing and
+//! attribute iterator of `netlink-packet-core`; see "Netlink" in docs/design.md.
 use std::net::IpAddr;
 
-use crate::datapath::netlink::{Attr, Message, NetlinkError, Protocol, Socket};
+use netlink_packet_core::{
+    DecodeError, ErrorContext, NetlinkDeserializable, NetlinkHeader, NetlinkSerializable,
+    NlasIterator, parse_ip, parse_u8, parse_u16_be,
+};
+
+use crate::datapath::netlink::{NetlinkError, Protocol, Socket};
 
 /// One direction of a connection. Ports are in host byte order; for ICMP and ICMPv6 echo both
 /// ports hold the echo identifier, for other ICMP messages they are 0 (as the datapath keys them).
@@ -120,31 +129,58 @@ impl Conntrack {
     ///
     /// After an error the socket may still hold the rest of the aborted dump: open a new one.
     pub fn dump_each(&mut self, each: impl FnMut(Entry)) -> Result<(), ConntrackError> {
-        Ok(self
-            .socket
-            .dump_each(DUMP_TYPE, &DUMP_NFGENMSG, each_entry(each))?)
+        Ok(self.socket.dump_each(DumpRequest, each_entry(each))?)
+    }
+}
+
+/// The request of a dump of the whole table (`IPCTNL_MSG_CT_GET` with an `nfgenmsg` only).
+struct DumpRequest;
+
+impl NetlinkSerializable for DumpRequest {
+    fn message_type(&self) -> u16 {
+        DUMP_TYPE
+    }
+
+    fn buffer_len(&self) -> usize {
+        NFGENMSG_LEN
+    }
+
+    fn serialize(&self, buffer: &mut [u8]) {
+        buffer.copy_from_slice(&DUMP_NFGENMSG);
+    }
+}
+
+/// One message of the dump's answer: the entry it holds, None when it lacks a tuple.
+struct EntryMessage(Option<Entry>);
+
+impl NetlinkDeserializable for EntryMessage {
+    type Error = DecodeError;
+
+    fn deserialize(_: &NetlinkHeader, payload: &[u8]) -> Result<Self, DecodeError> {
+        parse_entry(payload).map(EntryMessage)
     }
 }
 
 /// The dump's message handler: hands the entry each message holds to `each`.
-fn each_entry(mut each: impl FnMut(Entry)) -> impl FnMut(Message<'_>) -> Result<(), NetlinkError> {
-    move |message| {
-        if let Some(entry) = parse_entry(message)? {
-            each(entry);
-        }
+fn each_entry(mut each: impl FnMut(Entry)) -> impl FnMut(EntryMessage) -> Result<(), NetlinkError> {
+    move |EntryMessage(entry)| {
+        entry.map(&mut each);
         Ok(())
     }
 }
 
 /// Parses one ctnetlink message (`nfgenmsg` + attributes); None when it lacks a tuple.
-fn parse_entry(message: Message<'_>) -> Result<Option<Entry>, NetlinkError> {
-    let (_, attributes) = message.split::<NFGENMSG_LEN>("nfgenmsg")?;
+fn parse_entry(payload: &[u8]) -> Result<Option<Entry>, DecodeError> {
+    let attributes = payload
+        .get(NFGENMSG_LEN..)
+        .ok_or_else(|| DecodeError::buffer_too_small(payload.len(), NFGENMSG_LEN))
+        .context("nfgenmsg")?;
     let (mut original, mut reply) = (None, None);
-    for attr in attributes {
+    for attr in NlasIterator::new(attributes) {
         let attr = attr?;
-        match attr.kind {
-            CTA_TUPLE_ORIG => original = parse_tuple(attr)?,
-            CTA_TUPLE_REPLY => reply = parse_tuple(attr)?,
+        match attr.kind() {
+            CTA_TUPLE_ORIG => original = parse_tuple(attr.value()).context("CTA_TUPLE_ORIG")?,
+            CTA_TUPLE_REPLY => reply = parse_tuple(attr.value()).context("CTA_TUPLE_REPLY")?,
             _ => {}
         }
     }
@@ -153,23 +189,23 @@ fn parse_entry(message: Message<'_>) -> Result<Option<Entry>, NetlinkError> {
         .map(|(original, reply)| Entry { original, reply }))
 }
 
-/// Parses a nested `CTA_TUPLE_*`; None when a part of it is missing.
-fn parse_tuple(tuple: Attr<'_>) -> Result<Option<Tuple>, NetlinkError> {
+/// Parses the attributes nested in a `CTA_TUPLE_*`; None when a part of it is missing.
+fn parse_tuple(tuple: &[u8]) -> Result<Option<Tuple>, DecodeError> {
     let (mut src, mut dst, mut l4) = (None, None, None);
-    for attr in tuple.nested() {
+    for attr in NlasIterator::new(tuple) {
         let attr = attr?;
-        match attr.kind {
+        match attr.kind() {
             CTA_TUPLE_IP => {
-                for ip in attr.nested() {
+                for ip in NlasIterator::new(attr.value()) {
                     let ip = ip?;
-                    match ip.kind {
-                        CTA_IP_V4_SRC | CTA_IP_V6_SRC => src = Some(ip.addr()?),
-                        CTA_IP_V4_DST | CTA_IP_V6_DST => dst = Some(ip.addr()?),
+                    match ip.kind() {
+                        CTA_IP_V4_SRC | CTA_IP_V6_SRC => src = Some(parse_ip(ip.value())?),
+                        CTA_IP_V4_DST | CTA_IP_V6_DST => dst = Some(parse_ip(ip.value())?),
                         _ => {}
                     }
                 }
             }
-            CTA_TUPLE_PROTO => l4 = parse_proto(attr)?,
+            CTA_TUPLE_PROTO => l4 = parse_proto(attr.value())?,
             _ => {}
         }
     }
@@ -185,18 +221,19 @@ fn parse_tuple(tuple: Attr<'_>) -> Result<Option<Tuple>, NetlinkError> {
     })
 }
 
-/// Parses `CTA_TUPLE_PROTO` into (protocol, source port, destination port), keyed like the
-/// datapath keys flows; None without a protocol number.
-fn parse_proto(proto: Attr<'_>) -> Result<Option<(u8, u16, u16)>, NetlinkError> {
+/// Parses the attributes nested in `CTA_TUPLE_PROTO` into (protocol, source port, destination
+/// port), keyed like the datapath keys flows; None without a protocol number.
+fn parse_proto(proto: &[u8]) -> Result<Option<(u8, u16, u16)>, DecodeError> {
     let (mut num, mut ports, mut icmp_id, mut icmp_type) = (None, (0, 0), 0, None);
-    for attr in proto.nested() {
+    for attr in NlasIterator::new(proto) {
         let attr = attr?;
-        match attr.kind {
-            CTA_PROTO_NUM => num = Some(attr.u8()?),
-            CTA_PROTO_SRC_PORT => ports.0 = attr.be16()?,
-            CTA_PROTO_DST_PORT => ports.1 = attr.be16()?,
-            CTA_PROTO_ICMP_ID | CTA_PROTO_ICMPV6_ID => icmp_id = attr.be16()?,
-            CTA_PROTO_ICMP_TYPE | CTA_PROTO_ICMPV6_TYPE => icmp_type = Some(attr.u8()?),
+        let value = attr.value();
+        match attr.kind() {
+            CTA_PROTO_NUM => num = Some(parse_u8(value)?),
+            CTA_PROTO_SRC_PORT => ports.0 = parse_u16_be(value)?,
+            CTA_PROTO_DST_PORT => ports.1 = parse_u16_be(value)?,
+            CTA_PROTO_ICMP_ID | CTA_PROTO_ICMPV6_ID => icmp_id = parse_u16_be(value)?,
+            CTA_PROTO_ICMP_TYPE | CTA_PROTO_ICMPV6_TYPE => icmp_type = Some(parse_u8(value)?),
             _ => {}
         }
     }
@@ -214,8 +251,10 @@ fn parse_proto(proto: Attr<'_>) -> Result<Option<(u8, u16, u16)>, NetlinkError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::netlink::{NLMSG_HDRLEN, bytes::*, dump_request, parse_datagram};
+    use crate::datapath::netlink::{bytes::*, dump_request, parse_datagram};
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const NLMSG_HDRLEN: usize = 16;
 
     const CTA_PROTO_ICMP_CODE: u16 = 6;
     const CTA_STATUS: u16 = 3;
@@ -286,7 +325,7 @@ mod tests {
     /// ended the dump.
     fn parse(data: &[u8]) -> Result<(bool, Vec<Entry>), ConntrackError> {
         let mut entries = Vec::new();
-        let done = parse_datagram(data, SEQ, each_entry(|entry| entries.push(entry)))?;
+        let done = parse_datagram(data, Some(SEQ), each_entry(|entry| entries.push(entry)))?;
         Ok((done, entries))
     }
 
@@ -438,7 +477,7 @@ mod tests {
     fn kernel_error_carries_the_errno() {
         let mut payload = (-libc::EPERM).to_ne_bytes().to_vec();
         // nlmsgerr echoes the request.
-        payload.extend_from_slice(&dump_request(DUMP_TYPE, SEQ, &DUMP_NFGENMSG));
+        payload.extend_from_slice(&dump_request(DumpRequest, SEQ));
         let error = parse(&message(libc::NLMSG_ERROR as u16, &payload)).unwrap_err();
         assert!(matches!(
             error,
@@ -455,9 +494,10 @@ mod tests {
 
     #[test]
     fn foreign_sequence_number_is_an_error() {
-        let error: ConntrackError = parse_datagram(&done(), SEQ + 1, |_| Ok(()))
-            .unwrap_err()
-            .into();
+        let error: ConntrackError =
+            parse_datagram::<EntryMessage>(&done(), Some(SEQ + 1), |_| Ok(()))
+                .unwrap_err()
+                .into();
         assert!(matches!(
             error,
             ConntrackError::Netlink(NetlinkError::Sequence {
@@ -493,7 +533,7 @@ mod tests {
         let mut seen = Vec::new();
         let error = parse_datagram(
             &dump_bytes()[..cut],
-            SEQ,
+            Some(SEQ),
             each_entry(|entry| seen.push(entry)),
         )
         .unwrap_err();
@@ -536,20 +576,19 @@ mod tests {
         assert!(
             matches!(
                 error,
-                ConntrackError::Netlink(NetlinkError::Malformed {
-                    what: "nlattr header",
-                    ..
-                })
+                ConntrackError::Netlink(NetlinkError::Malformed { offset: 0, .. })
             ),
             "{error}"
         );
-        assert!(matches!(
-            parse(&message(NFNL_SUBSYS_CTNETLINK << 8, &[2, 0])),
-            Err(ConntrackError::Netlink(NetlinkError::Malformed {
-                what: "nfgenmsg",
-                ..
-            }))
-        ));
+        let error = parse(&message(NFNL_SUBSYS_CTNETLINK << 8, &[2, 0])).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ConntrackError::Netlink(NetlinkError::Malformed { offset: 0, .. })
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("nfgenmsg"), "{error}");
     }
 
     #[test]

@@ -1,17 +1,26 @@
-//! A minimal synchronous netlink client, and the rtnetlink dumps of links, addresses and routes
-//! built on it.
+//! A small synchronous netlink client on the rust-netlink crates, and the rtnetlink dumps of
+//! links, addresses and routes built on it.
 //!
 //! The agent needs three facts from the kernel — which interfaces exist, which addresses are
 //! the node's, and which /32 routes point at pod interfaces (that is how the VPC CNI wires
-//! pods) — so a dump per poll is enough and needs no async netlink stack. The generic part
-//! ([`Socket`], [`Message`], [`Attributes`], [`Attr`]) also serves the conntrack dump over
-//! `NETLINK_NETFILTER` (see `conntrack`).
-use std::{
-    io,
-    net::IpAddr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    time::Duration,
+//! pods) — so a dump per poll is enough and needs no async netlink stack. `netlink-sys`
+//! provides the socket, `netlink-packet-core` the message framing and `netlink-packet-route`
+//! the rtnetlink messages; [`Socket`] adds what the agent relies on: a receive timeout, typed
+//! errors, sequence checks and dumps read datagram by datagram. It also serves the conntrack
+//! dump over `NETLINK_NETFILTER` (see `conntrack`).
+use std::{io, net::IpAddr, os::fd::AsRawFd, time::Duration};
+
+use netlink_packet_core::{
+    DecodeError, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkDeserializable, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload, NetlinkSerializable, Parseable,
 };
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage},
+};
+use netlink_sys::{SocketAddr, protocols};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -38,12 +47,11 @@ pub enum NetlinkError {
     Kernel { code: i32, source: io::Error },
     #[error("netlink answer with sequence number {got}, expected {expected}")]
     Sequence { expected: u32, got: u32 },
-    #[error("malformed netlink message: {what} at byte {offset} of a datagram")]
-    Malformed { what: &'static str, offset: usize },
+    /// A message that does not parse; `offset` is where it starts in its datagram.
+    #[error("malformed netlink message at byte {offset} of a datagram: {source}")]
+    Malformed { offset: usize, source: DecodeError },
 }
 
-pub(crate) const NLMSG_HDRLEN: usize = 16;
-const NLA_TYPE_MASK: u16 = !0xc000; // drops NLA_F_NESTED and NLA_F_NET_BYTEORDER
 /// Large enough for any datagram of a dump (the kernel fills at most ~32 KiB per datagram).
 const RECV_BUFFER: usize = 64 * 1024;
 /// The kernel answers at once; this only keeps a wedged kernel from hanging the agent's poll.
@@ -59,10 +67,10 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    fn raw(self) -> libc::c_int {
+    fn raw(self) -> isize {
         match self {
-            Protocol::Route => libc::NETLINK_ROUTE,
-            Protocol::Netfilter => libc::NETLINK_NETFILTER,
+            Protocol::Route => protocols::NETLINK_ROUTE,
+            Protocol::Netfilter => protocols::NETLINK_NETFILTER,
         }
     }
 
@@ -76,7 +84,7 @@ impl Protocol {
 
 /// A netlink socket of the current network namespace, with a receive timeout.
 pub struct Socket {
-    socket: OwnedFd,
+    socket: netlink_sys::Socket,
     seq: u32,
     buffer: Vec<u8>,
 }
@@ -87,36 +95,8 @@ impl Socket {
             protocol: protocol.name(),
             source,
         };
-        // SAFETY: plain socket(2); the descriptor is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                protocol.raw(),
-            )
-        };
-        if fd < 0 {
-            return Err(error(io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: the option value is a valid timeval of the given size.
-        let set = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if set < 0 {
-            return Err(error(io::Error::last_os_error()));
-        }
+        let socket = netlink_sys::Socket::new(protocol.raw()).map_err(error)?;
+        set_receive_timeout(&socket, RECV_TIMEOUT).map_err(error)?;
         Ok(Socket {
             socket,
             seq: 0,
@@ -124,80 +104,49 @@ impl Socket {
         })
     }
 
-    /// Sends a dump request — an `nlmsghdr` of `msg_type` with `NLM_F_REQUEST | NLM_F_DUMP`,
-    /// followed by `header` (the family's fixed header: `ifinfomsg`, `nfgenmsg`…) — and reads
-    /// the answer up to `NLMSG_DONE`, however many datagrams it takes. `parse` sees every
-    /// message of the answer (control messages aside); what it returns is collected.
+    /// Sends `request` as a dump (`NLM_F_REQUEST | NLM_F_DUMP`) and collects the answer up to
+    /// `NLMSG_DONE`, however many datagrams it takes (control messages aside).
     ///
     /// After an error the socket may still hold the rest of the aborted dump: open a new one.
-    pub fn dump<T>(
+    pub fn dump<A: NetlinkDeserializable>(
         &mut self,
-        msg_type: u16,
-        header: &[u8],
-        parse: impl FnMut(Message<'_>) -> Result<Option<T>, NetlinkError>,
-    ) -> Result<Vec<T>, NetlinkError> {
+        request: impl NetlinkSerializable,
+    ) -> Result<Vec<A>, NetlinkError> {
         let mut items = Vec::new();
-        self.dump_each(msg_type, header, collect(&mut items, parse))?;
+        self.dump_each(request, |item| {
+            items.push(item);
+            Ok(())
+        })?;
         Ok(items)
     }
 
     /// Like [`dump`](Self::dump), but hands each message to `each` as its datagram arrives:
     /// only one datagram (the socket's buffer, reused) is held at a time, however large the
     /// answer, so a caller that keeps a few messages of a large table never holds all of it.
-    pub fn dump_each(
+    pub fn dump_each<A: NetlinkDeserializable>(
         &mut self,
-        msg_type: u16,
-        header: &[u8],
-        mut each: impl FnMut(Message<'_>) -> Result<(), NetlinkError>,
+        request: impl NetlinkSerializable,
+        mut each: impl FnMut(A) -> Result<(), NetlinkError>,
     ) -> Result<(), NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
-        self.send(&dump_request(msg_type, self.seq, header))?;
+        let request = dump_request(request, self.seq);
+        self.socket
+            .send_to(&request, &SocketAddr::new(0, 0), 0)
+            .map_err(NetlinkError::Send)?;
         loop {
             let received = self.recv()?;
-            if parse_datagram(&self.buffer[..received], self.seq, &mut each)? {
+            if parse_datagram(&self.buffer[..received], Some(self.seq), &mut each)? {
                 return Ok(());
             }
         }
     }
 
-    fn send(&self, request: &[u8]) -> Result<(), NetlinkError> {
-        // SAFETY: the buffer is valid for its length; a zeroed sockaddr_nl addresses the kernel.
-        let sent = unsafe {
-            let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
-            kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-            libc::sendto(
-                self.socket.as_raw_fd(),
-                request.as_ptr().cast(),
-                request.len(),
-                0,
-                (&kernel as *const libc::sockaddr_nl).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(NetlinkError::Send(io::Error::last_os_error()));
-        }
-        Ok(())
-    }
-
     /// Joins multicast `groups` (`RTMGRP_*` bits): the kernel then sends a message on every
     /// change of what they cover, which [`Socket::link_changes`] reads.
-    pub fn subscribe(&self, groups: u32) -> Result<(), NetlinkError> {
-        // SAFETY: a zeroed sockaddr_nl with the family and groups set is a valid address.
-        let bound = unsafe {
-            let mut local: libc::sockaddr_nl = std::mem::zeroed();
-            local.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-            local.nl_groups = groups;
-            libc::bind(
-                self.socket.as_raw_fd(),
-                (&local as *const libc::sockaddr_nl).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if bound < 0 {
-            return Err(NetlinkError::Subscribe(io::Error::last_os_error()));
-        }
-        Ok(())
+    pub fn subscribe(&mut self, groups: u32) -> Result<(), NetlinkError> {
+        self.socket
+            .bind(&SocketAddr::new(0, groups))
+            .map_err(NetlinkError::Subscribe)
     }
 
     /// Waits up to the receive timeout for notifications of the subscribed groups and returns
@@ -217,254 +166,97 @@ impl Socket {
     /// Receives one datagram into the buffer and returns its length.
     fn recv(&mut self) -> Result<usize, NetlinkError> {
         loop {
-            // SAFETY: the buffer is valid for its length. MSG_TRUNC makes recv return the
-            // datagram's real length, so a datagram larger than the buffer is detected.
-            let received = unsafe {
-                libc::recv(
-                    self.socket.as_raw_fd(),
-                    self.buffer.as_mut_ptr().cast(),
-                    self.buffer.len(),
-                    libc::MSG_TRUNC,
-                )
-            };
-            if received >= 0 {
-                let received = received as usize;
-                if received > self.buffer.len() {
+            // MSG_TRUNC makes recv return the datagram's real length, so a datagram larger
+            // than the buffer is detected.
+            match self
+                .socket
+                .recv(&mut self.buffer.as_mut_slice(), libc::MSG_TRUNC)
+            {
+                Ok(received) if received > self.buffer.len() => {
                     return Err(NetlinkError::Truncated(received));
                 }
-                return Ok(received);
-            }
-            let error = io::Error::last_os_error();
-            match error.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::ENOBUFS) => return Err(NetlinkError::Overrun),
-                Some(libc::EAGAIN) => return Err(NetlinkError::Timeout(RECV_TIMEOUT)),
-                _ => return Err(NetlinkError::Recv(error)),
+                Ok(received) => return Ok(received),
+                Err(error) => match error.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOBUFS) => return Err(NetlinkError::Overrun),
+                    Some(libc::EAGAIN) => return Err(NetlinkError::Timeout(RECV_TIMEOUT)),
+                    _ => return Err(NetlinkError::Recv(error)),
+                },
             }
         }
     }
 }
 
-/// A dump request: `nlmsghdr` (`NLM_F_REQUEST | NLM_F_DUMP`) followed by `header`.
-pub(crate) fn dump_request(msg_type: u16, seq: u32, header: &[u8]) -> Vec<u8> {
-    let total = NLMSG_HDRLEN + header.len();
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    let mut request = Vec::with_capacity(align4(total));
-    request.extend_from_slice(&(total as u32).to_ne_bytes());
-    request.extend_from_slice(&msg_type.to_ne_bytes());
-    request.extend_from_slice(&flags.to_ne_bytes());
-    request.extend_from_slice(&seq.to_ne_bytes());
-    request.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-    request.extend_from_slice(header);
-    request.resize(align4(total), 0);
-    request
-}
-
-/// A message handler that collects what `parse` makes of each message into `items`.
-fn collect<T>(
-    items: &mut Vec<T>,
-    mut parse: impl FnMut(Message<'_>) -> Result<Option<T>, NetlinkError>,
-) -> impl FnMut(Message<'_>) -> Result<(), NetlinkError> {
-    move |message| {
-        items.extend(parse(message)?);
-        Ok(())
+/// `SO_RCVTIMEO`, which `netlink-sys` does not wrap.
+fn set_receive_timeout(socket: &netlink_sys::Socket, timeout: Duration) -> io::Result<()> {
+    let timeout = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    // SAFETY: the option value is a valid timeval of the given size.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
-/// Parses one datagram of a dump answer, handing each message (control messages aside) to
-/// `each`; true when the datagram ended the dump.
-pub(crate) fn parse_datagram(
-    data: &[u8],
-    seq: u32,
-    each: impl FnMut(Message<'_>) -> Result<(), NetlinkError>,
-) -> Result<bool, NetlinkError> {
-    parse_messages(data, Some(seq), each)
+/// The bytes of a dump request: `request` behind an `nlmsghdr` with `NLM_F_REQUEST | NLM_F_DUMP`.
+pub(crate) fn dump_request(request: impl NetlinkSerializable, seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let mut message = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(request));
+    message.finalize();
+    let mut bytes = vec![0; message.buffer_len()];
+    message.serialize(&mut bytes);
+    bytes
 }
 
-/// [`parse_datagram`], checking the sequence number of every message against `seq` when given.
-fn parse_messages(
+/// Parses one datagram of an answer, handing each message (control messages aside) to `each`;
+/// true when the datagram ended a dump. The sequence number of every message must be `seq`
+/// when given (a dump's answer), and is not checked otherwise (notifications).
+pub(crate) fn parse_datagram<A: NetlinkDeserializable>(
     data: &[u8],
     seq: Option<u32>,
-    mut each: impl FnMut(Message<'_>) -> Result<(), NetlinkError>,
+    mut each: impl FnMut(A) -> Result<(), NetlinkError>,
 ) -> Result<bool, NetlinkError> {
     let mut offset = 0;
-    while offset < data.len() {
-        let header: [u8; NLMSG_HDRLEN] =
-            read(data, offset).ok_or_else(|| malformed("nlmsghdr", offset))?;
-        let [l0, l1, l2, l3, k0, k1, f0, f1, s0, s1, s2, s3, ..] = header;
-        let len = u32::from_ne_bytes([l0, l1, l2, l3]) as usize;
-        let kind = u16::from_ne_bytes([k0, k1]);
-        let msg_seq = u32::from_ne_bytes([s0, s1, s2, s3]);
-        let payload = data
-            .get(offset..)
-            .and_then(|rest| rest.get(NLMSG_HDRLEN..len))
-            .ok_or_else(|| malformed("nlmsghdr length", offset))?;
+    while let Some(rest) = data.get(offset..).filter(|rest| !rest.is_empty()) {
+        let malformed = |source| NetlinkError::Malformed { offset, source };
+        let buffer = NetlinkBuffer::new_checked(&rest).map_err(malformed)?;
         if let Some(expected) = seq
-            && msg_seq != expected
+            && buffer.sequence_number() != expected
         {
             return Err(NetlinkError::Sequence {
                 expected,
-                got: msg_seq,
+                got: buffer.sequence_number(),
             });
         }
-        let message = Message {
-            kind,
-            flags: u16::from_ne_bytes([f0, f1]),
-            payload,
-            offset: offset + NLMSG_HDRLEN,
-        };
-        match kind {
+        let message = NetlinkMessage::<A>::parse(&buffer).map_err(malformed)?;
+        match message.payload {
             // NLMSG_DONE carries the dump's own result: negative when the kernel gave up on it.
-            k if k == libc::NLMSG_DONE as u16 => {
-                return match read(payload, 0).map(i32::from_ne_bytes) {
-                    Some(code) if code < 0 => Err(kernel(code)),
-                    _ => Ok(true),
-                };
-            }
-            k if k == libc::NLMSG_ERROR as u16 => {
-                let code = read(payload, 0)
-                    .map(i32::from_ne_bytes)
-                    .ok_or_else(|| malformed("nlmsgerr", message.offset))?;
-                if code != 0 {
-                    return Err(kernel(code));
+            NetlinkPayload::Done(done) if done.code < 0 => return Err(kernel(done.code)),
+            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Error(error) => {
+                if let Some(code) = error.code {
+                    return Err(kernel(code.get()));
                 }
             }
-            k if k < libc::NLMSG_MIN_TYPE as u16 => {} // NOOP, OVERRUN: nothing to read
-            _ => each(message)?,
+            NetlinkPayload::InnerMessage(inner) => each(inner)?,
+            _ => {} // NOOP, OVERRUN: nothing to read
         }
-        offset += align4(len);
+        offset += align4(message.header.length as usize);
     }
     Ok(false)
-}
-
-/// One message of an answer, without its `nlmsghdr`.
-#[derive(Clone, Copy, Debug)]
-pub struct Message<'a> {
-    pub kind: u16,
-    pub flags: u16,
-    pub payload: &'a [u8],
-    /// Where the payload starts in its datagram, for errors.
-    pub offset: usize,
-}
-
-impl<'a> Message<'a> {
-    /// Splits the payload into the family's fixed header of `N` bytes (`ifinfomsg`, `rtmsg`,
-    /// `nfgenmsg`…), named `what` in errors, and the attributes that follow it.
-    pub fn split<const N: usize>(
-        &self,
-        what: &'static str,
-    ) -> Result<([u8; N], Attributes<'a>), NetlinkError> {
-        let header = read(self.payload, 0).ok_or_else(|| malformed(what, self.offset))?;
-        let start = align4(N).min(self.payload.len());
-        Ok((
-            header,
-            Attributes::new(&self.payload[start..], self.offset + start),
-        ))
-    }
-}
-
-/// One netlink attribute; `offset` is where its value starts in the datagram.
-#[derive(Clone, Copy, Debug)]
-pub struct Attr<'a> {
-    /// The type, without the `NLA_F_NESTED` and `NLA_F_NET_BYTEORDER` flags.
-    pub kind: u16,
-    pub value: &'a [u8],
-    pub offset: usize,
-}
-
-impl<'a> Attr<'a> {
-    /// The attributes nested in this one.
-    pub fn nested(self) -> Attributes<'a> {
-        Attributes::new(self.value, self.offset)
-    }
-
-    /// The value, which must be exactly `N` bytes long (`what` names it in the error).
-    pub fn fixed<const N: usize>(self, what: &'static str) -> Result<[u8; N], NetlinkError> {
-        self.value
-            .try_into()
-            .map_err(|_| malformed(what, self.offset))
-    }
-
-    pub fn u8(self) -> Result<u8, NetlinkError> {
-        self.fixed::<1>("u8 attribute size").map(|[byte]| byte)
-    }
-
-    /// A big-endian (network order) `u16`, as ports are.
-    pub fn be16(self) -> Result<u16, NetlinkError> {
-        self.fixed("be16 attribute size").map(u16::from_be_bytes)
-    }
-
-    /// A host-order `u32`, as interface indexes and table ids are.
-    pub fn u32(self) -> Result<u32, NetlinkError> {
-        self.fixed("u32 attribute size").map(u32::from_ne_bytes)
-    }
-
-    /// An IPv4 or IPv6 address, told apart by its size.
-    pub fn addr(self) -> Result<IpAddr, NetlinkError> {
-        match <[u8; 4]>::try_from(self.value) {
-            Ok(v4) => Ok(IpAddr::from(v4)),
-            Err(_) => self.fixed::<16>("IP address size").map(IpAddr::from),
-        }
-    }
-
-    /// A NUL-terminated string; bytes that are not UTF-8 are replaced.
-    pub fn string(self) -> String {
-        let bytes = self.value.split(|b| *b == 0).next().unwrap_or(&[]);
-        String::from_utf8_lossy(bytes).into_owned()
-    }
-}
-
-/// Iterates over the attributes (`struct nlattr`, 4-byte aligned) of one level; a malformed
-/// attribute yields an error and ends the iteration.
-#[derive(Clone, Debug)]
-pub struct Attributes<'a> {
-    data: &'a [u8],
-    offset: usize,
-}
-
-impl<'a> Attributes<'a> {
-    /// The attributes in `data`, which starts at byte `offset` of its datagram.
-    pub fn new(data: &'a [u8], offset: usize) -> Self {
-        Attributes { data, offset }
-    }
-
-    fn parse_next(&mut self) -> Result<Attr<'a>, NetlinkError> {
-        let [l0, l1, k0, k1] =
-            read(self.data, 0).ok_or_else(|| malformed("nlattr header", self.offset))?;
-        let len = u16::from_ne_bytes([l0, l1]) as usize;
-        if len < 4 || len > self.data.len() {
-            return Err(malformed("nlattr length", self.offset));
-        }
-        let attr = Attr {
-            kind: u16::from_ne_bytes([k0, k1]) & NLA_TYPE_MASK,
-            value: &self.data[4..len],
-            offset: self.offset + 4,
-        };
-        // The last attribute's padding may be left out.
-        let advance = align4(len).min(self.data.len());
-        self.data = &self.data[advance..];
-        self.offset += advance;
-        Ok(attr)
-    }
-}
-
-impl<'a> Iterator for Attributes<'a> {
-    type Item = Result<Attr<'a>, NetlinkError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.data.is_empty() {
-            return None;
-        }
-        let attr = self.parse_next();
-        if attr.is_err() {
-            self.data = &[];
-        }
-        Some(attr)
-    }
-}
-
-fn malformed(what: &'static str, offset: usize) -> NetlinkError {
-    NetlinkError::Malformed { what, offset }
 }
 
 /// The error of a negative errno as netlink reports it.
@@ -476,30 +268,14 @@ fn kernel(code: i32) -> NetlinkError {
     }
 }
 
-/// `N` bytes of `data` from `at`, when it has them.
-fn read<const N: usize>(data: &[u8], at: usize) -> Option<[u8; N]> {
-    data.get(at..)?.get(..N)?.try_into().ok()
-}
-
-pub(crate) fn align4(len: usize) -> usize {
+fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 
-// rtnetlink: from linux/rtnetlink.h, if_link.h, if_addr.h.
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const RTM_GETADDR: u16 = 22;
-const RTM_GETROUTE: u16 = 26;
-const IFINFOMSG_LEN: usize = 16;
-const IFADDRMSG_LEN: usize = 8;
-const RTMSG_LEN: usize = 12;
-const IFLA_IFNAME: u16 = 3;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const RTA_TABLE: u16 = 15;
+/// The main routing table's id (`RT_TABLE_MAIN`).
 const RT_TABLE_MAIN: u32 = 254;
+/// The families of [`addresses`] and [`routes`], dumped one at a time.
+const IP_FAMILIES: [AddressFamily; 2] = [AddressFamily::Inet, AddressFamily::Inet6];
 
 /// A network interface of this namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -533,19 +309,52 @@ pub struct Route {
 }
 
 pub fn links() -> Result<Vec<Link>, NetlinkError> {
-    // struct ifinfomsg: family, pad, type, index, flags, change — all zero.
-    Socket::open(Protocol::Route)?.dump(RTM_GETLINK, &[0; IFINFOMSG_LEN], parse_link)
+    let request = RouteNetlinkMessage::GetLink(LinkMessage::default());
+    let answer: Vec<RouteNetlinkMessage> = Socket::open(Protocol::Route)?.dump(request)?;
+    Ok(answer.into_iter().filter_map(link_of).collect())
 }
 
 pub fn addresses() -> Result<Vec<Address>, NetlinkError> {
-    // struct ifaddrmsg: family (AF_UNSPEC dumps all), prefixlen, flags, scope, index.
-    Socket::open(Protocol::Route)?.dump(RTM_GETADDR, &[0; IFADDRMSG_LEN], parse_address)
+    ip_dumps(
+        |family| {
+            let mut request = AddressMessage::default();
+            request.header.family = family;
+            RouteNetlinkMessage::GetAddress(request)
+        },
+        address_of,
+    )
 }
 
+/// The routes of the main table, read from a dump of every table: a route's table id can be
+/// above 255, which only its `RTA_TABLE` tells.
 pub fn routes() -> Result<Vec<Route>, NetlinkError> {
-    // struct rtmsg: family (AF_UNSPEC dumps all), dst_len, src_len, tos, table, protocol,
-    // scope, type, flags.
-    Socket::open(Protocol::Route)?.dump(RTM_GETROUTE, &[0; RTMSG_LEN], parse_route)
+    ip_dumps(
+        |family| {
+            let mut request = RouteMessage::default();
+            request.header.address_family = family;
+            RouteNetlinkMessage::GetRoute(request)
+        },
+        route_of,
+    )
+}
+
+/// Dumps `request(family)` for IPv4, then IPv6, keeping what `item` makes of each answer.
+/// A dump of every family (`AF_UNSPEC`) would also bring families whose attributes are not IP
+/// addresses (MPLS routes, MCTP addresses); `item` is told the family asked for because a
+/// kernel without IPv6 answers an IPv6 dump with every family.
+fn ip_dumps<T>(
+    request: impl Fn(AddressFamily) -> RouteNetlinkMessage,
+    item: impl Fn(RouteNetlinkMessage, AddressFamily) -> Option<T>,
+) -> Result<Vec<T>, NetlinkError> {
+    let mut socket = Socket::open(Protocol::Route)?;
+    let mut items = Vec::new();
+    for family in IP_FAMILIES {
+        socket.dump_each(request(family), |message| {
+            items.extend(item(message, family));
+            Ok(())
+        })?;
+    }
+    Ok(items)
 }
 
 /// The links a datagram of notifications announces (`RTM_NEWLINK`); other messages are
@@ -553,101 +362,98 @@ pub fn routes() -> Result<Vec<Route>, NetlinkError> {
 /// any: none is expected.
 fn announced_links(data: &[u8]) -> Result<Vec<Link>, NetlinkError> {
     let mut links = Vec::new();
-    parse_messages(
-        data,
-        None,
-        collect(&mut links, |message| match message.kind {
-            RTM_NEWLINK => parse_link(message),
-            _ => Ok(None),
-        }),
-    )?;
+    parse_datagram(data, None, |message| {
+        links.extend(link_of(message));
+        Ok(())
+    })?;
     Ok(links)
 }
 
-/// An `RTM_NEWLINK`; None without a name.
-fn parse_link(message: Message<'_>) -> Result<Option<Link>, NetlinkError> {
-    let ([_, _, _, _, i0, i1, i2, i3, ..], attributes) =
-        message.split::<IFINFOMSG_LEN>("ifinfomsg")?;
-    let mut name = None;
-    for attr in attributes {
-        let attr = attr?;
-        if attr.kind == IFLA_IFNAME {
-            name = Some(attr.string());
-        }
-    }
-    let index = u32::from_ne_bytes([i0, i1, i2, i3]);
-    Ok(name.map(|name| Link { index, name }))
+/// The link of an `RTM_NEWLINK`; None for other messages, or without a name.
+fn link_of(message: RouteNetlinkMessage) -> Option<Link> {
+    let RouteNetlinkMessage::NewLink(link) = message else {
+        return None;
+    };
+    link.attributes
+        .into_iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::IfName(name) => Some(Link {
+                index: link.header.index,
+                name,
+            }),
+            _ => None,
+        })
 }
 
-/// An `RTM_NEWADDR`; None for families other than IPv4 and IPv6, or without an address.
-fn parse_address(message: Message<'_>) -> Result<Option<Address>, NetlinkError> {
-    let ([family, _, _, _, i0, i1, i2, i3], attributes) =
-        message.split::<IFADDRMSG_LEN>("ifaddrmsg")?;
-    if !is_ip(family) {
-        return Ok(None);
+/// The address of an `RTM_NEWADDR` of `family`; None for other messages.
+fn address_of(message: RouteNetlinkMessage, family: AddressFamily) -> Option<Address> {
+    let RouteNetlinkMessage::NewAddress(address) = message else {
+        return None;
+    };
+    if address.header.family != family {
+        return None;
     }
     // IFA_LOCAL is the interface's own address on point-to-point links, IFA_ADDRESS elsewhere.
-    let (mut local, mut address) = (None, None);
-    for attr in attributes {
-        let attr = attr?;
-        match attr.kind {
-            IFA_LOCAL => local = Some(attr.addr()?),
-            IFA_ADDRESS => address = Some(attr.addr()?),
+    let (mut local, mut peer) = (None, None);
+    for attribute in address.attributes {
+        match attribute {
+            AddressAttribute::Local(addr) => local = Some(addr),
+            AddressAttribute::Address(addr) => peer = Some(addr),
             _ => {}
         }
     }
-    let index = u32::from_ne_bytes([i0, i1, i2, i3]);
-    Ok(local.or(address).map(|addr| Address { index, addr }))
-}
-
-/// An `RTM_NEWROUTE`; None unless it is an IPv4 or IPv6 route of the main table with a
-/// destination and a single output interface.
-fn parse_route(message: Message<'_>) -> Result<Option<Route>, NetlinkError> {
-    let ([family, prefix_len, _, _, table, ..], attributes) =
-        message.split::<RTMSG_LEN>("rtmsg")?;
-    if !is_ip(family) {
-        return Ok(None);
-    }
-    let mut table = u32::from(table);
-    let (mut dst, mut oif) = (None, None);
-    for attr in attributes {
-        let attr = attr?;
-        match attr.kind {
-            RTA_DST => dst = Some(attr.addr()?),
-            RTA_OIF => oif = Some(attr.u32()?),
-            RTA_TABLE => table = attr.u32()?,
-            _ => {}
-        }
-    }
-    Ok(match (dst, oif, table) {
-        (Some(dst), Some(oif), RT_TABLE_MAIN) => Some(Route {
-            dst,
-            prefix_len,
-            oif,
-        }),
-        _ => None,
+    local.or(peer).map(|addr| Address {
+        index: address.header.index,
+        addr,
     })
 }
 
-fn is_ip(family: u8) -> bool {
-    matches!(i32::from(family), libc::AF_INET | libc::AF_INET6)
+/// The route of an `RTM_NEWROUTE` of `family`; None unless it is a route of the main table
+/// with a destination and a single output interface.
+fn route_of(message: RouteNetlinkMessage, family: AddressFamily) -> Option<Route> {
+    let RouteNetlinkMessage::NewRoute(route) = message else {
+        return None;
+    };
+    if route.header.address_family != family {
+        return None;
+    }
+    // RTA_TABLE overrides rtm_table, which cannot hold ids above 255.
+    let mut table = u32::from(route.header.table);
+    let (mut dst, mut oif) = (None, None);
+    for attribute in route.attributes {
+        match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(v4)) => dst = Some(IpAddr::V4(v4)),
+            RouteAttribute::Destination(RouteAddress::Inet6(v6)) => dst = Some(IpAddr::V6(v6)),
+            RouteAttribute::Oif(index) => oif = Some(index),
+            RouteAttribute::Table(id) => table = id,
+            _ => {}
+        }
+    }
+    match (dst, oif) {
+        (Some(dst), Some(oif)) if table == RT_TABLE_MAIN => Some(Route {
+            dst,
+            prefix_len: route.header.destination_prefix_length,
+            oif,
+        }),
+        _ => None,
+    }
 }
 
 /// Builders of netlink bytes as the kernel sends them, for the tests of this crate.
 #[cfg(test)]
 pub(crate) mod bytes {
-    use super::{NLMSG_HDRLEN, align4};
+    use netlink_packet_core::{
+        DefaultNla, Emitable, NLA_F_NESTED, NLM_F_MULTIPART, NLMSG_DONE, NetlinkHeader,
+    };
+
+    use super::align4;
 
     /// The sequence number of every message [`message`] builds.
     pub const SEQ: u32 = 7;
-    pub const NLA_F_NESTED: u16 = 0x8000;
+    const NLMSG_HDRLEN: usize = 16;
 
     pub fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
-        let mut bytes = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
-        bytes.extend_from_slice(&kind.to_ne_bytes());
-        bytes.extend_from_slice(value);
-        bytes.resize(align4(bytes.len()), 0);
-        bytes
+        emit(&DefaultNla::new(kind, value.to_vec()))
     }
 
     pub fn nested(kind: u16, children: &[Vec<u8>]) -> Vec<u8> {
@@ -656,13 +462,13 @@ pub(crate) mod bytes {
 
     /// A message of a dump answer (`NLM_F_MULTI`, sequence number [`SEQ`]).
     pub fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
-        let mut bytes = ((NLMSG_HDRLEN + payload.len()) as u32)
-            .to_ne_bytes()
-            .to_vec();
-        bytes.extend_from_slice(&kind.to_ne_bytes());
-        bytes.extend_from_slice(&(libc::NLM_F_MULTI as u16).to_ne_bytes());
-        bytes.extend_from_slice(&SEQ.to_ne_bytes());
-        bytes.extend_from_slice(&1234u32.to_ne_bytes());
+        let mut header = NetlinkHeader::default();
+        header.length = (NLMSG_HDRLEN + payload.len()) as u32;
+        header.message_type = kind;
+        header.flags = NLM_F_MULTIPART;
+        header.sequence_number = SEQ;
+        header.port_number = 1234;
+        let mut bytes = emit(&header);
         bytes.extend_from_slice(payload);
         bytes.resize(align4(bytes.len()), 0);
         bytes
@@ -670,61 +476,55 @@ pub(crate) mod bytes {
 
     /// The `NLMSG_DONE` that ends a dump, reporting `code` (0, or a negative errno).
     pub fn done_with(code: i32) -> Vec<u8> {
-        message(libc::NLMSG_DONE as u16, &code.to_ne_bytes())
+        message(NLMSG_DONE, &code.to_ne_bytes())
     }
 
     pub fn done() -> Vec<u8> {
         done_with(0)
+    }
+
+    fn emit(item: &impl Emitable) -> Vec<u8> {
+        let mut bytes = vec![0; item.buffer_len()];
+        item.emit(&mut bytes);
+        bytes
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::{bytes::*, *};
+    use netlink_packet_core::{NLMSG_ERROR, NLMSG_NOOP};
+    use netlink_packet_route::{
+        address::AddressMessage,
+        route::{RouteHeader, RouteMessage},
+    };
 
-    const RTM_NEWADDR: u16 = 20;
-    const RTM_NEWROUTE: u16 = 24;
-    const IFLA_MTU: u16 = 4;
-    const RTA_GATEWAY: u16 = 5;
+    const RTM_GETROUTE: u16 = 26;
 
-    fn parse<T>(
-        data: &[u8],
-        parse: impl FnMut(Message<'_>) -> Result<Option<T>, NetlinkError>,
-    ) -> Result<(bool, Vec<T>), NetlinkError> {
-        let mut items = Vec::new();
-        let done = parse_datagram(data, SEQ, collect(&mut items, parse))?;
-        Ok((done, items))
+    /// The bytes of an `RTM_NEWLINK` of link `index`, named `name` when given, as the kernel
+    /// sends it in a dump (sequence number [`SEQ`]).
+    fn link_message(index: u32, name: Option<&str>) -> Vec<u8> {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.attributes.push(LinkAttribute::Mtu(1500));
+        link.attributes
+            .extend(name.map(|name| LinkAttribute::IfName(name.into())));
+        let mut header = NetlinkHeader::default();
+        header.sequence_number = SEQ;
+        let mut message = NetlinkMessage::new(header, RouteNetlinkMessage::NewLink(link).into());
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        bytes
     }
 
-    fn link_message(index: u32, attributes: &[Vec<u8>]) -> Vec<u8> {
-        let mut payload = vec![libc::AF_UNSPEC as u8, 0, 1, 0]; // family, pad, ARPHRD_ETHER
-        payload.extend(index.to_ne_bytes());
-        payload.extend([0; 8]); // flags, change
-        payload.extend(attributes.concat());
-        message(RTM_NEWLINK, &payload)
-    }
-
-    fn address_message(family: i32, index: u32, attributes: &[Vec<u8>]) -> Vec<u8> {
-        let mut payload = vec![family as u8, 24, 0, 0];
-        payload.extend(index.to_ne_bytes());
-        payload.extend(attributes.concat());
-        message(RTM_NEWADDR, &payload)
-    }
-
-    fn route_message(family: i32, prefix_len: u8, table: u8, attributes: &[Vec<u8>]) -> Vec<u8> {
-        // family, dst_len, src_len, tos, table, protocol (boot), scope (link), type (unicast).
-        let mut payload = vec![family as u8, prefix_len, 0, 0, table, 3, 253, 1];
-        payload.extend(0u32.to_ne_bytes()); // flags
-        payload.extend(attributes.concat());
-        message(RTM_NEWROUTE, &payload)
-    }
-
-    /// The bytes of an address as netlink carries it.
-    fn octets(text: &str) -> Vec<u8> {
-        match ip(text) {
-            IpAddr::V4(v4) => v4.octets().to_vec(),
-            IpAddr::V6(v6) => v6.octets().to_vec(),
-        }
+    fn parse_links(data: &[u8], seq: u32) -> Result<(bool, Vec<Link>), NetlinkError> {
+        let mut links = Vec::new();
+        let done = parse_datagram(data, Some(seq), |message| {
+            links.extend(link_of(message));
+            Ok(())
+        })?;
+        Ok((done, links))
     }
 
     fn ip(text: &str) -> IpAddr {
@@ -741,141 +541,136 @@ mod tests {
     #[test]
     fn links_by_name_and_index() {
         let bytes = [
-            link_message(
-                1,
-                &[
-                    attr(IFLA_IFNAME, b"lo\0"),
-                    attr(IFLA_MTU, &65536u32.to_ne_bytes()),
-                ],
-            ),
-            link_message(7, &[attr(IFLA_MTU, &9001u32.to_ne_bytes())]), // no name: left out
-            link_message(12, &[attr(IFLA_IFNAME, b"eni1a2b3c4d5e6\0")]),
+            link_message(1, Some("lo")),
+            link_message(7, None), // no name: left out
+            link_message(12, Some("eni1a2b3c4d5e6")),
             done(),
         ]
         .concat();
-        let (done, links) = parse(&bytes, parse_link).unwrap();
+        let (done, links) = parse_links(&bytes, SEQ).unwrap();
         assert!(done);
         assert_eq!(links, vec![link(1, "lo"), link(12, "eni1a2b3c4d5e6")]);
     }
 
     #[test]
     fn notifications_announce_new_links_whatever_their_sequence_number() {
-        let new_address = address_message(libc::AF_INET, 12, &[attr(IFA_LOCAL, &[10, 0, 0, 5])]);
-        let mut new_link = link_message(12, &[attr(IFLA_IFNAME, b"eni1a2b3c4d5e6\0")]);
+        let mut new_link = link_message(12, Some("eni1a2b3c4d5e6"));
         // Caused by a request with sequence number 99 (`ip link add`).
         new_link[8..12].copy_from_slice(&99u32.to_ne_bytes());
-        let bytes = [new_address, new_link].concat();
+        let bytes = [message(NLMSG_NOOP, &[]), new_link].concat();
         assert_eq!(
             announced_links(&bytes).unwrap(),
             vec![link(12, "eni1a2b3c4d5e6")]
         );
     }
 
+    fn address_message(
+        family: AddressFamily,
+        index: u32,
+        attributes: Vec<AddressAttribute>,
+    ) -> RouteNetlinkMessage {
+        let mut address = AddressMessage::default();
+        address.header.family = family;
+        address.header.index = index;
+        address.attributes = attributes;
+        RouteNetlinkMessage::NewAddress(address)
+    }
+
     #[test]
     fn addresses_prefer_the_local_one() {
-        let bytes = [
-            address_message(
-                libc::AF_INET,
-                2,
-                &[
-                    attr(IFA_ADDRESS, &octets("10.0.0.10")),
-                    attr(IFA_LOCAL, &octets("10.0.0.10")),
-                ],
-            ),
-            // Point-to-point: IFA_ADDRESS is the peer's.
-            address_message(
-                libc::AF_INET,
-                3,
-                &[
-                    attr(IFA_ADDRESS, &octets("10.0.9.1")),
-                    attr(IFA_LOCAL, &octets("10.0.9.2")),
-                ],
-            ),
-            address_message(
-                libc::AF_INET6,
-                2,
-                &[attr(IFA_ADDRESS, &octets("2001:db8::a"))],
-            ),
-            // Not an IP family (AF_MCTP's addresses are one byte): left out, not an error.
-            address_message(45, 4, &[attr(IFA_LOCAL, &[8])]),
-            done(),
-        ]
-        .concat();
-        let (_, addresses) = parse(&bytes, parse_address).unwrap();
-        assert_eq!(
-            addresses,
+        let inet = AddressFamily::Inet;
+        let plain = address_message(
+            inet,
+            2,
             vec![
-                Address {
-                    index: 2,
-                    addr: ip("10.0.0.10")
-                },
-                Address {
-                    index: 3,
-                    addr: ip("10.0.9.2")
-                },
-                Address {
-                    index: 2,
-                    addr: ip("2001:db8::a")
-                },
-            ]
+                AddressAttribute::Address(ip("10.0.0.10")),
+                AddressAttribute::Local(ip("10.0.0.10")),
+            ],
         );
+        // Point-to-point: IFA_ADDRESS is the peer's.
+        let peer = address_message(
+            inet,
+            3,
+            vec![
+                AddressAttribute::Address(ip("10.0.9.1")),
+                AddressAttribute::Local(ip("10.0.9.2")),
+            ],
+        );
+        let v6 = address_message(
+            AddressFamily::Inet6,
+            2,
+            vec![AddressAttribute::Address(ip("2001:db8::a"))],
+        );
+        assert_eq!(
+            address_of(plain, inet),
+            Some(Address {
+                index: 2,
+                addr: ip("10.0.0.10")
+            })
+        );
+        assert_eq!(
+            address_of(peer, inet),
+            Some(Address {
+                index: 3,
+                addr: ip("10.0.9.2")
+            })
+        );
+        // Another family than the one asked for (a kernel without IPv6 answers with all).
+        assert_eq!(address_of(v6.clone(), inet), None);
+        assert_eq!(
+            address_of(v6, AddressFamily::Inet6),
+            Some(Address {
+                index: 2,
+                addr: ip("2001:db8::a")
+            })
+        );
+    }
+
+    fn route_message(table: u8, prefix_len: u8, attributes: Vec<RouteAttribute>) -> RouteMessage {
+        let mut route = RouteMessage::default();
+        route.header.address_family = AddressFamily::Inet;
+        route.header.destination_prefix_length = prefix_len;
+        route.header.table = table;
+        route.attributes = attributes;
+        route
     }
 
     #[test]
     fn routes_of_the_main_table_with_an_interface() {
-        let main = RT_TABLE_MAIN as u8;
+        let main = RouteHeader::RT_TABLE_MAIN;
+        let dst = |text: &str| RouteAttribute::Destination(ip(text).into());
         let pod = route_message(
-            libc::AF_INET,
-            32,
             main,
-            &[
-                attr(RTA_TABLE, &RT_TABLE_MAIN.to_ne_bytes()),
-                attr(RTA_DST, &octets("10.0.1.5")),
-                attr(RTA_OIF, &9u32.to_ne_bytes()),
+            32,
+            vec![
+                RouteAttribute::Table(RT_TABLE_MAIN),
+                dst("10.0.1.5"),
+                RouteAttribute::Oif(9),
             ],
         );
         let default = route_message(
-            libc::AF_INET,
-            0,
             main,
-            &[
-                attr(RTA_GATEWAY, &octets("10.0.0.1")),
-                attr(RTA_OIF, &2u32.to_ne_bytes()),
+            0,
+            vec![
+                RouteAttribute::Gateway(ip("10.0.0.1").into()),
+                RouteAttribute::Oif(2),
             ],
         );
-        let local_table = route_message(
-            libc::AF_INET,
-            32,
-            255,
-            &[
-                attr(RTA_DST, &octets("10.0.0.10")),
-                attr(RTA_OIF, &2u32.to_ne_bytes()),
-            ],
-        );
+        let local_table = route_message(255, 32, vec![dst("10.0.0.10"), RouteAttribute::Oif(2)]);
         // RTA_TABLE overrides rtm_table, which cannot hold ids above 255.
         let big_table = route_message(
-            libc::AF_INET,
+            main,
             32,
-            main,
-            &[
-                attr(RTA_TABLE, &1000u32.to_ne_bytes()),
-                attr(RTA_DST, &octets("10.0.1.6")),
-                attr(RTA_OIF, &9u32.to_ne_bytes()),
+            vec![
+                RouteAttribute::Table(1000),
+                dst("10.0.1.6"),
+                RouteAttribute::Oif(9),
             ],
         );
-        // An MPLS route's RTA_DST is a label, not an address.
-        let mpls = route_message(
-            28,
-            20,
-            main,
-            &[
-                attr(RTA_DST, &[0, 1, 0x41, 0]),
-                attr(RTA_OIF, &9u32.to_ne_bytes()),
-            ],
-        );
-        let bytes = [pod, default, local_table, big_table, mpls, done()].concat();
-        let (done, routes) = parse(&bytes, parse_route).unwrap();
-        assert!(done);
+        let routes: Vec<Route> = [pod, default, local_table, big_table]
+            .into_iter()
+            .filter_map(|route| route_of(RouteNetlinkMessage::NewRoute(route), AddressFamily::Inet))
+            .collect();
         assert_eq!(
             routes,
             vec![Route {
@@ -888,77 +683,31 @@ mod tests {
 
     #[test]
     fn malformed_rtnetlink_is_an_error() {
-        let bad_address = address_message(libc::AF_INET, 2, &[attr(IFA_LOCAL, &[10, 0, 0])]);
-        let error = parse(&bad_address, parse_address).unwrap_err();
+        // An attribute that claims more than the message holds, after a good message.
+        let good = link_message(1, Some("lo"));
+        let mut overlong = link_message(3, Some("eth0"));
+        // The first attribute (IFLA_MTU) follows the nlmsghdr and the 16-byte ifinfomsg.
+        overlong[32..34].copy_from_slice(&64u16.to_ne_bytes());
+        let error = parse_links(&[good.clone(), overlong].concat(), SEQ).unwrap_err();
         assert!(
-            matches!(
-                error,
-                NetlinkError::Malformed {
-                    what: "IP address size",
-                    offset: 28
-                }
-            ),
+            matches!(error, NetlinkError::Malformed { offset, .. } if offset == good.len()),
             "{error}"
         );
-
-        let bad_oif = route_message(
-            libc::AF_INET,
-            32,
-            RT_TABLE_MAIN as u8,
-            &[attr(RTA_DST, &octets("10.0.1.5")), attr(RTA_OIF, &[9, 0])],
-        );
-        assert!(matches!(
-            parse(&bad_oif, parse_route),
-            Err(NetlinkError::Malformed {
-                what: "u32 attribute size",
-                ..
-            })
-        ));
-
-        // An attribute that claims more than the message holds, after a good one: the old
-        // iterator stopped there silently and kept the name.
-        let mut overlong = link_message(
-            3,
-            &[
-                attr(IFLA_IFNAME, b"eth0\0"),
-                attr(IFLA_MTU, &1500u32.to_ne_bytes()),
-            ],
-        );
-        let mtu = NLMSG_HDRLEN + IFINFOMSG_LEN + 12;
-        overlong[mtu..mtu + 2].copy_from_slice(&64u16.to_ne_bytes());
-        let error = parse(&overlong, parse_link).unwrap_err();
         assert!(
-            matches!(
-                error,
-                NetlinkError::Malformed {
-                    what: "nlattr length",
-                    offset
-                } if offset == mtu
-            ),
+            error.to_string().starts_with(&format!(
+                "malformed netlink message at byte {} ",
+                good.len()
+            )),
             "{error}"
         );
-        assert_eq!(
-            error.to_string(),
-            format!("malformed netlink message: nlattr length at byte {mtu} of a datagram")
-        );
-
-        let short = message(RTM_NEWROUTE, &[libc::AF_INET as u8, 32, 0, 0]);
-        assert!(matches!(
-            parse(&short, parse_route),
-            Err(NetlinkError::Malformed { what: "rtmsg", .. })
-        ));
     }
 
     #[test]
     fn truncated_rtnetlink_at_every_offset() {
-        let first = link_message(1, &[attr(IFLA_IFNAME, b"lo\0")]);
-        let bytes = [
-            first.clone(),
-            link_message(2, &[attr(IFLA_IFNAME, b"eth0\0")]),
-        ]
-        .concat();
+        let first = link_message(1, Some("lo"));
+        let bytes = [first.clone(), link_message(2, Some("eth0"))].concat();
         for cut in 0..bytes.len() {
-            match parse(&bytes[..cut], parse_link) {
+            match parse_links(&bytes[..cut], SEQ) {
                 Ok((false, _)) if cut == 0 || cut == first.len() => {}
                 Err(NetlinkError::Malformed { .. }) if cut != 0 && cut != first.len() => {}
                 other => panic!("cut at {cut}: {other:?}"),
@@ -969,15 +718,15 @@ mod tests {
     #[test]
     fn control_messages_and_dump_results() {
         // NOOP and a zero nlmsgerr (an ack) are stepped over.
-        let noop = message(libc::NLMSG_NOOP as u16, &[]);
-        let ack = message(libc::NLMSG_ERROR as u16, &0i32.to_ne_bytes());
-        let lo = link_message(1, &[attr(IFLA_IFNAME, b"lo\0")]);
-        let (ended, links) = parse(&[noop, ack, lo, done()].concat(), parse_link).unwrap();
+        let noop = message(NLMSG_NOOP, &[]);
+        let ack = message(NLMSG_ERROR, &0i32.to_ne_bytes());
+        let lo = link_message(1, Some("lo"));
+        let (ended, links) = parse_links(&[noop, ack, lo, done()].concat(), SEQ).unwrap();
         assert!(ended);
         assert_eq!(links, vec![link(1, "lo")]);
 
         // A dump the kernel gave up on ends in NLMSG_DONE with a negative errno.
-        let error = parse(&done_with(-libc::EMSGSIZE), parse_link).unwrap_err();
+        let error = parse_links(&done_with(-libc::EMSGSIZE), SEQ).unwrap_err();
         assert!(
             matches!(
                 error,
@@ -990,7 +739,25 @@ mod tests {
         );
         assert!(error.to_string().contains("Message too long"), "{error}");
 
-        let error = parse_datagram(&done(), SEQ + 1, |_| Ok(())).unwrap_err();
+        let mut refused = (-libc::EPERM).to_ne_bytes().to_vec();
+        // nlmsgerr echoes the request.
+        refused.extend(dump_request(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            SEQ,
+        ));
+        let error = parse_links(&message(NLMSG_ERROR, &refused), SEQ).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                NetlinkError::Kernel {
+                    code: libc::EPERM,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+
+        let error = parse_links(&done(), SEQ + 1).unwrap_err();
         assert!(matches!(
             error,
             NetlinkError::Sequence {
@@ -1001,39 +768,19 @@ mod tests {
     }
 
     #[test]
-    fn nested_attributes_and_their_offsets() {
-        let inner = [attr(1, &[5]), attr(2, &443u16.to_be_bytes())];
-        let data = [attr(9, b"x"), nested(3, &inner)].concat();
-        let attrs: Vec<Attr<'_>> = Attributes::new(&data, 100).map(Result::unwrap).collect();
-        assert_eq!(
-            attrs.iter().map(|a| (a.kind, a.offset)).collect::<Vec<_>>(),
-            vec![(9, 104), (3, 112)]
-        );
-        let children: Vec<Attr<'_>> = attrs[1].nested().map(Result::unwrap).collect();
-        assert_eq!((children[0].kind, children[0].offset), (1, 116));
-        assert_eq!(children[0].u8().unwrap(), 5);
-        assert_eq!(children[1].be16().unwrap(), 443);
-        assert!(matches!(
-            children[1].u32(),
-            Err(NetlinkError::Malformed {
-                what: "u32 attribute size",
-                offset: 124
-            })
-        ));
-    }
-
-    #[test]
     fn request_bytes() {
-        let request = dump_request(RTM_GETROUTE, 3, &[libc::AF_INET as u8, 0]);
-        assert_eq!(request.len(), 20);
-        assert_eq!(request[..4], 18u32.to_ne_bytes());
+        let mut route = RouteMessage::default();
+        route.header.address_family = AddressFamily::Inet;
+        let request = dump_request(RouteNetlinkMessage::GetRoute(route), 3);
+        // nlmsghdr, then the 12-byte rtmsg.
+        assert_eq!(request.len(), 28);
+        assert_eq!(request[..4], 28u32.to_ne_bytes());
         assert_eq!(request[4..6], RTM_GETROUTE.to_ne_bytes());
-        assert_eq!(
-            request[6..8],
-            ((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes()
-        );
+        assert_eq!(request[6..8], (NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
         assert_eq!(request[8..12], 3u32.to_ne_bytes());
-        assert_eq!(request[16..], [libc::AF_INET as u8, 0, 0, 0]);
+        assert_eq!(request[16], libc::AF_INET as u8);
+        // Table 0 (RT_TABLE_UNSPEC): every table is dumped.
+        assert_eq!(request[20], 0);
     }
 
     /// The dumps of this process's own namespace, through a real socket: every namespace has a
@@ -1048,9 +795,10 @@ mod tests {
         // One socket serves several dumps, each with its own sequence number.
         let mut socket = Socket::open(Protocol::Route).unwrap();
         for _ in 0..3 {
-            let again = socket
-                .dump(RTM_GETLINK, &[0; IFINFOMSG_LEN], parse_link)
+            let answer: Vec<RouteNetlinkMessage> = socket
+                .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
                 .unwrap();
+            let again: Vec<Link> = answer.into_iter().filter_map(link_of).collect();
             assert!(again.iter().any(|link| link.name == "lo"), "{again:?}");
         }
     }

@@ -115,7 +115,7 @@ pub fn on_fresh_node_with_table(
 }
 
 /// Runs `ip` from the calling thread, so that it works in that thread's namespace.
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     let status = Command::new("ip").args(args).status();
     assert!(
         status.as_ref().is_ok_and(|status| status.success()),
