@@ -4,8 +4,8 @@
 //! (`kubernetes`). Facts that cannot all be true are [`Contradiction`]s: classifying with them
 //! would be a guess.
 pub mod cidr;
-pub mod endpoint;
-pub mod imds;
+pub(crate) mod endpoint;
+pub(crate) mod imds;
 pub mod kubernetes;
 use std::{
     collections::HashSet,

@@ -2,7 +2,7 @@
 //! read the flow table and the datapath counters.
 pub mod discovery;
 pub mod netlink;
-pub mod privileges;
+pub(crate) mod privileges;
 use std::{
     collections::HashMap,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},

@@ -62,7 +62,8 @@ const MEMCG_ACCOUNTING: KernelVersion = KernelVersion::new(5, 11, 0);
 pub struct CapSet(pub u64);
 
 impl CapSet {
-    pub fn of(capabilities: &[Capability]) -> CapSet {
+    #[cfg(test)]
+    fn of(capabilities: &[Capability]) -> CapSet {
         CapSet(capabilities.iter().fold(0, |set, cap| set | 1 << cap.bit))
     }
 

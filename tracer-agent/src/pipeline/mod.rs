@@ -21,7 +21,7 @@
 //! ```
 mod feed;
 pub mod readiness;
-pub mod restart;
+pub(crate) mod restart;
 pub mod snapshot;
 use std::{
     collections::{BTreeSet, HashSet},

@@ -2,7 +2,7 @@
 //! `/api/v1/flows`), `/healthz` and `/readyz`, all answered from the latest snapshot.
 pub mod api;
 pub mod export;
-pub mod process;
+pub(crate) mod process;
 use std::sync::Arc;
 
 use axum::{
