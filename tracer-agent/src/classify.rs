@@ -112,27 +112,27 @@ label_enum!(
 impl Rule {
     pub fn describe(self) -> &'static str {
         match self {
-            Rule::Imds => "the responder is the instance metadata service",
-            Rule::Kubelet => {
+            Self::Imds => "the responder is the instance metadata service",
+            Self::Kubelet => {
                 "an EKS-owned control-plane ENI calling this node's kubelet port 10250 is controlplane_to_kubelet"
             }
-            Rule::ApiServer => {
+            Self::ApiServer => {
                 "an API server address is the responder: endpoint private if it lies in a VPC CIDR, public otherwise"
             }
-            Rule::Dns => {
+            Self::Dns => {
                 "port 53 of the cluster DNS service, or of a pod or VPC address asked directly, is pod_to_dns"
             }
-            Rule::Dnat => {
+            Self::Dnat => {
                 "the node's DNAT (a ClusterIP or NodePort) rewrote the destination to a backend of no more specific class"
             }
-            Rule::UntranslatedClusterIp => {
+            Self::UntranslatedClusterIp => {
                 "a ClusterIP that no DNAT rewrote (no ready backend, or a hypothetical flow): pod_to_service; live connections take the class of their backend"
             }
-            Rule::KubernetesService => {
+            Self::KubernetesService => {
                 "the `kubernetes` ClusterIP on :443 is DNATed to the EKS-owned ENIs: pod_to_apiserver through the private endpoint"
             }
-            Rule::Ends => "decided by what the two ends are",
-            Rule::NoneFits => "no rule of the taxonomy fits these two ends",
+            Self::Ends => "decided by what the two ends are",
+            Self::NoneFits => "no rule of the taxonomy fits these two ends",
         }
     }
 }

@@ -126,13 +126,13 @@ impl Crafted {
 }
 
 impl Frame {
-    fn new(src: IpAddr, dst: IpAddr, transport: Transport) -> Frame {
+    fn new(src: IpAddr, dst: IpAddr, transport: Transport) -> Self {
         assert_eq!(
             src.is_ipv4(),
             dst.is_ipv4(),
             "both ends of a frame must have the same IP version"
         );
-        Frame {
+        Self {
             src,
             dst,
             transport,
@@ -146,44 +146,44 @@ impl Frame {
     }
 
     /// A TCP segment with the given flag bits (`tracer_common::TCP_*`).
-    pub fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8) -> Frame {
+    pub fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8) -> Self {
         let transport = Transport::Tcp {
             src: src.port(),
             dst: dst.port(),
             flags,
             options: Vec::new(),
         };
-        Frame::new(src.ip(), dst.ip(), transport)
+        Self::new(src.ip(), dst.ip(), transport)
     }
 
-    pub fn udp(src: SocketAddr, dst: SocketAddr) -> Frame {
+    pub fn udp(src: SocketAddr, dst: SocketAddr) -> Self {
         let transport = Transport::Udp {
             src: src.port(),
             dst: dst.port(),
         };
-        Frame::new(src.ip(), dst.ip(), transport)
+        Self::new(src.ip(), dst.ip(), transport)
     }
 
     /// ICMP for IPv4 addresses, ICMPv6 for IPv6 ones.
-    pub fn icmp(src: IpAddr, dst: IpAddr, message: Icmp) -> Frame {
-        Frame::new(src, dst, Transport::Icmp(message))
+    pub fn icmp(src: IpAddr, dst: IpAddr, message: Icmp) -> Self {
+        Self::new(src, dst, Transport::Icmp(message))
     }
 
     /// Adds a VLAN tag inside those already added (`ETH_P_8021AD` outer, `ETH_P_8021Q` inner).
-    pub fn vlan(mut self, tpid: u16, vid: u16) -> Frame {
+    pub fn vlan(mut self, tpid: u16, vid: u16) -> Self {
         self.vlans.push((tpid, vid));
         self
     }
 
     /// IPv4 options, padded with zeros (end of options) to a multiple of 4 bytes.
-    pub fn ipv4_options(mut self, options: &[u8]) -> Frame {
+    pub fn ipv4_options(mut self, options: &[u8]) -> Self {
         assert!(self.src.is_ipv4(), "IPv4 options on an IPv6 frame");
         self.ipv4_options = padded(options);
         self
     }
 
     /// Appends an IPv6 extension header to the chain (a fragment header, if any, comes last).
-    pub fn ext_header(mut self, header: ExtHeader) -> Frame {
+    pub fn ext_header(mut self, header: ExtHeader) -> Self {
         assert!(self.src.is_ipv6(), "IPv6 extension header on an IPv4 frame");
         self.ext_headers.push(header);
         self
@@ -191,13 +191,13 @@ impl Frame {
 
     /// Makes the frame a fragment: IPv4 header fields, or an IPv6 fragment header. A fragment
     /// with a non-zero offset carries no L4 header, only payload, as on the wire.
-    pub fn fragment(mut self, fragment: Fragment) -> Frame {
+    pub fn fragment(mut self, fragment: Fragment) -> Self {
         self.fragment = Some(fragment);
         self
     }
 
     /// TCP options, padded with zeros to a multiple of 4 bytes (the data offset follows).
-    pub fn tcp_options(mut self, new_options: &[u8]) -> Frame {
+    pub fn tcp_options(mut self, new_options: &[u8]) -> Self {
         match &mut self.transport {
             Transport::Tcp { options, .. } => *options = padded(new_options),
             other => panic!("TCP options on {other:?}"),
@@ -206,14 +206,14 @@ impl Frame {
     }
 
     /// Bytes of (zero) data after the headers.
-    pub fn payload(mut self, len: usize) -> Frame {
+    pub fn payload(mut self, len: usize) -> Self {
         self.payload = len;
         self
     }
 
     /// Pads the frame with zeros after the IP datagram up to `len` bytes, as Ethernet pads
     /// short frames to 60 bytes (the IP length then says how much is real).
-    pub fn pad_to(mut self, len: usize) -> Frame {
+    pub fn pad_to(mut self, len: usize) -> Self {
         self.min_len = len;
         self
     }

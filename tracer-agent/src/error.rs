@@ -13,8 +13,8 @@ pub enum AgentError {
 impl AgentError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            AgentError::Config(_) => 2,
-            AgentError::Runtime(_) => 1,
+            Self::Config(_) => 2,
+            Self::Runtime(_) => 1,
         }
     }
 }

@@ -11,7 +11,7 @@
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    DecodeError, ErrorContext, NetlinkDeserializable, NetlinkHeader, NetlinkSerializable,
+    DecodeError, ErrorContext as _, NetlinkDeserializable, NetlinkHeader, NetlinkSerializable,
     NlasIterator, parse_ip, parse_u8, parse_u16_be,
 };
 
@@ -30,8 +30,8 @@ pub struct Tuple {
 
 impl Tuple {
     /// The same flow seen from the other end.
-    pub fn inverse(&self) -> Tuple {
-        Tuple {
+    pub fn inverse(&self) -> Self {
+        Self {
             src: self.dst,
             dst: self.src,
             proto: self.proto,
@@ -117,7 +117,7 @@ pub struct Conntrack {
 
 impl Conntrack {
     pub fn open() -> Result<Self, ConntrackError> {
-        Ok(Conntrack {
+        Ok(Self {
             socket: Socket::open(Protocol::Netfilter)?,
         })
     }

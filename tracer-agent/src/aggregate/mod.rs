@@ -36,7 +36,7 @@ pub struct Totals {
 }
 
 impl Totals {
-    pub fn add(&mut self, other: &Totals) {
+    pub fn add(&mut self, other: &Self) {
         self.forward_packets += other.forward_packets;
         self.forward_bytes += other.forward_bytes;
         self.reply_packets += other.reply_packets;
@@ -126,10 +126,10 @@ pub enum TcpState {
 impl TcpState {
     pub const fn as_str(self) -> &'static str {
         match self {
-            TcpState::Established => "established",
-            TcpState::SynSent => "syn_sent",
-            TcpState::Unanswered => "unanswered",
-            TcpState::Reset => "reset",
+            Self::Established => "established",
+            Self::SynSent => "syn_sent",
+            Self::Unanswered => "unanswered",
+            Self::Reset => "reset",
         }
     }
 }
@@ -195,8 +195,8 @@ pub struct NatTable {
 impl NatTable {
     /// An empty table with room for the facts of `pending` connections (most have no NAT):
     /// sized at once, it is never rehashed, which holds two copies for a moment.
-    pub fn for_pending(pending: &HashSet<&FlowKey>) -> NatTable {
-        NatTable {
+    pub fn for_pending(pending: &HashSet<&FlowKey>) -> Self {
+        Self {
             original: HashMap::with_capacity(pending.len()),
             translated: HashMap::new(),
         }
@@ -306,8 +306,8 @@ pub struct Aggregator {
 pub const DEFAULT_SYN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl Default for Aggregator {
-    fn default() -> Aggregator {
-        Aggregator::new(DEFAULT_SYN_TIMEOUT)
+    fn default() -> Self {
+        Self::new(DEFAULT_SYN_TIMEOUT)
     }
 }
 
@@ -354,8 +354,8 @@ impl Unread {
 }
 
 impl Aggregator {
-    pub fn new(syn_timeout: std::time::Duration) -> Aggregator {
-        Aggregator {
+    pub fn new(syn_timeout: std::time::Duration) -> Self {
+        Self {
             tracked: HashMap::new(),
             syn_timeout_ns: syn_timeout.as_nanos() as u64,
             report_connection_bytes: false,

@@ -68,12 +68,12 @@ pub struct WorkloadTallies {
 
 impl WorkloadBytes {
     pub fn new(top_k: usize) -> Self {
-        WorkloadBytes::resume(top_k, WorkloadTallies::default())
+        Self::resume(top_k, WorkloadTallies::default())
     }
 
     /// Goes on from a predecessor's tallies.
     pub fn resume(top_k: usize, carried: WorkloadTallies) -> Self {
-        let mut workloads = WorkloadBytes {
+        let mut workloads = Self {
             top_k,
             counts: carried,
             named: HashSet::new(),

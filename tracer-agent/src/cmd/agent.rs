@@ -90,8 +90,8 @@ enum Signal {
 impl Signal {
     fn name(self) -> &'static str {
         match self {
-            Signal::Terminate => "SIGTERM",
-            Signal::Interrupt => "SIGINT",
+            Self::Terminate => "SIGTERM",
+            Self::Interrupt => "SIGINT",
         }
     }
 }

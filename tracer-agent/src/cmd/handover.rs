@@ -12,7 +12,7 @@ use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Pod};
 use kube::Api;
 
 /// How long the agent waits for both answers, within the pod's termination grace period.
-pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The pod this agent runs in (`--pod-name`, `--pod-namespace`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,7 +22,7 @@ pub struct PodIdentity {
 }
 
 /// What the agent needs to ask; missing any of it, it stops cleanly (the reason says which).
-pub struct Asker {
+pub(crate) struct Asker {
     config: kube::Config,
     pod: PodIdentity,
 }
@@ -30,16 +30,16 @@ pub struct Asker {
 impl Asker {
     /// Whether a handover can be asked about at all: pinned, with the Kubernetes context and
     /// knowing the agent's own pod.
-    pub fn new(
+    pub(crate) fn new(
         pinned: bool,
         kubernetes: Option<&kube::Config>,
         pod: Option<PodIdentity>,
-    ) -> Result<Asker, CleanStop> {
+    ) -> Result<Self, CleanStop> {
         match (pinned, kubernetes, pod) {
             (false, ..) => Err(CleanStop::NotPinned),
             (true, None, _) => Err(CleanStop::NoKubernetes),
             (true, Some(_), None) => Err(CleanStop::NoPodIdentity),
-            (true, Some(config), Some(pod)) => Ok(Asker {
+            (true, Some(config), Some(pod)) => Ok(Self {
                 config: config.clone(),
                 pod,
             }),
@@ -47,7 +47,7 @@ impl Asker {
     }
 
     /// Asks the API server, within [`ASK_TIMEOUT`], whether the owner DaemonSet stands.
-    pub async fn ask(&self) -> Stop {
+    pub(crate) async fn ask(&self) -> Stop {
         let answer = tokio::time::timeout(ASK_TIMEOUT, self.owner())
             .await
             .unwrap_or_else(|_| {
@@ -85,7 +85,7 @@ impl Asker {
 
 /// What the API server said about the agent's owner.
 #[derive(Debug)]
-pub enum Owner {
+pub(crate) enum Owner {
     /// The pod has no DaemonSet among its owners (run by hand, or by another controller).
     NotDaemonSet { pod: String },
     /// The owner DaemonSet (`namespace/name`), as a GET found it: `None` when it is gone (404).
@@ -97,7 +97,7 @@ pub enum Owner {
 
 /// How the agent stops.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Stop {
+pub(crate) enum Stop {
     /// The DaemonSet (`namespace/name`) stands: leave the datapath pinned for its next pod.
     HandOver {
         daemonset: String,
@@ -107,7 +107,7 @@ pub enum Stop {
 
 /// Why the agent detaches and removes its pins and state.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum CleanStop {
+pub(crate) enum CleanStop {
     #[error("no --pin-path: nothing to hand over")]
     NotPinned,
     #[error(
@@ -129,7 +129,7 @@ pub enum CleanStop {
 }
 
 /// The name of the DaemonSet among `pod`'s owners.
-pub fn daemonset_owner(pod: &Pod) -> Option<String> {
+pub(crate) fn daemonset_owner(pod: &Pod) -> Option<String> {
     pod.metadata
         .owner_references
         .iter()
@@ -139,7 +139,7 @@ pub fn daemonset_owner(pod: &Pod) -> Option<String> {
 }
 
 /// Hands over only when the owner DaemonSet is known to stand; every doubt stops cleanly.
-pub fn decide(answer: Result<Owner, String>) -> Stop {
+pub(crate) fn decide(answer: Result<Owner, String>) -> Stop {
     let clean = match answer {
         Err(reason) => CleanStop::Unanswered { reason },
         Ok(Owner::NotDaemonSet { pod }) => CleanStop::NotDaemonSet { pod },

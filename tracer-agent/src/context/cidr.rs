@@ -32,7 +32,7 @@ impl Cidr {
     }
 
     /// Whether some address lies in both blocks (one contains the other's network address).
-    pub fn overlaps(&self, other: &Cidr) -> bool {
+    pub fn overlaps(&self, other: &Self) -> bool {
         self.contains(other.addr) || other.contains(self.addr)
     }
 }
@@ -62,7 +62,7 @@ fn max_prefix(addr: IpAddr) -> u8 {
 impl FromStr for Cidr {
     type Err = CidrError;
 
-    fn from_str(text: &str) -> Result<Cidr, CidrError> {
+    fn from_str(text: &str) -> Result<Self, CidrError> {
         let syntax = || CidrError::Syntax(text.to_owned());
         let (addr, prefix_len) = text.split_once('/').ok_or_else(syntax)?;
         let addr: IpAddr = addr.parse().map_err(|_| syntax())?;
@@ -71,7 +71,7 @@ impl FromStr for Cidr {
             return Err(CidrError::PrefixTooLong(text.to_owned()));
         }
         let network = masked(addr, prefix_len);
-        let cidr = Cidr {
+        let cidr = Self {
             addr: network,
             prefix_len,
         };

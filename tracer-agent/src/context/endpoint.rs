@@ -5,18 +5,18 @@
 //! short period, in a thread of its own: `getaddrinfo` blocks.
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, ToSocketAddrs},
+    net::{IpAddr, ToSocketAddrs as _},
     time::Duration,
 };
 
 use tokio::sync::watch;
 
 /// The latest answer: the addresses, or why the name did not resolve.
-pub type Resolution = Result<BTreeSet<IpAddr>, String>;
+pub(crate) type Resolution = Result<BTreeSet<IpAddr>, String>;
 
 /// Resolves `host` now and every `period`, publishing each answer that differs from the last.
 /// The thread ends when the receiver is dropped.
-pub fn spawn_resolver(host: String, period: Duration) -> watch::Receiver<Resolution> {
+pub(crate) fn spawn_resolver(host: String, period: Duration) -> watch::Receiver<Resolution> {
     let (sender, receiver) = watch::channel(Err(format!("{host} not resolved yet")));
     std::thread::spawn(move || {
         while !sender.is_closed() {
@@ -33,7 +33,7 @@ pub fn spawn_resolver(host: String, period: Duration) -> watch::Receiver<Resolut
 }
 
 /// Resolves `host` once, as the node's resolver answers now.
-pub fn resolve(host: &str) -> Resolution {
+pub(crate) fn resolve(host: &str) -> Resolution {
     (host, 443)
         .to_socket_addrs()
         .map(|addrs| addrs.map(|addr| addr.ip()).collect())

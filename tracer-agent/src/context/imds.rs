@@ -7,7 +7,7 @@
 //! bounded in time and size.
 use std::{
     fmt::Display,
-    io::{self, Read, Write},
+    io::{self, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     str::FromStr,
     time::{Duration, Instant},
@@ -19,7 +19,7 @@ use crate::context::cidr::Cidr;
 
 /// What IMDS says about this node and its VPC.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeMetadata {
+pub(crate) struct NodeMetadata {
     pub instance_id: String,
     pub availability_zone: String,
     /// The primary private IP: the address pod egress is SNATed to.
@@ -34,7 +34,7 @@ pub struct NodeMetadata {
 
 /// An ENI attached to the instance.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Interface {
+pub(crate) struct Interface {
     pub mac: String,
     pub interface_id: String,
     pub device_number: u32,
@@ -45,7 +45,7 @@ pub struct Interface {
 /// What went wrong with IMDS, worded as the cause in a sentence that names IMDS and its
 /// address ("IMDS at … has not given …: connection refused").
 #[derive(Debug, thiserror::Error)]
-pub enum ImdsError {
+pub(crate) enum ImdsError {
     /// The connection failed: refused, reset, unreachable.
     #[error("{}", connection_failure(.source))]
     Unreachable { path: String, source: io::Error },
@@ -58,9 +58,9 @@ pub enum ImdsError {
 }
 
 /// IMDS answers in milliseconds; a second means it is not there (not on EC2, or blocked).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the agent waits before asking IMDS again after a failure.
-pub const RETRY: Duration = Duration::from_secs(5);
+pub(crate) const RETRY: Duration = Duration::from_secs(5);
 
 const TOKEN_PATH: &str = "/latest/api/token";
 const TOKEN_TTL_HEADER: &str = "X-aws-ec2-metadata-token-ttl-seconds";
@@ -75,20 +75,20 @@ const MAX_RESPONSE: usize = 64 * 1024;
 
 /// A blocking IMDS client; each request gets `timeout` in all (connect, write and read).
 #[derive(Clone, Debug)]
-pub struct ImdsClient {
+pub(crate) struct ImdsClient {
     base: SocketAddr,
     timeout: Duration,
 }
 
 impl ImdsClient {
-    pub fn new(base: SocketAddr, timeout: Duration) -> Self {
-        ImdsClient { base, timeout }
+    pub(crate) fn new(base: SocketAddr, timeout: Duration) -> Self {
+        Self { base, timeout }
     }
 
     /// IMDSv2 first (a session token from `PUT /latest/api/token`, sent with every GET); falls
     /// back to IMDSv1 (no token) when the PUT is refused with 403/404/405 or times out, as on
     /// instances or proxies that do not speak v2.
-    pub fn fetch(&self) -> Result<NodeMetadata, ImdsError> {
+    pub(crate) fn fetch(&self) -> Result<NodeMetadata, ImdsError> {
         let token = self.token()?;
         let session = Session {
             client: self,
@@ -270,13 +270,13 @@ impl Session<'_> {
 }
 
 /// The VPC's CIDR blocks as IMDS gave them, or why it has not yet (an [`ImdsError`] in words).
-pub type VpcCidrs = Result<Vec<Cidr>, String>;
+pub(crate) type VpcCidrs = Result<Vec<Cidr>, String>;
 
 /// Asks IMDS for the VPC's CIDR blocks in a thread of its own (the client blocks), every
 /// [`RETRY`] until it answers, publishing each attempt's outcome: the cause of the latest
 /// failure is what readiness shows. The thread ends with the answer, or when the receiver is
 /// dropped.
-pub fn spawn_vpc_lookup(client: ImdsClient) -> watch::Receiver<VpcCidrs> {
+pub(crate) fn spawn_vpc_lookup(client: ImdsClient) -> watch::Receiver<VpcCidrs> {
     let (sender, receiver) = watch::channel(Err("no answer yet".to_owned()));
     std::thread::spawn(move || {
         loop {
@@ -295,7 +295,7 @@ pub fn spawn_vpc_lookup(client: ImdsClient) -> watch::Receiver<VpcCidrs> {
 
 /// The readiness sentence while the VPC CIDRs are missing: where they were asked, the latest
 /// cause, and what the agent and the operator can do about it.
-pub fn vpc_cidrs_missing(imds: SocketAddr, cause: &str) -> String {
+pub(crate) fn vpc_cidrs_missing(imds: SocketAddr, cause: &str) -> String {
     format!(
         "IMDS at {imds} has not given the VPC CIDRs: {cause} (retrying every {}; or pass --vpc-cidr); until then remote and external traffic is labelled unknown",
         seconds(RETRY)

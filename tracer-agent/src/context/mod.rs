@@ -139,10 +139,10 @@ impl NodeContext {
         }
         match self.side(addr) {
             Side::LocalPod => {
-                fact("is a pod of this node (a /32 route leads to a pod interface)".to_owned())
+                fact("is a pod of this node (a /32 route leads to a pod interface)".to_owned());
             }
             Side::Node => {
-                fact("is an address of this node (an ENI address that is no pod's)".to_owned())
+                fact("is an address of this node (an ENI address that is no pod's)".to_owned());
             }
             Side::LinkLocal => fact("is loopback or link-local".to_owned()),
             Side::Service | Side::Unclear | Side::Vpc | Side::External => {}

@@ -21,8 +21,8 @@ pub enum InterfaceKind {
 impl InterfaceKind {
     pub fn as_str(self) -> &'static str {
         match self {
-            InterfaceKind::Pod => "pod",
-            InterfaceKind::Node => "node",
+            Self::Pod => "pod",
+            Self::Node => "node",
         }
     }
 }

@@ -76,17 +76,17 @@ pub enum AttachMode {
 
 impl AttachMode {
     /// tcx where the kernel has it, clsact before 6.6.
-    pub fn for_running_kernel() -> AttachMode {
+    pub fn for_running_kernel() -> Self {
         match KernelVersion::current() {
-            Ok(version) if version >= KernelVersion::new(6, 6, 0) => AttachMode::Tcx,
-            _ => AttachMode::Clsact,
+            Ok(version) if version >= KernelVersion::new(6, 6, 0) => Self::Tcx,
+            _ => Self::Clsact,
         }
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
-            AttachMode::Tcx => "tcx",
-            AttachMode::Clsact => "clsact",
+            Self::Tcx => "tcx",
+            Self::Clsact => "clsact",
         }
     }
 }
@@ -212,11 +212,11 @@ pub struct Pins {
 }
 
 /// `BPF_FS_MAGIC`, the `statfs` type of a bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
 
 impl Pins {
     /// Creates `dir` if needed; it must be on a bpffs.
-    pub fn new(dir: &Path) -> Result<Pins, DatapathError> {
+    pub fn new(dir: &Path) -> Result<Self, DatapathError> {
         let pin_error = |message: String| DatapathError::Pin {
             path: dir.to_owned(),
             message,
@@ -229,12 +229,13 @@ impl Pins {
         if unsafe { libc::statfs(c_path.as_ptr(), &mut stats) } != 0 {
             return Err(pin_error(std::io::Error::last_os_error().to_string()));
         }
-        if stats.f_type as i64 != BPF_FS_MAGIC {
+        // `f_type` is 32 or 64 bits wide depending on the target; the magic fits in 32.
+        if stats.f_type as u32 != BPF_FS_MAGIC {
             return Err(pin_error(
                 "not on a bpffs (mount one: mount -t bpf bpf /sys/fs/bpf)".to_owned(),
             ));
         }
-        Ok(Pins {
+        Ok(Self {
             dir: dir.to_owned(),
         })
     }
@@ -338,8 +339,8 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the programs into the kernel with a flow table of `flow_table_size` entries.
-    pub fn load(flow_table_size: u32, mode: AttachMode) -> Result<Datapath, DatapathError> {
-        Datapath::load_pinned(flow_table_size, mode, None, None)
+    pub fn load(flow_table_size: u32, mode: AttachMode) -> Result<Self, DatapathError> {
+        Self::load_pinned(flow_table_size, mode, None, None)
     }
 
     /// Loads the programs with their maps pinned in `pins`, reusing the pinned ones when they
@@ -349,7 +350,7 @@ impl Datapath {
         mode: AttachMode,
         pins: Option<Pins>,
         resume: Option<u32>,
-    ) -> Result<Datapath, DatapathError> {
+    ) -> Result<Self, DatapathError> {
         raise_memlock_limit();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(FLOWS_MAP, flow_table_size);
@@ -373,7 +374,7 @@ impl Datapath {
                 name: FLOWS_MAP,
                 source,
             })?;
-        Ok(Datapath {
+        Ok(Self {
             ebpf,
             mode,
             attached: HashMap::new(),

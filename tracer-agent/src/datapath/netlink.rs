@@ -8,11 +8,11 @@
 //! the rtnetlink messages; [`Socket`] adds what the agent relies on: a receive timeout, typed
 //! errors, sequence checks and dumps read datagram by datagram. It also serves the conntrack
 //! dump over `NETLINK_NETFILTER` (see `conntrack`).
-use std::{io, net::IpAddr, os::fd::AsRawFd, time::Duration};
+use std::{io, net::IpAddr, os::fd::AsRawFd as _, time::Duration};
 
 use netlink_packet_core::{
     DecodeError, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkDeserializable, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload, NetlinkSerializable, Parseable,
+    NetlinkMessage, NetlinkPayload, NetlinkSerializable, Parseable as _,
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
@@ -69,15 +69,15 @@ pub enum Protocol {
 impl Protocol {
     fn raw(self) -> isize {
         match self {
-            Protocol::Route => protocols::NETLINK_ROUTE,
-            Protocol::Netfilter => protocols::NETLINK_NETFILTER,
+            Self::Route => protocols::NETLINK_ROUTE,
+            Self::Netfilter => protocols::NETLINK_NETFILTER,
         }
     }
 
     pub fn name(self) -> &'static str {
         match self {
-            Protocol::Route => "NETLINK_ROUTE",
-            Protocol::Netfilter => "NETLINK_NETFILTER",
+            Self::Route => "NETLINK_ROUTE",
+            Self::Netfilter => "NETLINK_NETFILTER",
         }
     }
 }
@@ -90,14 +90,14 @@ pub struct Socket {
 }
 
 impl Socket {
-    pub fn open(protocol: Protocol) -> Result<Socket, NetlinkError> {
+    pub fn open(protocol: Protocol) -> Result<Self, NetlinkError> {
         let error = |source| NetlinkError::Socket {
             protocol: protocol.name(),
             source,
         };
         let socket = netlink_sys::Socket::new(protocol.raw()).map_err(error)?;
         set_receive_timeout(&socket, RECV_TIMEOUT).map_err(error)?;
-        Ok(Socket {
+        Ok(Self {
             socket,
             seq: 0,
             buffer: vec![0; RECV_BUFFER],

@@ -12,7 +12,7 @@ use aya::util::KernelVersion;
 
 /// One Linux capability: its number (linux/capability.h) and why the agent needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capability {
+pub(crate) struct Capability {
     pub bit: u32,
     pub name: &'static str,
     pub why: &'static str,
@@ -20,31 +20,31 @@ pub struct Capability {
     pub implied_by_sys_admin: bool,
 }
 
-pub const CAP_NET_ADMIN: Capability = Capability {
+pub(crate) const CAP_NET_ADMIN: Capability = Capability {
     bit: 12,
     name: "CAP_NET_ADMIN",
     why: "loading TC classifiers, attaching them to interfaces, reading conntrack over netlink",
     implied_by_sys_admin: false,
 };
-pub const CAP_SYS_ADMIN: Capability = Capability {
+pub(crate) const CAP_SYS_ADMIN: Capability = Capability {
     bit: 21,
     name: "CAP_SYS_ADMIN",
     why: "covers CAP_BPF and CAP_PERFMON; never needed when those are granted",
     implied_by_sys_admin: false,
 };
-pub const CAP_SYS_RESOURCE: Capability = Capability {
+pub(crate) const CAP_SYS_RESOURCE: Capability = Capability {
     bit: 24,
     name: "CAP_SYS_RESOURCE",
     why: "raising RLIMIT_MEMLOCK, which kernels before 5.11 charge eBPF maps to",
     implied_by_sys_admin: false,
 };
-pub const CAP_PERFMON: Capability = Capability {
+pub(crate) const CAP_PERFMON: Capability = Capability {
     bit: 38,
     name: "CAP_PERFMON",
     why: "the verifier rejects the packet parser's pointer arithmetic without it",
     implied_by_sys_admin: true,
 };
-pub const CAP_BPF: Capability = Capability {
+pub(crate) const CAP_BPF: Capability = Capability {
     bit: 39,
     name: "CAP_BPF",
     why: "creating eBPF maps and loading programs",
@@ -52,14 +52,14 @@ pub const CAP_BPF: Capability = Capability {
 };
 
 /// What every kernel needs; CAP_SYS_RESOURCE is added on kernels before 5.11.
-pub const REQUIRED: [Capability; 3] = [CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON];
+pub(crate) const REQUIRED: [Capability; 3] = [CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON];
 
 /// The first kernel that charges eBPF maps to the memory cgroup instead of RLIMIT_MEMLOCK.
 const MEMCG_ACCOUNTING: KernelVersion = KernelVersion::new(5, 11, 0);
 
 /// A set of capabilities, one bit each.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CapSet(pub u64);
+pub(crate) struct CapSet(pub u64);
 
 impl CapSet {
     #[cfg(test)]
@@ -67,19 +67,19 @@ impl CapSet {
         CapSet(capabilities.iter().fold(0, |set, cap| set | 1 << cap.bit))
     }
 
-    pub fn contains(self, cap: Capability) -> bool {
+    pub(crate) fn contains(self, cap: Capability) -> bool {
         self.0 & (1 << cap.bit) != 0
     }
 
     /// Whether a process holding this set passes the kernel's check for `cap`.
-    pub fn grants(self, cap: Capability) -> bool {
+    pub(crate) fn grants(self, cap: Capability) -> bool {
         self.contains(cap) || (cap.implied_by_sys_admin && self.contains(CAP_SYS_ADMIN))
     }
 }
 
 /// What decides whether the agent can load its programs.
 #[derive(Clone, Copy, Debug)]
-pub struct Privileges {
+pub(crate) struct Privileges {
     pub effective: CapSet,
     pub kernel: KernelVersion,
     /// The RLIMIT_MEMLOCK hard limit is unlimited, so the agent can raise its own soft limit.
@@ -88,7 +88,7 @@ pub struct Privileges {
 
 impl Privileges {
     /// The capabilities the agent lacks, each with why it needs it; empty when it can run.
-    pub fn missing(&self) -> Vec<Capability> {
+    pub(crate) fn missing(&self) -> Vec<Capability> {
         let mut needed = REQUIRED.to_vec();
         if self.kernel < MEMCG_ACCOUNTING && !self.memlock_unlimited {
             needed.push(CAP_SYS_RESOURCE);
@@ -101,7 +101,7 @@ impl Privileges {
 
     /// `error` (the kernel refusing to load the datapath), led by the capabilities that
     /// explain it, each with why it is needed and how to grant it.
-    pub fn explain(&self, error: anyhow::Error) -> anyhow::Error {
+    pub(crate) fn explain(&self, error: anyhow::Error) -> anyhow::Error {
         let missing = self.missing();
         if missing.is_empty() {
             return error;
@@ -124,7 +124,7 @@ impl Privileges {
 
 /// Raises every permitted capability into the effective set (the image grants them as
 /// permitted file capabilities) and notes what decides whether loading can succeed.
-pub fn acquire() -> anyhow::Result<Privileges> {
+pub(crate) fn acquire() -> anyhow::Result<Privileges> {
     Ok(Privileges {
         effective: raise_permitted()
             .map_err(|error| anyhow::anyhow!("reading this process's capabilities: {error}"))?,

@@ -38,8 +38,8 @@ impl ContextFeed {
         context: NodeContext,
         vpc_from_imds: Option<watch::Receiver<VpcCidrs>>,
         apiserver_from_dns: Option<watch::Receiver<Resolution>>,
-    ) -> ContextFeed {
-        ContextFeed {
+    ) -> Self {
+        Self {
             flags,
             context,
             vpc_from_imds,
@@ -138,10 +138,9 @@ impl ContextFeed {
             )),
             Err(error) => {
                 let kept = &self.context.apiserver_ips;
-                self.resolver_outage
-                    .update(Some(&error.to_string()), |error| {
-                        warn!(kept = ?kept, "{error}; the last answer stays in use");
-                    });
+                self.resolver_outage.update(Some(&error), |error| {
+                    warn!(kept = ?kept, "{error}; the last answer stays in use");
+                });
                 Ok(())
             }
         }

@@ -92,16 +92,13 @@ impl Pipeline {
     /// Checks the configuration, finds the interfaces to trace and loads the datapath; the
     /// first [`poll`](Self::poll) attaches to them. A bad flag or no matching interface is a
     /// configuration error (exit 2); a kernel that cannot load the programs a runtime error.
-    pub fn start(args: &PipelineArgs) -> Result<Pipeline, AgentError> {
-        Pipeline::start_resumable(args, &RestartArgs::default())
+    pub fn start(args: &PipelineArgs) -> Result<Self, AgentError> {
+        Self::start_resumable(args, &RestartArgs::default())
     }
 
     /// [`start`](Self::start), taking over a killed predecessor's datapath and counts when
     /// `restart` says where they are (see `restart`).
-    pub fn start_resumable(
-        args: &PipelineArgs,
-        restart: &RestartArgs,
-    ) -> Result<Pipeline, AgentError> {
+    pub fn start_resumable(args: &PipelineArgs, restart: &RestartArgs) -> Result<Self, AgentError> {
         if !Path::new(BTF_PATH).exists() {
             return Err(AgentError::Runtime(anyhow!(
                 "this kernel has no BTF ({BTF_PATH} is missing): run on a kernel built with CONFIG_DEBUG_INFO_BTF=y (EKS AMIs have it)"
@@ -176,7 +173,7 @@ impl Pipeline {
             vpc_from_imds,
             apiserver_from_dns,
         );
-        let mut pipeline = Pipeline {
+        let mut pipeline = Self {
             args: args.clone(),
             patterns,
             datapath,
@@ -473,7 +470,7 @@ impl Pipeline {
             match change {
                 Change::Appeared(problem) => warn!(reason = %problem.reason.as_str(), "{problem}"),
                 Change::Resolved(problem) => {
-                    info!(reason = %problem.reason.as_str(), "resolved: {problem}")
+                    info!(reason = %problem.reason.as_str(), "resolved: {problem}");
                 }
             }
         }

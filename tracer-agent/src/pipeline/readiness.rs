@@ -18,29 +18,29 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
-        Reason::Starting,
-        Reason::Interfaces,
-        Reason::VpcCidr,
-        Reason::ApiServer,
-        Reason::Contradiction,
-        Reason::Conntrack,
-        Reason::FlowTable,
-        Reason::Kubernetes,
-        Reason::StateFile,
+    pub const ALL: [Self; 9] = [
+        Self::Starting,
+        Self::Interfaces,
+        Self::VpcCidr,
+        Self::ApiServer,
+        Self::Contradiction,
+        Self::Conntrack,
+        Self::FlowTable,
+        Self::Kubernetes,
+        Self::StateFile,
     ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
-            Reason::Starting => "starting",
-            Reason::Interfaces => "interfaces",
-            Reason::VpcCidr => "vpc_cidr",
-            Reason::ApiServer => "apiserver_endpoint",
-            Reason::Contradiction => "contradiction",
-            Reason::Conntrack => "conntrack",
-            Reason::FlowTable => "flow_table",
-            Reason::Kubernetes => "kubernetes",
-            Reason::StateFile => "state_file",
+            Self::Starting => "starting",
+            Self::Interfaces => "interfaces",
+            Self::VpcCidr => "vpc_cidr",
+            Self::ApiServer => "apiserver_endpoint",
+            Self::Contradiction => "contradiction",
+            Self::Conntrack => "conntrack",
+            Self::FlowTable => "flow_table",
+            Self::Kubernetes => "kubernetes",
+            Self::StateFile => "state_file",
         }
     }
 }

@@ -35,7 +35,7 @@ const VERSION: u32 = 1;
 const RECORD: usize = size_of::<FlowKey>() + size_of::<FlowStats>() + 4 + 1 + 8 + 1;
 
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub(crate) enum StateError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: not a state this agent can read ({reason})")]
@@ -62,7 +62,7 @@ struct Header<H, U, E, W, A> {
 }
 
 /// What a poll saves beside the connections, borrowed from the pipeline.
-pub struct Totals<'a> {
+pub(crate) struct Totals<'a> {
     pub history: &'a History,
     pub unread: &'a Unread,
     pub evictions: &'a Evictions,
@@ -71,7 +71,7 @@ pub struct Totals<'a> {
 }
 
 /// What a predecessor left.
-pub struct Saved {
+pub(crate) struct Saved {
     /// The kernel id of the flow table these counts were read from.
     pub flow_table_id: u32,
     pub history: History,
@@ -85,7 +85,7 @@ pub struct Saved {
 /// The state file (`tracer agent --state-file`), held by one agent at a time: an exclusive
 /// `flock` on `<file>.lock`, released by the kernel when the agent ends however it ends.
 #[derive(Debug)]
-pub struct StateFile {
+pub(crate) struct StateFile {
     path: PathBuf,
     #[expect(dead_code, reason = "held for its flock, released when it closes")]
     lock: File,
@@ -94,7 +94,7 @@ pub struct StateFile {
 impl StateFile {
     /// Takes the state file for this agent (making its directory if needed); `Busy` while
     /// another one holds it.
-    pub fn open(path: &Path) -> Result<StateFile, StateError> {
+    pub(crate) fn open(path: &Path) -> Result<Self, StateError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| StateError::Io {
                 path: dir.to_owned(),
@@ -128,7 +128,7 @@ impl StateFile {
         }
         lock.set_len(0).map_err(io_error)?;
         writeln!(lock, "pid {}", std::process::id()).map_err(io_error)?;
-        Ok(StateFile {
+        Ok(Self {
             path: path.to_owned(),
             lock,
         })
@@ -140,7 +140,7 @@ impl StateFile {
     }
 
     /// What the predecessor saved; `None` when it left nothing.
-    pub fn load(&self) -> Result<Option<Saved>, StateError> {
+    pub(crate) fn load(&self) -> Result<Option<Saved>, StateError> {
         let file = match File::open(&self.path) {
             Ok(file) => file,
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -180,7 +180,7 @@ impl StateFile {
     }
 
     /// Replaces the file with the counts of this poll.
-    pub fn save<'a>(
+    pub(crate) fn save<'a>(
         &self,
         flow_table_id: u32,
         totals: Totals<'_>,
@@ -211,7 +211,7 @@ impl StateFile {
     }
 
     /// Removes the file and its lock: after a clean stop there is nothing to carry on.
-    pub fn remove(&self) {
+    pub(crate) fn remove(&self) {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(lock_path(&self.path));
     }
@@ -283,7 +283,7 @@ fn decode(record: &[u8; RECORD]) -> Option<(FlowKey, Carried)> {
 fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
     // SAFETY: a `Pod` type is plain data without implicit padding: all its bytes are
     // initialised, and the slice lives as long as the borrow.
-    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>()) }
 }
 
 /// `bytes` must be `size_of::<T>()` long (the callers split them so).
@@ -295,10 +295,10 @@ fn from_bytes<T: aya::Pod>(bytes: &[u8]) -> T {
 
 /// Maps saved as lists of pairs (`#[serde(with = "crate::pipeline::restart::pairs")]`): a JSON map
 /// needs string keys, and the saved maps are keyed by labels and series.
-pub mod pairs {
+pub(crate) mod pairs {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<'a, M, K, V, S>(map: &'a M, serializer: S) -> Result<S::Ok, S::Error>
+    pub(crate) fn serialize<'a, M, K, V, S>(map: &'a M, serializer: S) -> Result<S::Ok, S::Error>
     where
         &'a M: IntoIterator<Item = (&'a K, &'a V)>,
         K: Serialize + 'a,
@@ -308,7 +308,7 @@ pub mod pairs {
         serializer.collect_seq(map)
     }
 
-    pub fn deserialize<'de, M, K, V, D>(deserializer: D) -> Result<M, D::Error>
+    pub(crate) fn deserialize<'de, M, K, V, D>(deserializer: D) -> Result<M, D::Error>
     where
         M: FromIterator<(K, V)>,
         K: Deserialize<'de>,

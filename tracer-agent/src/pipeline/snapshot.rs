@@ -243,7 +243,7 @@ fn largest<T: Ord>(items: impl Iterator<Item = T>, count: usize) -> Vec<T> {
         .collect()
 }
 
-fn flow_row(connection: &ConnectionView, pods: &HashMap<IpAddr, PodRef>) -> FlowRow {
+fn flow_row(connection: &ConnectionView<'_>, pods: &HashMap<IpAddr, PodRef>) -> FlowRow {
     let pod = |end: std::net::SocketAddr| pods.get(&end.ip()).map(ToString::to_string);
     let classification = connection.classification;
     FlowRow {

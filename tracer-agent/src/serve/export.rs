@@ -40,8 +40,8 @@ pub struct Metrics {
 
 impl Metrics {
     /// `max_series` caps the series of the capped families (`--max-series`).
-    pub fn new(max_series: usize) -> Metrics {
-        Metrics {
+    pub fn new(max_series: usize) -> Self {
+        Self {
             workload_bytes: CappedCounters::new(max_series),
             last_length: Arc::default(),
         }
@@ -336,8 +336,8 @@ struct Exposition {
 }
 
 impl Exposition {
-    fn with_capacity(bytes: usize) -> Exposition {
-        Exposition {
+    fn with_capacity(bytes: usize) -> Self {
+        Self {
             text: String::with_capacity(bytes),
         }
     }
@@ -443,7 +443,7 @@ pub struct CappedCounters<L> {
 
 impl<L> Clone for CappedCounters<L> {
     fn clone(&self) -> Self {
-        CappedCounters {
+        Self {
             inner: Arc::clone(&self.inner),
             labels: PhantomData,
         }
@@ -462,8 +462,8 @@ struct Capped {
 }
 
 impl<L: LabelSet> CappedCounters<L> {
-    pub fn new(max_series: usize) -> CappedCounters<L> {
-        CappedCounters {
+    pub fn new(max_series: usize) -> Self {
+        Self {
             inner: Arc::new(Mutex::new(Capped {
                 series: IndexMap::new(),
                 max_series,

@@ -4,7 +4,7 @@ use std::io;
 
 /// What the kernel accounts to this process.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// User plus system time.
     pub cpu_seconds: f64,
     pub resident_bytes: u64,
@@ -13,7 +13,7 @@ pub struct Usage {
 }
 
 impl Usage {
-    pub fn read() -> io::Result<Usage> {
+    pub(crate) fn read() -> io::Result<Self> {
         let stat = std::fs::read_to_string("/proc/self/stat")?;
         let boot_time = boot_time_seconds(&std::fs::read_to_string("/proc/stat")?)?;
         // SAFETY: sysconf reads a configuration value and has no preconditions.

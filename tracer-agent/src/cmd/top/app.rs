@@ -11,7 +11,7 @@ use crate::serve::api::{FlowRow, PathRow};
 
 /// A path row with its rates over the last refresh interval and its recent bytes/s.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct PathView {
+pub(super) struct PathView {
     pub row: PathRow,
     /// None until two readings have been seen.
     pub rates: Option<PathRates>,
@@ -44,7 +44,7 @@ impl PathView {
 
 /// A connection with its byte rate over the last refresh interval.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct FlowView {
+pub(super) struct FlowView {
     pub row: FlowRow,
     /// None for a connection not listed in the previous reading.
     pub bytes_per_second: Option<f64>,
@@ -59,12 +59,12 @@ impl FlowView {
         )
     }
 
-    pub fn bytes(&self) -> u64 {
+    pub(super) fn bytes(&self) -> u64 {
         self.row.forward_bytes + self.row.reply_bytes
     }
 
     /// "namespace/pod → namespace/pod", the unknown side as "-"; empty when neither is known.
-    pub fn pods(&self) -> String {
+    pub(super) fn pods(&self) -> String {
         let (initiator, responder) = (&self.row.initiator_pod, &self.row.responder_pod);
         if initiator.is_none() && responder.is_none() {
             return String::new();
@@ -93,21 +93,21 @@ impl FlowView {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Focus {
+pub(super) enum Focus {
     Paths,
     Flows,
 }
 
 /// Which column a table is sorted by (an index into its columns), and which way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sort {
+pub(super) struct Sort {
     pub column: usize,
     pub descending: bool,
 }
 
 /// What a key asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
+pub(super) enum Action {
     Quit,
     ToggleHelp,
     /// Esc outside the filter prompt: closes the help, else clears the filter.
@@ -127,7 +127,7 @@ pub enum Action {
     ClearFilter,
 }
 
-pub struct App {
+pub(super) struct App {
     /// "agent at URL" or "standalone datapath".
     pub source: String,
     /// The reading shown.
@@ -151,8 +151,8 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(source: String) -> App {
-        App {
+    pub(super) fn new(source: String) -> Self {
+        Self {
             source,
             reading: None,
             paths: Vec::new(),
@@ -178,7 +178,7 @@ impl App {
 
     /// Takes in a new reading: rates are the growth since the one shown, over the time
     /// between the two polls (the source's clock, not ours). Paused, nothing changes.
-    pub fn apply(&mut self, reading: Reading) {
+    pub(super) fn apply(&mut self, reading: Reading) {
         self.error = None;
         if self.paused {
             return;
@@ -250,7 +250,7 @@ impl App {
     }
 
     /// The paths the filter lets through, sorted.
-    pub fn visible_paths(&self) -> Vec<&PathView> {
+    pub(super) fn visible_paths(&self) -> Vec<&PathView> {
         visible(
             &self.paths,
             PATH_COLUMNS,
@@ -261,7 +261,7 @@ impl App {
     }
 
     /// The flows the filter lets through, sorted.
-    pub fn visible_flows(&self) -> Vec<&FlowView> {
+    pub(super) fn visible_flows(&self) -> Vec<&FlowView> {
         visible(
             &self.flows,
             FLOW_COLUMNS,
@@ -271,7 +271,7 @@ impl App {
         )
     }
 
-    pub fn act(&mut self, action: Action) {
+    pub(super) fn act(&mut self, action: Action) {
         match action {
             Action::Quit => self.quit = true,
             Action::ToggleHelp => self.help = !self.help,

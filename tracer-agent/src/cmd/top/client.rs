@@ -24,7 +24,7 @@ pub struct AgentUrl {
 impl FromStr for AgentUrl {
     type Err = String;
 
-    fn from_str(text: &str) -> Result<AgentUrl, String> {
+    fn from_str(text: &str) -> Result<Self, String> {
         let rest = text
             .strip_prefix("http://")
             .ok_or_else(|| format!("{text:?}: the agent URL must start with http://"))?;
@@ -42,7 +42,7 @@ impl FromStr for AgentUrl {
         if host.is_empty() {
             return Err(format!("{text:?} names no host"));
         }
-        Ok(AgentUrl {
+        Ok(Self {
             host: host.to_owned(),
             port,
             prefix: prefix
@@ -91,22 +91,22 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_RESPONSE: u64 = 16 << 20;
 
 /// Reads the JSON API of a running agent.
-pub struct AgentClient {
+pub(super) struct AgentClient {
     url: AgentUrl,
     /// How many flows to ask for.
     limit: u32,
 }
 
 impl AgentClient {
-    pub fn new(url: AgentUrl, limit: u32) -> AgentClient {
-        AgentClient { url, limit }
+    pub(super) fn new(url: AgentUrl, limit: u32) -> Self {
+        Self { url, limit }
     }
 
-    pub fn url(&self) -> &AgentUrl {
+    pub(super) fn url(&self) -> &AgentUrl {
         &self.url
     }
 
-    pub async fn read(&self) -> Result<Reading, FetchError> {
+    pub(super) async fn read(&self) -> Result<Reading, FetchError> {
         let paths: PathsResponse = self.get(api::PATHS).await?;
         let flows: FlowsResponse = self
             .get(&format!("{}?limit={}", api::FLOWS, self.limit))

@@ -9,7 +9,7 @@ use super::{
 
 /// What a column sorts by: numbers (unknown lowest) or text.
 #[derive(Clone, Debug, PartialEq)]
-pub enum SortKey {
+pub(super) enum SortKey {
     Number(Option<f64>),
     Text(String),
 }
@@ -25,18 +25,18 @@ impl PartialOrd for SortKey {
 impl Ord for SortKey {
     fn cmp(&self, other: &Self) -> Ordering {
         match (self, other) {
-            (SortKey::Number(a), SortKey::Number(b)) => match (a, b) {
+            (Self::Number(a), Self::Number(b)) => match (a, b) {
                 (Some(a), Some(b)) => a.total_cmp(b),
                 (a, b) => a.is_some().cmp(&b.is_some()),
             },
-            (SortKey::Text(a), SortKey::Text(b)) => a.cmp(b),
-            (SortKey::Number(_), SortKey::Text(_)) => Ordering::Less,
-            (SortKey::Text(_), SortKey::Number(_)) => Ordering::Greater,
+            (Self::Text(a), Self::Text(b)) => a.cmp(b),
+            (Self::Number(_), Self::Text(_)) => Ordering::Less,
+            (Self::Text(_), Self::Number(_)) => Ordering::Greater,
         }
     }
 }
 
-pub struct Column<R> {
+pub(super) struct Column<R> {
     pub title: &'static str,
     pub width: u16,
     /// Lower stays longer: a narrow terminal drops the highest first.
@@ -49,9 +49,9 @@ pub struct Column<R> {
 }
 
 /// Width of the bytes/s sparkline, in samples (one per refresh).
-pub const TREND_WIDTH: u16 = 10;
+pub(super) const TREND_WIDTH: u16 = 10;
 
-pub const PATH_COLUMNS: &[Column<PathView>] = &[
+pub(super) const PATH_COLUMNS: &[Column<PathView>] = &[
     Column {
         title: "path",
         width: 23,
@@ -170,7 +170,7 @@ pub const PATH_COLUMNS: &[Column<PathView>] = &[
     },
 ];
 
-pub const FLOW_COLUMNS: &[Column<FlowView>] = &[
+pub(super) const FLOW_COLUMNS: &[Column<FlowView>] = &[
     Column {
         title: "proto",
         width: 5,
@@ -255,7 +255,7 @@ pub const FLOW_COLUMNS: &[Column<FlowView>] = &[
 
 /// The columns that fit in `width` cells (one cell between columns), most important first
 /// kept, returned in display order.
-pub fn fit<R>(columns: &[Column<R>], width: u16) -> Vec<usize> {
+pub(super) fn fit<R>(columns: &[Column<R>], width: u16) -> Vec<usize> {
     let mut by_priority: Vec<usize> = (0..columns.len()).collect();
     by_priority.sort_by_key(|&index| columns[index].priority);
     let mut used = 0u16;
@@ -272,7 +272,7 @@ pub fn fit<R>(columns: &[Column<R>], width: u16) -> Vec<usize> {
 }
 
 /// `text` cut to `width` characters, the last one an ellipsis when something was cut.
-pub fn elide(text: &str, width: usize) -> String {
+pub(super) fn elide(text: &str, width: usize) -> String {
     if text.chars().count() <= width {
         return text.to_owned();
     }
@@ -284,7 +284,7 @@ pub fn elide(text: &str, width: usize) -> String {
 }
 
 /// 1234 → "1.2k": three significant digits at most, SI prefixes.
-pub fn si(value: f64) -> String {
+pub(super) fn si(value: f64) -> String {
     if value == 0.0 {
         return "0".to_owned();
     }
@@ -319,7 +319,7 @@ fn rate(value: Option<f64>) -> String {
 }
 
 /// 0.000123 → "123µs", 0.0042 → "4.2ms", 1.5 → "1.50s"; a dash when unknown.
-pub fn seconds(value: Option<f64>) -> String {
+pub(super) fn seconds(value: Option<f64>) -> String {
     let Some(value) = value else {
         return "–".to_owned();
     };
@@ -347,7 +347,7 @@ fn quantile(value: Option<Quantile>) -> String {
 }
 
 /// The last values as block characters, scaled to the largest of them.
-pub fn sparkline(values: &[f64]) -> String {
+pub(super) fn sparkline(values: &[f64]) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     let highest = values.iter().copied().fold(0.0, f64::max);
     values

@@ -4,7 +4,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use super::app::Action;
 
 /// The bindings, for the help screen.
-pub const HELP: &[(&str, &str)] = &[
+pub(super) const HELP: &[(&str, &str)] = &[
     (
         "< >  ← →",
         "sort the focused table by the previous / next column",
@@ -23,7 +23,7 @@ pub const HELP: &[(&str, &str)] = &[
 ];
 
 /// The action a key asks for; `editing` while the filter prompt is open.
-pub fn action(key: KeyEvent, editing: bool) -> Option<Action> {
+pub(super) fn action(key: KeyEvent, editing: bool) -> Option<Action> {
     if key.kind == KeyEventKind::Release {
         return None;
     }

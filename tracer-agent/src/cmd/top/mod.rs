@@ -44,18 +44,18 @@ pub struct Reading {
 
 /// No terminal is a usage error (2); anything else a runtime failure (1).
 impl From<ScreenError> for AgentError {
-    fn from(error: ScreenError) -> AgentError {
+    fn from(error: ScreenError) -> Self {
         match error {
-            ScreenError::NotATerminal => AgentError::Config(error.into()),
-            ScreenError::Setup(_) => AgentError::Runtime(error.into()),
+            ScreenError::NotATerminal => Self::Config(error.into()),
+            ScreenError::Setup(_) => Self::Runtime(error.into()),
         }
     }
 }
 
 /// Reading the agent failed: a runtime failure (1).
 impl From<FetchError> for AgentError {
-    fn from(error: FetchError) -> AgentError {
-        AgentError::Runtime(error.into())
+    fn from(error: FetchError) -> Self {
+        Self::Runtime(error.into())
     }
 }
 

@@ -4,7 +4,7 @@ use crate::serve::api::{Histogram, PathRow};
 
 /// Per-second rates of one path between two readings.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct PathRates {
+pub(super) struct PathRates {
     pub packets: f64,
     pub bytes: f64,
     pub new_flows: f64,
@@ -17,12 +17,12 @@ pub struct PathRates {
 
 impl PathRates {
     /// `previous` is None for a path first seen in this interval: it counted from zero.
-    pub fn between(previous: Option<&PathRow>, current: &PathRow, seconds: f64) -> PathRates {
+    pub(super) fn between(previous: Option<&PathRow>, current: &PathRow, seconds: f64) -> Self {
         let zero = PathRow::default();
         let previous = previous.unwrap_or(&zero);
         let rate = |field: fn(&PathRow) -> u64| growth(field(previous), field(current)) / seconds;
         let handshakes = bucket_growth(&previous.handshakes, &current.handshakes);
-        PathRates {
+        Self {
             packets: rate(|row| row.forward_packets + row.reply_packets),
             bytes: rate(|row| row.forward_bytes + row.reply_bytes),
             new_flows: rate(|row| row.flows),
@@ -36,7 +36,7 @@ impl PathRates {
 
 /// How much a cumulative counter grew; a counter that went down was reset (the agent
 /// restarted) and counted from zero since, as Prometheus assumes.
-pub fn growth(previous: u64, current: u64) -> f64 {
+pub(super) fn growth(previous: u64, current: u64) -> f64 {
     if current >= previous {
         (current - previous) as f64
     } else {
@@ -47,7 +47,7 @@ pub fn growth(previous: u64, current: u64) -> f64 {
 /// Handshakes completed in the interval: (upper bound, cumulative count) per finite bucket,
 /// and the total (the +Inf bucket).
 #[derive(Debug, Default, PartialEq)]
-pub struct BucketGrowth {
+pub(super) struct BucketGrowth {
     pub buckets: Vec<(f64, f64)>,
     pub count: f64,
 }
@@ -73,7 +73,7 @@ fn bucket_growth(previous: &Histogram, current: &Histogram) -> BucketGrowth {
 
 /// A quantile as far as the buckets tell it.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Quantile {
+pub(super) enum Quantile {
     /// In the first bucket: below its bound, and nothing more is known.
     Below(f64),
     /// Interpolated linearly between the bounds of the bucket it falls in.
@@ -84,9 +84,9 @@ pub enum Quantile {
 
 impl Quantile {
     /// Seconds, for sorting: the estimate, or the bound.
-    pub fn seconds(self) -> f64 {
+    pub(super) fn seconds(self) -> f64 {
         match self {
-            Quantile::Below(bound) | Quantile::Within(bound) | Quantile::Above(bound) => bound,
+            Self::Below(bound) | Self::Within(bound) | Self::Above(bound) => bound,
         }
     }
 }
@@ -94,7 +94,7 @@ impl Quantile {
 /// The `q` quantile of a histogram, as Prometheus' `histogram_quantile()` computes it, except
 /// that the first bucket, whose lower end is unknown, answers "below its bound" rather than
 /// an interpolation from zero.
-pub fn quantile(q: f64, histogram: &BucketGrowth) -> Option<Quantile> {
+pub(super) fn quantile(q: f64, histogram: &BucketGrowth) -> Option<Quantile> {
     if histogram.count <= 0.0 {
         return None;
     }

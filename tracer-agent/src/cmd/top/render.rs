@@ -38,7 +38,7 @@ const COLUMN_NOTES: &[(&str, &str)] = &[
     ("rst/s", "TCP connections reset per second"),
 ];
 
-pub fn draw(frame: &mut Frame, app: &App, now_unix_ms: u64) {
+pub(super) fn draw(frame: &mut Frame<'_>, app: &App, now_unix_ms: u64) {
     let [header, tables, status] = Layout::vertical([
         Constraint::Length(3),
         Constraint::Min(0),
@@ -147,7 +147,7 @@ struct TableView<'a, R> {
     selected: usize,
 }
 
-fn draw_table<R>(frame: &mut Frame, area: Rect, table: TableView<R>, filter: &str) {
+fn draw_table<R>(frame: &mut Frame<'_>, area: Rect, table: TableView<'_, R>, filter: &str) {
     let TableView {
         name,
         columns,
@@ -253,9 +253,9 @@ fn status_line(app: &App) -> Line<'static> {
     Line::from(spans)
 }
 
-fn draw_help(frame: &mut Frame) {
+fn draw_help(frame: &mut Frame<'_>) {
     let bold = Style::new().add_modifier(Modifier::BOLD);
-    let mut lines: Vec<Line> = HELP
+    let mut lines: Vec<Line<'_>> = HELP
         .iter()
         .map(|(keys, what)| {
             Line::from(vec![

@@ -15,7 +15,7 @@ use crate::{
     pipeline::Pipeline,
 };
 
-pub enum Source {
+pub(super) enum Source {
     Agent(AgentClient),
     /// The datapath, attached and polled by this process; dropping it detaches everything.
     Standalone {
@@ -27,10 +27,10 @@ pub enum Source {
 impl Source {
     /// The agent at `--agent` when it answers; otherwise the pipeline, started here. Returns
     /// the first reading too (standalone: the poll that attaches, with nothing counted yet).
-    pub async fn open(args: &TopArgs) -> Result<(Source, Reading), AgentError> {
+    pub(super) async fn open(args: &TopArgs) -> Result<(Self, Reading), AgentError> {
         let client = AgentClient::new(args.agent.clone(), args.limit);
         let unreachable = match client.read().await {
-            Ok(reading) => return Ok((Source::Agent(client), reading)),
+            Ok(reading) => return Ok((Self::Agent(client), reading)),
             Err(error @ FetchError::Unreachable { .. }) => error,
             // Something answered, and not as an agent: no second datapath next to it.
             Err(error) => return Err(error.into()),
@@ -49,7 +49,7 @@ impl Source {
             AgentError::Config(error) => AgentError::Config(standalone(error)),
             AgentError::Runtime(error) => AgentError::Runtime(standalone(error)),
         })?;
-        let mut source = Source::Standalone {
+        let mut source = Self::Standalone {
             pipeline: Box::new(pipeline),
             limit: args.limit as usize,
         };
@@ -57,17 +57,17 @@ impl Source {
         Ok((source, first))
     }
 
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match self {
-            Source::Agent(client) => format!("agent at {}", client.url()),
-            Source::Standalone { .. } => "standalone datapath (no agent answered)".to_owned(),
+            Self::Agent(client) => format!("agent at {}", client.url()),
+            Self::Standalone { .. } => "standalone datapath (no agent answered)".to_owned(),
         }
     }
 
-    pub async fn read(&mut self) -> Result<Reading, FetchError> {
+    pub(super) async fn read(&mut self) -> Result<Reading, FetchError> {
         match self {
-            Source::Agent(client) => client.read().await,
-            Source::Standalone { pipeline, limit } => {
+            Self::Agent(client) => client.read().await,
+            Self::Standalone { pipeline, limit } => {
                 let snapshot = pipeline.poll();
                 Ok(Reading {
                     paths: snapshot.paths.clone(),
@@ -79,14 +79,14 @@ impl Source {
 
     /// A reading that covers some traffic: an agent's at once; standalone, one `interval`
     /// after the first poll (which only attached).
-    pub async fn settled(
+    pub(super) async fn settled(
         &mut self,
         first: Reading,
         interval: Duration,
     ) -> Result<Reading, FetchError> {
         match self {
-            Source::Agent(_) => Ok(first),
-            Source::Standalone { .. } => {
+            Self::Agent(_) => Ok(first),
+            Self::Standalone { .. } => {
                 tokio::time::sleep(interval).await;
                 self.read().await
             }

@@ -24,7 +24,7 @@ static ACTIVE: AtomicBool = AtomicBool::new(false);
 static PANIC_HOOK: Once = Once::new();
 
 /// The terminal in raw mode on the alternate screen; dropping it restores the terminal.
-pub struct Screen {
+pub(super) struct Screen {
     pub terminal: Terminal<CrosstermBackend<Stdout>>,
 }
 
@@ -37,7 +37,7 @@ pub enum ScreenError {
 }
 
 impl Screen {
-    pub fn enter() -> Result<Screen, ScreenError> {
+    pub(super) fn enter() -> Result<Self, ScreenError> {
         require_terminal()?;
         PANIC_HOOK.call_once(|| {
             let previous = std::panic::take_hook();
@@ -54,7 +54,7 @@ impl Screen {
             Terminal::new(CrosstermBackend::new(io::stdout()))
         };
         match setup() {
-            Ok(terminal) => Ok(Screen { terminal }),
+            Ok(terminal) => Ok(Self { terminal }),
             Err(error) => {
                 restore();
                 Err(error.into())
@@ -64,7 +64,7 @@ impl Screen {
 }
 
 /// Fails early, before any work, when there is no terminal to draw on.
-pub fn require_terminal() -> Result<(), ScreenError> {
+pub(super) fn require_terminal() -> Result<(), ScreenError> {
     if io::stdout().is_terminal() {
         Ok(())
     } else {

@@ -12,7 +12,7 @@ use k8s_openapi::api::{
 };
 
 /// The node label that names its availability zone.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub(super) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// The label the cronjob controller's Jobs do not carry: their names end in `-<minutes>`.
 const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
 
@@ -74,8 +74,8 @@ impl ZoneLabel {
     /// The label value, as dashboards and alerts spell it.
     pub const fn as_str(self) -> &'static str {
         match self {
-            ZoneLabel::SameZone => "same_zone",
-            ZoneLabel::CrossZone => "cross_zone",
+            Self::SameZone => "same_zone",
+            Self::CrossZone => "cross_zone",
         }
     }
 }
@@ -131,7 +131,7 @@ fn shared_prefix(a: IpAddr, b: IpAddr) -> u32 {
 /// A pod's addresses with who it is. Empty for hostNetwork pods (their address is the
 /// node's), for pods without an address yet, and for finished pods, whose address the CNI
 /// may already have given to another pod.
-pub fn pod_addresses(pod: &Pod) -> Vec<(IpAddr, PodRef)> {
+pub(super) fn pod_addresses(pod: &Pod) -> Vec<(IpAddr, PodRef)> {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let host_network = spec.and_then(|spec| spec.host_network) == Some(true);
@@ -164,7 +164,7 @@ pub fn pod_addresses(pod: &Pod) -> Vec<(IpAddr, PodRef)> {
 }
 
 /// The workload a pod belongs to, from its controlling owner reference.
-pub fn workload_of(pod: &Pod) -> Workload {
+pub(super) fn workload_of(pod: &Pod) -> Workload {
     let metadata = &pod.metadata;
     let owner = metadata
         .owner_references
@@ -212,7 +212,7 @@ fn cronjob_of(job: &str) -> Option<&str> {
 
 /// Every address an EndpointSlice lists, ready or not: a terminating CoreDNS pod is still the
 /// cluster DNS for the connections it serves.
-pub fn slice_addresses(slice: &EndpointSlice) -> BTreeSet<IpAddr> {
+pub(super) fn slice_addresses(slice: &EndpointSlice) -> BTreeSet<IpAddr> {
     slice
         .endpoints
         .iter()
@@ -222,7 +222,7 @@ pub fn slice_addresses(slice: &EndpointSlice) -> BTreeSet<IpAddr> {
 }
 
 /// A Service's ClusterIP (the first of its families); `None` for headless services.
-pub fn cluster_ip(service: &Service) -> Option<IpAddr> {
+pub(super) fn cluster_ip(service: &Service) -> Option<IpAddr> {
     let spec = service.spec.as_ref()?;
     let listed = spec.cluster_ips.iter().flatten();
     listed
@@ -232,13 +232,13 @@ pub fn cluster_ip(service: &Service) -> Option<IpAddr> {
 
 /// A node's name, InternalIP addresses and zone.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeInfo {
+pub(super) struct NodeInfo {
     pub name: String,
     pub addresses: BTreeSet<IpAddr>,
     pub zone: Option<String>,
 }
 
-pub fn node_info(node: &Node) -> NodeInfo {
+pub(super) fn node_info(node: &Node) -> NodeInfo {
     let addresses = node
         .status
         .as_ref()

@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures_util::{
-    StreamExt,
+    StreamExt as _,
     stream::{self, BoxStream},
 };
 use k8s_openapi::api::{
@@ -17,10 +17,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, Resource, ResourceExt as _,
     client::ClientBuilder,
     runtime::{
-        WatchStreamExt,
+        WatchStreamExt as _,
         watcher::{self, Event},
     },
 };
@@ -163,7 +163,7 @@ struct Tracker {
 
 impl Tracker {
     fn new(node_name: String) -> Self {
-        Tracker {
+        Self {
             node_name,
             pods: Projection::new("pods of this node"),
             controlplane: Projection::new("default/kubernetes EndpointSlices"),
@@ -246,7 +246,7 @@ struct Failure {
 
 impl<V: PartialEq> Projection<V> {
     fn new(what: &'static str) -> Self {
-        Projection {
+        Self {
             what,
             objects: BTreeMap::new(),
             relisting: None,
