@@ -11,7 +11,6 @@ pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod context;
-pub mod craft;
 pub mod datapath;
 pub mod discovery;
 pub mod endpoint;
