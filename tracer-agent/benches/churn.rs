@@ -20,11 +20,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use test_run::{median, run};
-use tracer_agent::{
-    craft::Frame,
-    datapath::{AttachMode, Datapath},
+use tracer_agent::datapath::{AttachMode, Datapath};
+use tracer_common::{
+    DEFAULT_FLOW_TABLE_SIZE, DatapathCounter, PROGRAM_BASELINE, PROGRAM_INGRESS,
+    test_support::craft::Frame,
 };
-use tracer_common::{DEFAULT_FLOW_TABLE_SIZE, DatapathCounter, PROGRAM_BASELINE, PROGRAM_INGRESS};
 
 const TABLE_SIZE: u32 = DEFAULT_FLOW_TABLE_SIZE;
 /// New connections per measured band: a quarter of the table.
@@ -60,8 +60,11 @@ struct Report {
 
 fn main() -> anyhow::Result<()> {
     let options = report::options("churn")?;
-    // The benchmark is single-threaded here: the whole process moves.
-    test_run::enter_fresh_netns("churn")?;
+    test_run::in_fresh_netns("churn", move || measure(options))
+}
+
+/// Fills the table, measures every band, then prints and reports the results.
+fn measure(options: report::Options) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(TABLE_SIZE, AttachMode::Tcx)
         .context("loading the datapath (the benchmark needs root: CAP_BPF, CAP_NET_ADMIN)")?;
     eprintln!(

@@ -19,11 +19,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use test_run::{median, run};
-use tracer_agent::{
-    craft::Frame,
-    datapath::{AttachMode, Datapath},
+use tracer_agent::datapath::{AttachMode, Datapath};
+use tracer_common::{
+    DatapathCounter, PROGRAM_BASELINE, PROGRAM_INGRESS, TCP_ACK, test_support::craft::Frame,
 };
-use tracer_common::{DatapathCounter, PROGRAM_BASELINE, PROGRAM_INGRESS, TCP_ACK};
 
 /// Runs per measurement: about 0.1 s, so that timer and scheduling noise average out.
 const REPEAT: u32 = 1_000_000;
@@ -85,8 +84,11 @@ struct Report {
 
 fn main() -> anyhow::Result<()> {
     let options = report::options("datapath")?;
-    // The benchmark is single-threaded here: the whole process moves.
-    test_run::enter_fresh_netns("datapath")?;
+    test_run::in_fresh_netns("datapath", move || measure(options))
+}
+
+/// Measures every packet in every state, then prints and reports the results.
+fn measure(options: report::Options) -> anyhow::Result<()> {
     let (client, server) = (addr("10.0.0.1:40000"), addr("10.0.0.2:443"));
     let (client6, server6) = (addr("[fd00::1]:40000"), addr("[fd00::2]:443"));
     let packets = [

@@ -14,7 +14,6 @@ pub mod classify;
 pub mod cli;
 pub mod cmd;
 pub mod context;
-pub mod craft;
 pub mod datapath;
 pub mod error;
 pub mod logging;

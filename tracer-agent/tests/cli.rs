@@ -12,6 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tracer_common::test_support::netns::{self, Netns};
+
+const NEED_ROOT: &str = "these tests need root to create network namespaces";
+
 /// Longer than any failing start takes; a case still running then did not fail at all.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -46,11 +50,9 @@ fn run_in_fresh_netns_with_env(
     args: Vec<String>,
     env: &'static [(&'static str, &'static str)],
 ) -> Ended {
-    in_fresh_netns(move || {
+    netns::run_in(Netns::Fresh, move || {
         if setup != Setup::Empty {
-            ip(&[
-                "link", "add", "eth0", "type", "veth", "peer", "name", "eni0",
-            ]);
+            add_interfaces();
         }
         // Held until the run ends.
         let _listener = (setup == Setup::PortTaken)
@@ -61,23 +63,15 @@ fn run_in_fresh_netns_with_env(
                 .envs(env.iter().copied()),
         )
     })
+    .unwrap_or_else(|error| panic!("{NEED_ROOT}: {error}"))
 }
 
-/// Runs `work` on a thread of its own in a new network namespace with loopback up.
-fn in_fresh_netns<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: unshare takes no pointers; it moves only this thread to a new namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            panic!(
-                "these tests need root to create network namespaces: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        ip(&["link", "set", "lo", "up"]);
-        work()
-    })
-    .join()
-    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+/// Adds the veth pair of `Setup::Interfaces` to the calling thread's namespace.
+fn add_interfaces() {
+    netns::ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eni0",
+    ])
+    .unwrap_or_else(|error| panic!("{error}"));
 }
 
 /// Runs `command` (from the calling thread, so in its namespace) for at most `TIMEOUT`.
@@ -113,15 +107,6 @@ fn run_bounded(command: &mut Command) -> Ended {
         stdout,
         stderr,
     }
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status();
-    assert!(
-        status.as_ref().is_ok_and(|status| status.success()),
-        "ip {}: {status:?}",
-        args.join(" ")
-    );
 }
 
 /// One bad invocation and the words its message must contain.
@@ -538,17 +523,16 @@ fn prepare_makes_the_directories_and_gives_them_away() {
 #[test]
 fn missing_privileges_are_a_runtime_error_that_says_what_is_needed() {
     let drop_everything = "--reuid 65534 --regid 65534 --clear-groups --inh-caps=-all";
-    let ended = in_fresh_netns(move || {
-        ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "eni0",
-        ]);
+    let ended = netns::run_in(Netns::Fresh, move || {
+        add_interfaces();
         run_bounded(
             Command::new("setpriv")
                 .args(drop_everything.split(' '))
                 .args([env!("CARGO_BIN_EXE_tracer"), "agent"])
                 .args(["--metrics-addr", "127.0.0.1:0"]),
         )
-    });
+    })
+    .unwrap_or_else(|error| panic!("{NEED_ROOT}: {error}"));
     assert_eq!(ended.code, Some(1), "stderr: {}", ended.stderr);
     assert!(ended.stderr.contains("CAP_BPF"), "{}", ended.stderr);
 }

@@ -8,17 +8,16 @@
 //!   DNAT 198.51.100.80:80 -> 10.0.0.1:8080 (as kube-proxy does for a ClusterIP)
 use std::{
     collections::hash_map::RandomState,
-    fs::File,
     hash::BuildHasher,
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
     process::Command,
     thread,
     time::Duration,
 };
 
 use tracer_agent::aggregate::conntrack::{Conntrack, Entry, Tuple};
+use tracer_common::test_support::netns;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 const TCP: u8 = 6;
@@ -42,18 +41,8 @@ impl Netns {
 
     /// Runs `work` on a thread that has entered the namespace; sockets it creates stay there.
     fn enter<T: Send>(&self, work: impl FnOnce() -> T + Send) -> T {
-        thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let netns = File::open(format!("/run/netns/{}", self.name)).unwrap();
-                    // SAFETY: setns(2) on a valid descriptor; it affects this thread only.
-                    let entered = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
-                    work()
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        netns::run_in(netns::Netns::Named(&self.name), work)
+            .unwrap_or_else(|error| panic!("{error}"))
     }
 }
 

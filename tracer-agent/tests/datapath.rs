@@ -11,12 +11,14 @@ use common::{
 use tracer_agent::{
     aggregate::{Aggregator, NatTable, Unread},
     context::NodeContext,
-    craft::{ETH_P_8021AD, ETH_P_8021Q, ExtHeader, Fragment, Frame, Icmp, arp_request},
 };
 use tracer_common::{
     DIR_HI_TO_LO, DIR_LO_TO_HI,
     DatapathCounter::{self, *},
     FlowKey, FlowStats, Hook, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN,
+    test_support::craft::{
+        ETH_P_8021AD, ETH_P_8021Q, ExtHeader, Fragment, Frame, Icmp, arp_request,
+    },
 };
 
 /// What `Node::flows` puts in place of a handshake timestamp that was set.

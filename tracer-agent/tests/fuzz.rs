@@ -20,10 +20,10 @@ mod common;
 use std::{net::SocketAddr, time::Instant};
 
 use common::{Node, Skb, UNTAGGED_IPV4_MIN, UNTAGGED_IPV6_MIN, addr, key, on_fresh_node};
-use tracer_agent::craft::{ETH_P_8021AD, ETH_P_8021Q, ExtHeader, Fragment, Frame, Icmp};
 use tracer_common::{
     DIR_HI_TO_LO, DIR_LO_TO_HI, DatapathCounter, FlowKey, FlowStats, Hook, PROTO_ICMP, PROTO_TCP,
     PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    test_support::craft::{ETH_P_8021AD, ETH_P_8021Q, ExtHeader, Fragment, Frame, Icmp},
 };
 
 const RUNS: usize = 120_000;

@@ -1,22 +1,32 @@
 //! The rtnetlink dumps and link notifications against the real kernel, in a fresh network
 //! namespace: a veth with addresses and host routes, as the VPC CNI wires a pod. They need root.
-// The harness serves the datapath tests too; this file uses its namespace and `ip` only.
-#[allow(dead_code)]
-mod common;
-
 use std::net::IpAddr;
 
-use common::{ip, on_fresh_node};
 use tracer_agent::datapath::netlink::{self, Address, Link, LinkChange, Protocol, Route, Socket};
+use tracer_common::test_support::netns::{self, Netns};
 
 fn addr(text: &str) -> IpAddr {
     text.parse().expect("an IP address")
 }
 
+/// `ip ARGS` in the calling thread's namespace; a failure fails the test.
+fn ip(args: &[&str]) {
+    netns::ip(args).unwrap_or_else(|error| panic!("{error}"));
+}
+
+/// Runs `work` in a fresh network namespace.
+fn in_fresh_netns(work: impl FnOnce() + Send) {
+    netns::run_in(Netns::Fresh, work)
+        .unwrap_or_else(|error| panic!("these tests need root: {error}"));
+}
+
 #[test]
 fn dumps_see_a_pod_veth_its_addresses_and_host_routes() {
-    on_fresh_node(1, |node| {
-        let index = node.ifindex[0];
+    in_fresh_netns(|| {
+        ip(&["link", "add", "d0", "type", "veth", "peer", "name", "p0"]);
+        // SAFETY: a NUL-terminated name; if_nametoindex reads nothing else.
+        let index = unsafe { libc::if_nametoindex(c"d0".as_ptr()) };
+        assert_ne!(index, 0, "d0: {}", std::io::Error::last_os_error());
         ip(&["link", "set", "d0", "up"]);
         ip(&["link", "set", "p0", "up"]);
         ip(&["addr", "add", "10.0.9.1/24", "dev", "d0"]);
@@ -61,7 +71,7 @@ fn dumps_see_a_pod_veth_its_addresses_and_host_routes() {
 
 #[test]
 fn notifications_announce_a_new_link() {
-    on_fresh_node(0, |_| {
+    in_fresh_netns(|| {
         let mut socket = Socket::open(Protocol::Route).expect("socket");
         socket
             .subscribe(libc::RTMGRP_LINK as u32)

@@ -2,7 +2,10 @@
 //!
 //! Every type here is `#[repr(C)]` with explicit padding so that both sides agree on the
 //! layout byte for byte: the kernel writes these into BPF maps, user space reads them back.
-#![no_std]
+#![cfg_attr(not(feature = "test-support"), no_std)]
+
+#[cfg(feature = "test-support")]
+pub mod test_support;
 
 /// Name of the flow table map: `FlowKey` → `FlowStats`.
 pub const FLOWS_MAP: &str = "FLOWS";

@@ -1,21 +1,19 @@
 //! What the `BPF_PROG_TEST_RUN` benchmarks share: a network namespace of their own, timed runs
 //! of a loaded program, medians.
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use aya::programs::{TestRun, TestRunOptions};
 use tracer_agent::datapath::Datapath;
+use tracer_common::test_support::netns::{self, Netns};
 
-/// Moves the whole process to a new network namespace, so that it never touches the root one.
-/// Call it while the process has a single thread.
-pub fn enter_fresh_netns(bench: &str) -> anyhow::Result<()> {
-    // SAFETY: unshare takes no pointers.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        bail!(
-            "the {bench} benchmark needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN): \
-             cannot create a network namespace: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
+/// Runs the benchmark `bench` in a fresh network namespace, so that it never touches the root
+/// one.
+pub fn in_fresh_netns(
+    bench: &str,
+    work: impl FnOnce() -> anyhow::Result<()> + Send,
+) -> anyhow::Result<()> {
+    netns::run_in(Netns::Fresh, work).with_context(|| {
+        format!("the {bench} benchmark needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
+    })?
 }
 
 /// Runs `program` `repeat` times on `frame`; the kernel's mean ns per run.

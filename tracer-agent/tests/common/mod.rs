@@ -7,13 +7,14 @@
 //! interfaces standing in for pod veths and node ENIs, and loads its own datapath: tests run in
 //! parallel without seeing each other's maps, and never touch the root namespace. They need
 //! root; without it they fail, they never skip.
-use std::{ffi::CString, net::SocketAddr, process::Command};
+use std::{ffi::CString, net::SocketAddr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use tracer_agent::datapath::{AttachMode, Datapath};
 use tracer_common::{
     DEFAULT_FLOW_TABLE_SIZE, DatapathCounter, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Hook,
     PROGRAM_EGRESS, PROGRAM_INGRESS, TC_NEXT,
+    test_support::netns::{self, Netns},
 };
 
 const NEED_ROOT: &str = "kernel-program tests need root (CAP_BPF, CAP_NET_ADMIN)";
@@ -83,18 +84,13 @@ pub fn on_fresh_node_with_table(
     table_size: u32,
     body: impl FnOnce(&mut Node) + Send + 'static,
 ) {
-    let outcome = std::thread::spawn(move || {
-        // SAFETY: unshare takes no pointers; it moves only this thread to a new namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            let error = std::io::Error::last_os_error();
-            panic!("{NEED_ROOT}: cannot create a network namespace: {error}");
-        }
-        ip(&["link", "set", "lo", "up"]);
+    netns::run_in(Netns::Fresh, move || {
         // veth, like a pod's: this kernel has no dummy interfaces. Only `dN` is used.
         let ifindex = (0..interfaces)
             .map(|n| {
                 let (name, peer) = (format!("d{n}"), format!("p{n}"));
-                ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
+                netns::ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer])
+                    .unwrap_or_else(|error| panic!("{error}"));
                 let c_name = CString::new(name).expect("no NUL in an interface name");
                 // SAFETY: a valid NUL-terminated string; this thread's namespace is searched.
                 unsafe { libc::if_nametoindex(c_name.as_ptr()) }
@@ -108,20 +104,7 @@ pub fn on_fresh_node_with_table(
             counters: [0; DatapathCounter::COUNT as usize],
         });
     })
-    .join();
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
-}
-
-/// Runs `ip` from the calling thread, so that it works in that thread's namespace.
-pub fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status();
-    assert!(
-        status.as_ref().is_ok_and(|status| status.success()),
-        "ip {}: {status:?}",
-        args.join(" ")
-    );
+    .unwrap_or_else(|error| panic!("{NEED_ROOT}: {error}"));
 }
 
 impl Node {

@@ -1,15 +1,14 @@
 //! Running `ip` and `iptables-restore`, and setting sysctls, inside lab namespaces, with
 //! errors that name the command and what it said.
 use std::{
-    fs::File,
     io::Write as _,
-    os::fd::AsRawFd as _,
     os::unix::process::CommandExt as _,
     path::Path,
     process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
+use tracer_common::test_support::netns::{self, Netns};
 
 use crate::run::{command_output, describe};
 
@@ -42,28 +41,16 @@ pub fn preflight() -> anyhow::Result<()> {
 /// Runs `work` on a thread of its own that has joined network namespace `ns`: sockets it
 /// opens belong to `ns` (and stay there after the thread ends); the caller's namespace never
 /// changes.
-pub fn within<T: Send + 'static>(
+pub fn within<T: Send>(
     ns: &str,
-    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    work: impl FnOnce() -> anyhow::Result<T> + Send,
 ) -> anyhow::Result<T> {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || -> anyhow::Result<T> {
-        enter(&ns)?;
-        work().with_context(|| format!("in namespace {ns}"))
-    })
-    .join()
-    .map_err(|_| anyhow!("a thread working in a lab namespace panicked"))?
+    netns::run_in(Netns::Named(ns), work)?.with_context(|| format!("in namespace {ns}"))
 }
 
 /// Moves the calling thread (only it) into network namespace `ns`: for a thread of its own.
 pub fn enter(ns: &str) -> anyhow::Result<()> {
-    let ns_path = format!("/run/netns/{ns}");
-    let file = File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
-    // SAFETY: setns on a valid namespace fd; it changes only this thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("entering {ns_path}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(netns::enter(Netns::Named(ns))?)
 }
 
 /// `ip netns exec <ns> program`.

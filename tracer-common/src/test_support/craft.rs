@@ -6,7 +6,7 @@
 //! datapath never verifies them.
 //!
 //! ```
-//! use tracer_agent::craft::{ETH_P_8021Q, Frame};
+//! use tracer_common::test_support::craft::{ETH_P_8021Q, Frame};
 //! use tracer_common::TCP_SYN;
 //!
 //! let frame = Frame::tcp("10.0.0.1:40000".parse().unwrap(), "10.0.0.2:80".parse().unwrap(), TCP_SYN)
@@ -18,7 +18,7 @@
 //! ```
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use tracer_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// Tag protocol identifiers: a customer tag, and the service (outer) tag of Q-in-Q.
 pub const ETH_P_8021Q: u16 = 0x8100;
