@@ -3,7 +3,7 @@
 //! two labs live side by side, and nothing is left behind by `down`, by drop or by a failed `up`.
 use std::{path::Path, process::Command};
 
-use xtask::lab::{self, ClientKind, EndpointMode, Lab, LabOptions, Outcome};
+use tracer_lab::lab::{self, ClientKind, EndpointMode, Lab, LabOptions, Outcome};
 
 fn require_root_and_ip() {
     // SAFETY: geteuid has no preconditions.
@@ -22,7 +22,7 @@ fn options(mode: EndpointMode) -> LabOptions {
     LabOptions {
         mode,
         external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
+        helper_exe: env!("CARGO_BIN_EXE_tracer-lab").into(),
     }
 }
 
@@ -46,7 +46,7 @@ fn leftovers(id: &str) -> Vec<String> {
 /// Runs `lab client <args>` in `role`'s namespace and returns its JSON report.
 fn client(lab: &Lab, role: &str, args: &[&str]) -> serde_json::Value {
     let output = lab
-        .command_in(role, env!("CARGO_BIN_EXE_xtask"))
+        .command_in(role, env!("CARGO_BIN_EXE_tracer-lab"))
         .args(["lab", "client"])
         .args(args)
         .output()

@@ -3,8 +3,6 @@
 //! the agent keeps counting, says why it is not ready (each cause in `/readyz`, logged once
 //! however often it retries), and is ready again within seconds of their return. The Kubernetes context end to end: an API server stand-in served in the node
 //! namespace, watched through `--kubeconfig`, down at the start and down again later.
-mod support;
-
 use std::time::{Duration, Instant};
 
 use kube_standin::{
@@ -12,7 +10,7 @@ use kube_standin::{
     objects::{node, pod, service, slice},
 };
 use tracer_agent::api::FlowsResponse;
-use xtask::{
+use tracer_lab::{
     agent::{self, LabAgent},
     build,
     lab::{
@@ -22,6 +20,8 @@ use xtask::{
     scrape::{self, Sample},
     testing,
 };
+
+use crate::support;
 
 /// How soon the agent must be ready once its context answers again: it asks IMDS every 5 s
 /// (an attempt against a slow IMDS takes 2 s, the token and one GET timing out after 1 s
@@ -187,7 +187,7 @@ fn imds_cause_shown_and_logged_once(agent: &LabAgent, cause: &str) -> String {
 
 #[test]
 fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the_services() {
-    let lab = testing::lab(MODE, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(MODE, env!("CARGO_BIN_EXE_tracer-lab"));
     let down = ContextHealth {
         imds: ImdsHealth::Down,
         resolver: ResolverHealth::Down,
@@ -372,7 +372,7 @@ fn pod_b_named(agent: &LabAgent, facts: &LabFacts) -> Option<String> {
 
 #[test]
 fn the_kubernetes_context_names_pods_zones_and_the_control_plane_and_outlives_an_outage() {
-    let lab = testing::lab(MODE, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(MODE, env!("CARGO_BIN_EXE_tracer-lab"));
     let facts = lab.facts().clone();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let mut stand_in = support::stand_in_in(&lab, &runtime);

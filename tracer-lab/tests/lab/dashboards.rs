@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use xtask::{
+use tracer_lab::{
     agent::{self, LabAgent},
     build,
     dashboards::{self, Dashboard, PanelQuery},
@@ -155,7 +155,7 @@ impl Observed {
             "the lab tests need root to create network namespaces and load eBPF programs"
         );
         let began = Instant::now();
-        let lab = testing::lab(mode, env!("CARGO_BIN_EXE_xtask"));
+        let lab = testing::lab(mode, env!("CARGO_BIN_EXE_tracer-lab"));
         let mut agent = LabAgent::start(&lab, &build::tracer_path()).expect("agent start");
         agent
             .wait_ready(Duration::from_secs(15))

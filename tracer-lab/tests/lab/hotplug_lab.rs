@@ -4,7 +4,7 @@
 //! classified, and nothing left attached once they are gone.
 use std::time::Duration;
 
-use xtask::{
+use tracer_lab::{
     agent::LabAgent,
     build,
     churn::{self, DATAGRAM_BYTES, DATAGRAMS},
@@ -30,7 +30,7 @@ fn pods_churning_at_10_per_second_are_attached_counted_and_forgotten() {
         0,
         "the lab tests need root to create namespaces and load eBPF programs"
     );
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let mut agent = LabAgent::start(&lab, &build::tracer_path()).expect("agent start");
     agent
         .wait_ready(Duration::from_secs(15))

@@ -29,7 +29,7 @@ use aya::{
 use tracer_agent::datapath::{
     POLICY_STANDIN_OBJECT, POLICY_STANDIN_PORT_GLOBAL, POLICY_STANDIN_PROGRAM,
 };
-use xtask::{
+use tracer_lab::{
     agent::{self, LabAgent},
     build,
     lab::{EndpointMode, Lab, exec},
@@ -304,7 +304,7 @@ fn coexists(agent: Mechanism) {
         0,
         "the lab tests need root to create namespaces and load eBPF programs"
     );
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let _servers = Servers::start(&lab, lab.facts().pod_ips["pod-b"]);
     let mut failures = Vec::new();
     for policy in [Mechanism::Tcx, Mechanism::Clsact] {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::Value;
-use xtask::{
+use tracer_lab::{
     agent::LabAgent,
     lab::{self, EndpointMode, Lab},
     scrape::{self, Sample},
@@ -18,7 +18,7 @@ use xtask::{
 };
 
 fn start(mode: EndpointMode) -> (Lab, LabAgent) {
-    testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_xtask"))
+    testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_tracer-lab"))
 }
 
 fn get_json(agent: &LabAgent, path: &str) -> (u16, Value) {

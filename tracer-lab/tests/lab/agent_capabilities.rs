@@ -8,7 +8,7 @@ use std::{
     collections::BTreeSet, os::unix::fs::MetadataExt as _, process::Command, time::Duration,
 };
 
-use xtask::{
+use tracer_lab::{
     agent::{self, Confinement, LabAgent},
     build, deploy,
     lab::{Bpffs, EndpointMode, Lab},
@@ -26,7 +26,10 @@ fn manifest_confinement() -> Confinement {
 
 fn lab_up() -> Lab {
     testing::require_root();
-    testing::lab(EndpointMode::PublicPrivate, env!("CARGO_BIN_EXE_xtask"))
+    testing::lab(
+        EndpointMode::PublicPrivate,
+        env!("CARGO_BIN_EXE_tracer-lab"),
+    )
 }
 
 /// A line of /proc/PID/status, e.g. `CapEff`.

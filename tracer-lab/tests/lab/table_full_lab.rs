@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xtask::{
+use tracer_lab::{
     agent::{self, LabAgent},
     build, figures,
     lab::{EndpointMode, Lab, exec},
@@ -71,7 +71,7 @@ fn grew(before: &[Sample], after: &[Sample], name: &str, labels: &[(&str, &str)]
 fn a_full_flow_table_evicts_counts_it_and_keeps_classifying() {
     testing::require_root();
     let started = Instant::now();
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let mut flags = agent::quick_flags();
     flags.extend(agent::context_flags(&lab));
     flags.extend(["--flow-table-size".into(), TABLE_SIZE.to_string()]);

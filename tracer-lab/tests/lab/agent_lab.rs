@@ -4,7 +4,7 @@
 //! once, and SIGTERM detaches everything within 2 s.
 use std::{collections::BTreeMap, time::Duration};
 
-use xtask::{
+use tracer_lab::{
     agent::LabAgent,
     lab::{self, EndpointMode, Lab, Scenario},
     scrape::{self, Sample},
@@ -35,7 +35,7 @@ fn forward_bytes(samples: &[Sample]) -> Growth {
 }
 
 fn start(mode: EndpointMode) -> (Lab, LabAgent) {
-    testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_xtask"))
+    testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_tracer-lab"))
 }
 
 /// Runs one scenario and returns what was sent and the growth it caused, by series.

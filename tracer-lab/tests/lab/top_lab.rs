@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::Value;
-use xtask::{
+use tracer_lab::{
     agent::{self, LabAgent},
     build,
     lab::{self, EndpointMode, Lab, Scenario},
@@ -36,7 +36,10 @@ fn tracer() -> PathBuf {
 
 fn lab_up() -> Lab {
     testing::require_root();
-    testing::lab(EndpointMode::PublicPrivate, env!("CARGO_BIN_EXE_xtask"))
+    testing::lab(
+        EndpointMode::PublicPrivate,
+        env!("CARGO_BIN_EXE_tracer-lab"),
+    )
 }
 
 fn agent_up(lab: &Lab) -> LabAgent {

@@ -14,8 +14,6 @@
 //! stand-in: SIGTERM while the DaemonSet stands (a rolling update) hands over — the links stay,
 //! the successor takes them over in place and carries the counts on — and SIGTERM once it is
 //! gone (an uninstall) leaves no pin, no state and no program.
-mod support;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write as _,
@@ -33,13 +31,15 @@ use kube_standin::{
     Kind,
     objects::{daemonset, pod},
 };
-use xtask::{
+use tracer_lab::{
     agent::{self, LabAgent},
     build,
     lab::{self, Bpffs, EndpointMode, Lab, Target, exec},
     scrape::{self, Sample},
     testing,
 };
+
+use crate::support;
 
 const KILLS: usize = 20;
 const WORKLOAD_BYTES: &str = "tracer_workload_bytes_total";
@@ -125,7 +125,7 @@ fn clsact_filters(lab: &Lab) -> Vec<String> {
 #[test]
 fn killed_agents_leave_nothing_behind_once_restarted() {
     testing::require_root();
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let traced = {
         let agent = start(&lab, "tcx");
         let linked = agent.linked_ifindexes().len();
@@ -307,7 +307,7 @@ fn second_agent_is_refused(lab: &Lab, flags: &[String], first: &LabAgent) {
 #[test]
 fn pinned_agents_killed_mid_traffic_lose_no_byte_and_no_counter_goes_back() {
     testing::require_root();
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let bpffs = Bpffs::mount(&lab).expect("a bpffs for the pins");
     let pins = bpffs.pin_path();
     let state = agent::state_file(&lab);
@@ -398,7 +398,7 @@ const POD: &str = "tracer-agent-x7k2p";
 #[test]
 fn sigterm_hands_over_while_the_daemonset_stands_and_cleans_up_once_it_is_gone() {
     testing::require_root();
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let bpffs = Bpffs::mount(&lab).expect("a bpffs for the pins");
     let pins = bpffs.pin_path();
     let state = agent::state_file(&lab);
