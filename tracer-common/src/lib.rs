@@ -4,6 +4,9 @@
 //! layout byte for byte: the kernel writes these into BPF maps, user space reads them back.
 #![no_std]
 
+#[cfg(feature = "labels")]
+pub mod labels;
+
 /// Name of the flow table map: `FlowKey` → `FlowStats`.
 pub const FLOWS_MAP: &str = "FLOWS";
 /// Name of the fragment map: `FragmentKey` → `FragmentPorts`.

@@ -117,7 +117,9 @@ fn show_top(lab: &Lab, tracer: &Path, mode: EndpointMode) -> anyhow::Result<()> 
 fn print_paths(samples: &[Sample], sent: &[lab::Sent]) {
     let mut sent_by_path: BTreeMap<&str, u64> = BTreeMap::new();
     for scenario in sent {
-        *sent_by_path.entry(scenario.expected_path).or_default() += scenario.payload_bytes;
+        *sent_by_path
+            .entry(scenario.expected_path.as_str())
+            .or_default() += scenario.payload_bytes;
     }
     let mut rows: BTreeMap<(String, String, String), [f64; 4]> = BTreeMap::new();
     for sample in samples {

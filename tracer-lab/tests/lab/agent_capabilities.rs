@@ -8,6 +8,7 @@ use std::{
     collections::BTreeSet, os::unix::fs::MetadataExt as _, process::Command, time::Duration,
 };
 
+use tracer_common::labels::Path;
 use tracer_lab::{
     agent::{self, Confinement, LabAgent},
     build, deploy,
@@ -118,7 +119,11 @@ fn the_manifests_capabilities_suffice_for_a_non_root_agent() {
     );
 
     // Plain, DNATed and SNATed traffic: NAT is observed through conntrack (CAP_NET_ADMIN).
-    let wanted = ["pod_to_pod_local", "pod_to_service", "pod_to_external"];
+    let wanted = [
+        Path::PodToPodLocal.as_str(),
+        Path::PodToService.as_str(),
+        Path::PodToExternal.as_str(),
+    ];
     let scenarios = testing::scenarios(EndpointMode::PublicPrivate, &wanted);
     let sent = lab.run_traffic(&scenarios).expect("traffic");
     std::thread::sleep(Duration::from_millis(900));
@@ -128,14 +133,17 @@ fn the_manifests_capabilities_suffice_for_a_non_root_agent() {
             &samples,
             "tracer_path_bytes_total",
             &[
-                ("path", sent.expected_path),
-                ("nat", sent.expected_nat),
+                ("path", sent.expected_path.as_str()),
+                ("nat", sent.expected_nat.as_str()),
                 ("direction", "forward"),
             ],
         );
         eprintln!(
             "confined agent: {:<18} nat={:<5} sent {:>7} B, counted {:>7} B",
-            sent.expected_path, sent.expected_nat, sent.payload_bytes, counted
+            sent.expected_path.as_str(),
+            sent.expected_nat.as_str(),
+            sent.payload_bytes,
+            counted
         );
         assert!(
             sent.connected == sent.connections

@@ -29,6 +29,7 @@ use aya::{
 use tracer_agent::datapath::{
     POLICY_STANDIN_OBJECT, POLICY_STANDIN_PORT_GLOBAL, POLICY_STANDIN_PROGRAM,
 };
+use tracer_common::labels::Path;
 use tracer_lab::{
     agent::{self, LabAgent},
     build,
@@ -218,7 +219,10 @@ fn local_forward_bytes(agent: &LabAgent) -> f64 {
     scrape::sum(
         &samples,
         "tracer_path_bytes_total",
-        &[("path", "pod_to_pod_local"), ("direction", "forward")],
+        &[
+            ("path", Path::PodToPodLocal.as_str()),
+            ("direction", "forward"),
+        ],
     )
 }
 

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use tracer_common::labels::{Endpoint, Path};
 use tracer_lab::{
     agent::{self, LabAgent},
     build,
@@ -123,9 +124,10 @@ fn the_public_endpoint_alert_stays_quiet_in_private_mode() {
         &mut failures,
     );
     // It had its chance: the node did talk to the API server, privately, and so did the pods.
-    for path in ["node_to_apiserver", "pod_to_apiserver"] {
+    for path in [Path::NodeToApiserver, Path::PodToApiserver] {
+        let private = Endpoint::Private;
         let expr = format!(
-            "sum(increase(tracer_path_bytes_total{{path=\"{path}\", endpoint=\"private\"}}[5m])) > 0"
+            "sum(increase(tracer_path_bytes_total{{path=\"{path}\", endpoint=\"{private}\"}}[5m])) > 0"
         );
         if run.prometheus.query(&expr).expect("query").is_empty() {
             failures.push(format!("no private {path} traffic in private mode: {expr}"));
