@@ -1,74 +1,14 @@
 //! The path taxonomy (docs/taxonomy.md) as a pure function: a connection and the node's context
 //! in, a path with its labels out. No I/O, no clock: every rule is unit-tested on its own.
-use std::{fmt, net::SocketAddr};
+use std::net::SocketAddr;
+
+use tracer_common::label_enum;
+pub use tracer_common::labels::{Endpoint, Nat, Path};
 
 use crate::context::{IMDS_ADDR, NodeContext, Side, kubernetes::ZoneLabel};
 
 const KUBELET_PORT: u16 = 10250;
 const DNS_PORT: u16 = 53;
-
-macro_rules! label_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        #[derive(serde::Serialize, serde::Deserialize)]
-        pub enum $name { $($variant),+ }
-
-        impl $name {
-            /// Every value, in declaration order.
-            pub const ALL: [$name; [$($name::$variant),+].len()] = [$($name::$variant),+];
-
-            /// The label value, as dashboards and alerts spell it.
-            pub const fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-label_enum!(
-    /// Which way a connection goes through the node and the VPC.
-    Path {
-        PodToPodLocal => "pod_to_pod_local",
-        PodToPodRemote => "pod_to_pod_remote",
-        PodToService => "pod_to_service",
-        PodToApiserver => "pod_to_apiserver",
-        NodeToApiserver => "node_to_apiserver",
-        ControlplaneToKubelet => "controlplane_to_kubelet",
-        PodToDns => "pod_to_dns",
-        PodToExternal => "pod_to_external",
-        NodeToExternal => "node_to_external",
-        PodToImds => "pod_to_imds",
-        NodeToImds => "node_to_imds",
-        NodeToNode => "node_to_node",
-        ExternalToPod => "external_to_pod",
-        ExternalToNode => "external_to_node",
-        Unknown => "unknown",
-    }
-);
-
-label_enum!(
-    /// Which API server endpoint a connection used.
-    Endpoint {
-        Public => "public",
-        Private => "private",
-    }
-);
-
-label_enum!(
-    /// Address translation the node applied to a connection, as observed in conntrack.
-    Nat {
-        None => "none",
-        Snat => "snat",
-        Dnat => "dnat",
-    }
-);
 
 /// A connection as the classifier needs it: who started it, who answered, after NAT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

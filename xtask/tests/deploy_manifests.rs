@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use xtask::deploy::{self, GENERATED, KUBERNETES_VERSIONS, KUSTOMIZATIONS};
+use tracer_lab::deploy::{self, GENERATED, KUBERNETES_VERSIONS, KUSTOMIZATIONS};
 
 fn rendered(kustomization: &str) -> (String, Vec<Value>) {
     let yaml = deploy::render(kustomization)

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use crate::{
+use tracer_lab::{
     agent::{self, LabAgent},
     build, churn,
     lab::{Bpffs, EndpointMode, Lab, LabOptions, exec},

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use crate::{
+use tracer_lab::{
     agent::{self, LabAgent, context_flags},
     build,
     lab::{Bpffs, EndpointMode, Lab, LabOptions, exec},

@@ -1,7 +1,7 @@
 //! `cargo xtask bench …`: benchmarks, each measured against a baseline in the same run.
 use std::process::Command;
 
-use crate::{build::workspace_root, run::require_success};
+use tracer_lab::{build::workspace_root, run::require_success};
 
 mod attach;
 mod footprint;

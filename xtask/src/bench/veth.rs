@@ -10,7 +10,7 @@ use std::{process::Command, time::Duration};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use crate::{
+use tracer_lab::{
     agent::{LabAgent, context_flags},
     build,
     lab::{EndpointMode, Lab, LabOptions},

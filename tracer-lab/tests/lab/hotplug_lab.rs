@@ -4,7 +4,8 @@
 //! classified, and nothing left attached once they are gone.
 use std::time::Duration;
 
-use xtask::{
+use tracer_common::labels::Path;
+use tracer_lab::{
     agent::LabAgent,
     build,
     churn::{self, DATAGRAM_BYTES, DATAGRAMS},
@@ -30,7 +31,7 @@ fn pods_churning_at_10_per_second_are_attached_counted_and_forgotten() {
         0,
         "the lab tests need root to create namespaces and load eBPF programs"
     );
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let mut agent = LabAgent::start(&lab, &build::tracer_path()).expect("agent start");
     agent
         .wait_ready(Duration::from_secs(15))
@@ -56,13 +57,19 @@ fn pods_churning_at_10_per_second_are_attached_counted_and_forgotten() {
     };
     // Every pod but the first sent to the one before it.
     let sent = f64::from(PODS - 1) * (DATAGRAMS * DATAGRAM_BYTES) as f64;
-    let local = [("path", "pod_to_pod_local"), ("direction", "forward")];
+    let local = [
+        ("path", Path::PodToPodLocal.as_str()),
+        ("direction", "forward"),
+    ];
     let counted = grew("tracer_path_bytes_total", &local);
     assert!(
         counted >= sent && counted <= sent * 1.1 + 20_000.0,
         "pod_to_pod_local forward bytes grew by {counted}, {sent} payload sent"
     );
-    let flows = grew("tracer_path_flows_total", &[("path", "pod_to_pod_local")]);
+    let flows = grew(
+        "tracer_path_flows_total",
+        &[("path", Path::PodToPodLocal.as_str())],
+    );
     assert_eq!(flows, f64::from(PODS - 1), "one flow per new pod");
     // The agent times its own attaches: one per pod, none for the deletions.
     let attaches = grew("tracer_attach_duration_seconds_count", &[]);
@@ -81,8 +88,8 @@ fn pods_churning_at_10_per_second_are_attached_counted_and_forgotten() {
         "tracer_attach_duration_seconds_sum grew by {took}"
     );
     // A pod not yet known as local would show as remote; one not placed at all, as unknown.
-    for path in ["pod_to_pod_remote", "unknown"] {
-        let stray = grew("tracer_path_bytes_total", &[("path", path)]);
+    for path in [Path::PodToPodRemote, Path::Unknown] {
+        let stray = grew("tracer_path_bytes_total", &[("path", path.as_str())]);
         assert!(stray < 5_000.0, "{path} grew by {stray} bytes");
     }
 

@@ -7,7 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xtask::{
+use tracer_common::labels::{Endpoint, Nat, Path};
+use tracer_lab::{
     agent::LabAgent,
     lab::{self, EndpointMode, Lab, Scenario},
     scrape::{self, Sample},
@@ -40,7 +41,7 @@ fn forward_bytes(samples: &[Sample]) -> Growth {
 }
 
 fn start(mode: EndpointMode) -> (Lab, LabAgent) {
-    testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_xtask"))
+    testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_tracer-lab"))
 }
 
 /// Runs one scenario and returns what was sent and the growth it caused, by series: read once
@@ -73,9 +74,9 @@ fn run_one(lab: &Lab, agent: &LabAgent, scenario: Scenario) -> (lab::Sent, Growt
 
 fn expected_series(sent: &lab::Sent) -> String {
     series(
-        sent.expected_path,
-        sent.expected_nat,
-        sent.expected_endpoint.unwrap_or(""),
+        sent.expected_path.as_str(),
+        sent.expected_nat.as_str(),
+        sent.expected_endpoint.map_or("", Endpoint::as_str),
     )
 }
 
@@ -148,7 +149,9 @@ fn a_flow_across_a_veth_and_an_eni_is_counted_once() {
     let scenario = lab::scenarios(EndpointMode::PublicPrivate)
         .into_iter()
         .find(|s| {
-            s.expected_path == "pod_to_pod_remote" && s.name != "dropped_syn" && s.name != "refused"
+            s.expected_path == Path::PodToPodRemote
+                && s.name != "dropped_syn"
+                && s.name != "refused"
         })
         .expect("a pod_to_pod_remote scenario");
     let duplicates = |samples: &[Sample]| {
@@ -162,7 +165,11 @@ fn a_flow_across_a_veth_and_an_eni_is_counted_once() {
     let (sent, growth) = run_one(&lab, &agent, scenario);
     let after = duplicates(&agent.scrape().expect("scrape"));
     let counted = growth
-        .get(&series("pod_to_pod_remote", "none", ""))
+        .get(&series(
+            Path::PodToPodRemote.as_str(),
+            Nat::None.as_str(),
+            "",
+        ))
         .copied()
         .unwrap_or(0.0);
     // The pod's veth and the ENI both see every packet: the ENI's sightings are duplicates.
@@ -183,13 +190,13 @@ fn a_flow_across_a_veth_and_an_eni_is_counted_once() {
 #[test]
 fn silent_drops_and_refusals_are_told_apart_and_handshakes_are_timed() {
     let (lab, agent) = start(EndpointMode::PublicPrivate);
-    let wanted = ["dropped_syn", "refused", "pod_to_pod_local"];
+    let wanted = ["dropped_syn", "refused", Path::PodToPodLocal.as_str()];
     let scenarios = testing::scenarios(EndpointMode::PublicPrivate, &wanted);
     let sent = lab.run_traffic(&scenarios).expect("traffic");
     // The SYN timeout (1 s) plus a few polls.
     std::thread::sleep(Duration::from_millis(1_800));
     let samples = agent.scrape().expect("scrape");
-    let remote = [("path", "pod_to_pod_remote")];
+    let remote = [("path", Path::PodToPodRemote.as_str())];
     let unanswered = scrape::sum(&samples, "tracer_path_unanswered_syn_total", &remote);
     let resets = scrape::sum(&samples, "tracer_path_resets_total", &remote);
     assert_eq!(
@@ -200,12 +207,12 @@ fn silent_drops_and_refusals_are_told_apart_and_handshakes_are_timed() {
     );
     let local = sent
         .iter()
-        .find(|s| s.scenario == "pod_to_pod_local")
+        .find(|s| s.scenario == Path::PodToPodLocal.as_str())
         .expect("pod_to_pod_local sent");
     let timed = scrape::sum(
         &samples,
         "tracer_path_handshake_seconds_count",
-        &[("path", "pod_to_pod_local")],
+        &[("path", Path::PodToPodLocal.as_str())],
     );
     assert_eq!(
         timed,
@@ -219,14 +226,14 @@ fn silent_drops_and_refusals_are_told_apart_and_handshakes_are_timed() {
 #[test]
 fn switching_the_endpoint_mode_moves_node_traffic_between_public_and_private() {
     let (lab, agent) = start(EndpointMode::Public);
-    let apiserver_bytes = |endpoint: &str| {
+    let apiserver_bytes = |endpoint: Endpoint| {
         let samples = agent.scrape().expect("scrape");
         scrape::sum(
             &samples,
             "tracer_path_bytes_total",
             &[
-                ("path", "node_to_apiserver"),
-                ("endpoint", endpoint),
+                ("path", Path::NodeToApiserver.as_str()),
+                ("endpoint", endpoint.as_str()),
                 ("direction", "forward"),
             ],
         )
@@ -240,14 +247,20 @@ fn switching_the_endpoint_mode_moves_node_traffic_between_public_and_private() {
         lab.set_mode(mode).expect("set mode");
         // The agent re-resolves the cluster endpoint every second.
         std::thread::sleep(Duration::from_millis(1_500));
-        let before = (apiserver_bytes("public"), apiserver_bytes("private"));
+        let before = (
+            apiserver_bytes(Endpoint::Public),
+            apiserver_bytes(Endpoint::Private),
+        );
         let scenario = lab::scenarios(mode)
             .into_iter()
-            .find(|s| s.name == "node_to_apiserver")
+            .find(|s| s.name == Path::NodeToApiserver.as_str())
             .expect("a node_to_apiserver scenario");
         let sent = lab.run_traffic(&[scenario]).expect("traffic").remove(0);
         std::thread::sleep(Duration::from_millis(900));
-        let after = (apiserver_bytes("public"), apiserver_bytes("private"));
+        let after = (
+            apiserver_bytes(Endpoint::Public),
+            apiserver_bytes(Endpoint::Private),
+        );
         let grew = (after.0 - before.0, after.1 - before.1);
         seen.push(format!(
             "{mode}: sent {} B to {}, grew {grew:?}",

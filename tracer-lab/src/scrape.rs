@@ -101,6 +101,8 @@ pub fn counts_payload(counted: f64, payload: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use tracer_common::labels::Path;
+
     use super::*;
 
     #[test]
@@ -115,7 +117,7 @@ mod tests {
             sum(
                 &samples,
                 "tracer_path_bytes_total",
-                &[("path", "pod_to_external")]
+                &[("path", Path::PodToExternal.as_str())]
             ),
             1560.0
         );

@@ -29,7 +29,8 @@ use aya::{
 use tracer_agent::datapath::{
     POLICY_STANDIN_OBJECT, POLICY_STANDIN_PORT_GLOBAL, POLICY_STANDIN_PROGRAM,
 };
-use xtask::{
+use tracer_common::labels::Path;
+use tracer_lab::{
     agent::{self, LabAgent},
     build,
     lab::{EndpointMode, Lab, exec},
@@ -218,7 +219,10 @@ fn local_forward_bytes(agent: &LabAgent) -> f64 {
     scrape::sum(
         &samples,
         "tracer_path_bytes_total",
-        &[("path", "pod_to_pod_local"), ("direction", "forward")],
+        &[
+            ("path", Path::PodToPodLocal.as_str()),
+            ("direction", "forward"),
+        ],
     )
 }
 
@@ -304,7 +308,7 @@ fn coexists(agent: Mechanism) {
         0,
         "the lab tests need root to create namespaces and load eBPF programs"
     );
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let _servers = Servers::start(&lab, lab.facts().pod_ips["pod-b"]);
     let mut failures = Vec::new();
     for policy in [Mechanism::Tcx, Mechanism::Clsact] {

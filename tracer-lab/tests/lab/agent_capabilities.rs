@@ -8,7 +8,8 @@ use std::{
     collections::BTreeSet, os::unix::fs::MetadataExt as _, process::Command, time::Duration,
 };
 
-use xtask::{
+use tracer_common::labels::Path;
+use tracer_lab::{
     agent::{self, Confinement, LabAgent},
     build, deploy,
     lab::{Bpffs, EndpointMode, Lab},
@@ -26,7 +27,10 @@ fn manifest_confinement() -> Confinement {
 
 fn lab_up() -> Lab {
     testing::require_root();
-    testing::lab(EndpointMode::PublicPrivate, env!("CARGO_BIN_EXE_xtask"))
+    testing::lab(
+        EndpointMode::PublicPrivate,
+        env!("CARGO_BIN_EXE_tracer-lab"),
+    )
 }
 
 /// A line of /proc/PID/status, e.g. `CapEff`.
@@ -115,7 +119,11 @@ fn the_manifests_capabilities_suffice_for_a_non_root_agent() {
     );
 
     // Plain, DNATed and SNATed traffic: NAT is observed through conntrack (CAP_NET_ADMIN).
-    let wanted = ["pod_to_pod_local", "pod_to_service", "pod_to_external"];
+    let wanted = [
+        Path::PodToPodLocal.as_str(),
+        Path::PodToService.as_str(),
+        Path::PodToExternal.as_str(),
+    ];
     let scenarios = testing::scenarios(EndpointMode::PublicPrivate, &wanted);
     let sent = lab.run_traffic(&scenarios).expect("traffic");
     std::thread::sleep(Duration::from_millis(900));
@@ -125,14 +133,17 @@ fn the_manifests_capabilities_suffice_for_a_non_root_agent() {
             &samples,
             "tracer_path_bytes_total",
             &[
-                ("path", sent.expected_path),
-                ("nat", sent.expected_nat),
+                ("path", sent.expected_path.as_str()),
+                ("nat", sent.expected_nat.as_str()),
                 ("direction", "forward"),
             ],
         );
         eprintln!(
             "confined agent: {:<18} nat={:<5} sent {:>7} B, counted {:>7} B",
-            sent.expected_path, sent.expected_nat, sent.payload_bytes, counted
+            sent.expected_path.as_str(),
+            sent.expected_nat.as_str(),
+            sent.payload_bytes,
+            counted
         );
         assert!(
             sent.connected == sent.connections

@@ -3,8 +3,6 @@
 //! the agent keeps counting, says why it is not ready (each cause in `/readyz`, logged once
 //! however often it retries), and is ready again within seconds of their return. The Kubernetes context end to end: an API server stand-in served in the node
 //! namespace, watched through `--kubeconfig`, down at the start and down again later.
-mod support;
-
 use std::time::{Duration, Instant};
 
 use kube_standin::{
@@ -12,7 +10,8 @@ use kube_standin::{
     objects::{node, pod, service, slice},
 };
 use tracer_agent::serve::api::FlowsResponse;
-use xtask::{
+use tracer_common::labels::{Endpoint, Path};
+use tracer_lab::{
     agent::{self, LabAgent},
     build,
     lab::{
@@ -22,6 +21,8 @@ use xtask::{
     scrape::{self, Sample},
     testing,
 };
+
+use crate::support;
 
 /// How soon the agent must be ready once its context answers again: it asks IMDS every 5 s
 /// (an attempt against a slow IMDS takes 2 s, the token and one GET timing out after 1 s
@@ -187,7 +188,7 @@ fn imds_cause_shown_and_logged_once(agent: &LabAgent, cause: &str) -> String {
 
 #[test]
 fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the_services() {
-    let lab = testing::lab(MODE, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(MODE, env!("CARGO_BIN_EXE_tracer-lab"));
     let down = ContextHealth {
         imds: ImdsHealth::Down,
         resolver: ResolverHealth::Down,
@@ -209,11 +210,19 @@ fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the
     );
 
     // Counting goes on: local traffic exactly; remote traffic as unknown, never guessed.
-    let local = [("path", "pod_to_pod_local")];
-    let (sent, grown) = measure(&lab, &agent, "pod_to_pod_local", &[&local]);
+    let local = [("path", Path::PodToPodLocal.as_str())];
+    let (sent, grown) = measure(&lab, &agent, Path::PodToPodLocal.as_str(), &[&local]);
     assert_counted(&agent, "pod_to_pod_local without context", &sent, grown[0]);
-    let (remote, unknown) = ([("path", "pod_to_pod_remote")], [("path", "unknown")]);
-    let (sent, grown) = measure(&lab, &agent, "pod_to_pod_remote", &[&remote, &unknown]);
+    let (remote, unknown) = (
+        [("path", Path::PodToPodRemote.as_str())],
+        [("path", Path::Unknown.as_str())],
+    );
+    let (sent, grown) = measure(
+        &lab,
+        &agent,
+        Path::PodToPodRemote.as_str(),
+        &[&remote, &unknown],
+    );
     assert_eq!(
         grown[0], 0.0,
         "remote traffic classified without a VPC CIDR"
@@ -257,11 +266,19 @@ fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the
         "{}",
         agent.log_tail()
     );
-    let (sent, grown) = measure(&lab, &agent, "pod_to_pod_remote", &[&remote, &unknown]);
+    let (sent, grown) = measure(
+        &lab,
+        &agent,
+        Path::PodToPodRemote.as_str(),
+        &[&remote, &unknown],
+    );
     assert_counted(&agent, "pod_to_pod_remote after recovery", &sent, grown[0]);
     assert!(grown[1] < NOISE_BYTES, "unknown grew by {} B", grown[1]);
-    let public = [("path", "node_to_apiserver"), ("endpoint", "public")];
-    let (sent, grown) = measure(&lab, &agent, "node_to_apiserver", &[&public]);
+    let public = [
+        ("path", Path::NodeToApiserver.as_str()),
+        ("endpoint", Endpoint::Public.as_str()),
+    ];
+    let (sent, grown) = measure(&lab, &agent, Path::NodeToApiserver.as_str(), &[&public]);
     assert_counted(&agent, "node_to_apiserver after recovery", &sent, grown[0]);
 
     // The resolver fails again, after an answer: as with a Kubernetes API outage, the last
@@ -291,7 +308,7 @@ fn context_failures_are_reported_counting_goes_on_and_readiness_returns_with_the
     let paths: serde_json::Value = serde_json::from_str(&paths).expect("JSON");
     assert_eq!(
         paths["apiserver_endpoints"],
-        serde_json::json!(["public"]),
+        serde_json::json!([Endpoint::Public.as_str()]),
         "the last answer's API server addresses are still known"
     );
     drop(agent);
@@ -372,7 +389,7 @@ fn pod_b_named(agent: &LabAgent, facts: &LabFacts) -> Option<String> {
 
 #[test]
 fn the_kubernetes_context_names_pods_zones_and_the_control_plane_and_outlives_an_outage() {
-    let lab = testing::lab(MODE, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(MODE, env!("CARGO_BIN_EXE_tracer-lab"));
     let facts = lab.facts().clone();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let mut stand_in = support::stand_in_in(&lab, &runtime);
@@ -413,26 +430,39 @@ fn the_kubernetes_context_names_pods_zones_and_the_control_plane_and_outlives_an
     );
 
     // Pods named, the zone of a cross-node path, the control plane recognised.
-    let local = [("path", "pod_to_pod_local")];
-    let (local_sent, grown) = measure(&lab, &agent, "pod_to_pod_local", &[&local]);
-    assert_counted(&agent, "pod_to_pod_local", &local_sent, grown[0]);
+    let local = [("path", Path::PodToPodLocal.as_str())];
+    let (local_sent, grown) = measure(&lab, &agent, Path::PodToPodLocal.as_str(), &[&local]);
+    assert_counted(&agent, Path::PodToPodLocal.as_str(), &local_sent, grown[0]);
     assert_eq!(
         pod_b_named(&agent, &facts).as_deref(),
         Some("default/pod-b")
     );
-    let remote = [("path", "pod_to_pod_remote"), ("zone", "cross_zone")];
-    let (sent, grown) = measure(&lab, &agent, "pod_to_pod_remote", &[&remote]);
+    let remote = [
+        ("path", Path::PodToPodRemote.as_str()),
+        ("zone", "cross_zone"),
+    ];
+    let (sent, grown) = measure(&lab, &agent, Path::PodToPodRemote.as_str(), &[&remote]);
     assert_counted(&agent, "pod_to_pod_remote, cross_zone", &sent, grown[0]);
-    let kubelet = [("path", "controlplane_to_kubelet")];
-    let (sent, grown) = measure(&lab, &agent, "controlplane_to_kubelet", &[&kubelet]);
-    assert_counted(&agent, "controlplane_to_kubelet", &sent, grown[0]);
+    let kubelet = [("path", Path::ControlplaneToKubelet.as_str())];
+    let (sent, grown) = measure(
+        &lab,
+        &agent,
+        Path::ControlplaneToKubelet.as_str(),
+        &[&kubelet],
+    );
+    assert_counted(
+        &agent,
+        Path::ControlplaneToKubelet.as_str(),
+        &sent,
+        grown[0],
+    );
     let web = scrape::sum(
         &agent.scrape().expect("scrape"),
         "tracer_workload_bytes_total",
         &[
             ("namespace", "default"),
             ("workload", "web"),
-            ("path", "pod_to_pod_local"),
+            ("path", Path::PodToPodLocal.as_str()),
         ],
     );
     assert!(
@@ -459,14 +489,19 @@ fn the_kubernetes_context_names_pods_zones_and_the_control_plane_and_outlives_an
         Kind::Pods,
         pod("default", "pod-b-2", NODE, Some(&pod_b), Some(replacement)),
     );
-    let (sent, grown) = measure(&lab, &agent, "controlplane_to_kubelet", &[&kubelet]);
+    let (sent, grown) = measure(
+        &lab,
+        &agent,
+        Path::ControlplaneToKubelet.as_str(),
+        &[&kubelet],
+    );
     assert_counted(
         &agent,
         "controlplane_to_kubelet in the outage",
         &sent,
         grown[0],
     );
-    let (sent, grown) = measure(&lab, &agent, "pod_to_pod_local", &[&local]);
+    let (sent, grown) = measure(&lab, &agent, Path::PodToPodLocal.as_str(), &[&local]);
     assert_counted(&agent, "pod_to_pod_local in the outage", &sent, grown[0]);
     assert_eq!(
         pod_b_named(&agent, &facts).as_deref(),

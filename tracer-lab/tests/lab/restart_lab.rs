@@ -14,8 +14,6 @@
 //! stand-in: SIGTERM while the DaemonSet stands (a rolling update) hands over — the links stay,
 //! the successor takes them over in place and carries the counts on — and SIGTERM once it is
 //! gone (an uninstall) leaves no pin, no state and no program.
-mod support;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write as _,
@@ -33,13 +31,16 @@ use kube_standin::{
     Kind,
     objects::{daemonset, pod},
 };
-use xtask::{
+use tracer_common::labels::Path;
+use tracer_lab::{
     agent::{self, LabAgent},
     build,
     lab::{self, Bpffs, EndpointMode, Lab, Target, exec},
     scrape::{self, Sample},
     testing,
 };
+
+use crate::support;
 
 const KILLS: usize = 20;
 const WORKLOAD_BYTES: &str = "tracer_workload_bytes_total";
@@ -125,7 +126,7 @@ fn clsact_filters(lab: &Lab) -> Vec<String> {
 #[test]
 fn killed_agents_leave_nothing_behind_once_restarted() {
     testing::require_root();
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let traced = {
         let agent = start(&lab, "tcx");
         let linked = agent.linked_ifindexes().len();
@@ -160,9 +161,12 @@ fn killed_agents_leave_nothing_behind_once_restarted() {
             // The last one: it counts, and a clean stop leaves nothing.
             let scenario = lab::scenarios(EndpointMode::Public)
                 .into_iter()
-                .find(|s| s.name == "pod_to_pod_local")
+                .find(|s| s.name == Path::PodToPodLocal.as_str())
                 .expect("a pod_to_pod_local scenario");
-            let series = [("path", "pod_to_pod_local"), ("direction", "forward")];
+            let series = [
+                ("path", Path::PodToPodLocal.as_str()),
+                ("direction", "forward"),
+            ];
             let before = scrape::sum(
                 &agent.scrape().expect("scrape"),
                 "tracer_path_bytes_total",
@@ -307,16 +311,19 @@ fn second_agent_is_refused(lab: &Lab, flags: &[String], first: &LabAgent) {
 #[test]
 fn pinned_agents_killed_mid_traffic_lose_no_byte_and_no_counter_goes_back() {
     testing::require_root();
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let bpffs = Bpffs::mount(&lab).expect("a bpffs for the pins");
     let pins = bpffs.pin_path();
     let state = agent::state_file(&lab);
     let flags = agent::restart_flags(&lab, &bpffs);
-    let burst = testing::scenarios(EndpointMode::Public, &["pod_to_pod_local"]);
+    let burst = testing::scenarios(EndpointMode::Public, &[Path::PodToPodLocal.as_str()]);
     let Target::Addr(pod_b) = burst[0].to else {
         panic!("pod_to_pod_local goes to an address");
     };
-    let series = [("path", "pod_to_pod_local"), ("direction", "forward")];
+    let series = [
+        ("path", Path::PodToPodLocal.as_str()),
+        ("direction", "forward"),
+    ];
 
     let mut agent = start_with(&lab, "tcx", flags.clone());
     let traced = tcx_programs(&lab).len();
@@ -398,7 +405,7 @@ const POD: &str = "tracer-agent-x7k2p";
 #[test]
 fn sigterm_hands_over_while_the_daemonset_stands_and_cleans_up_once_it_is_gone() {
     testing::require_root();
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let bpffs = Bpffs::mount(&lab).expect("a bpffs for the pins");
     let pins = bpffs.pin_path();
     let state = agent::state_file(&lab);
@@ -434,11 +441,14 @@ fn sigterm_hands_over_while_the_daemonset_stands_and_cleans_up_once_it_is_gone()
         "--pod-namespace".into(),
         NAMESPACE.into(),
     ]);
-    let burst = testing::scenarios(EndpointMode::Public, &["pod_to_pod_local"]);
+    let burst = testing::scenarios(EndpointMode::Public, &[Path::PodToPodLocal.as_str()]);
     let Target::Addr(pod_b) = burst[0].to else {
         panic!("pod_to_pod_local goes to an address");
     };
-    let series = [("path", "pod_to_pod_local"), ("direction", "forward")];
+    let series = [
+        ("path", Path::PodToPodLocal.as_str()),
+        ("direction", "forward"),
+    ];
 
     let first = start_with(&lab, "tcx", flags.clone());
     let traced = tcx_programs(&lab);
@@ -450,7 +460,7 @@ fn sigterm_hands_over_while_the_daemonset_stands_and_cleans_up_once_it_is_gone()
     let web = [
         ("namespace", "default"),
         ("workload", "web"),
-        ("path", "pod_to_pod_local"),
+        ("path", Path::PodToPodLocal.as_str()),
     ];
     let web_before = scrape::sum(&first.scrape().expect("scrape"), WORKLOAD_BYTES, &web);
     assert!(web_before > 0.0, "the stream is counted for default/web");

@@ -11,7 +11,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use xtask::{
+use tracer_common::labels::{Endpoint, Path};
+use tracer_lab::{
     agent::{self, LabAgent},
     build,
     dashboards::{self, Dashboard, PanelQuery},
@@ -123,9 +124,10 @@ fn the_public_endpoint_alert_stays_quiet_in_private_mode() {
         &mut failures,
     );
     // It had its chance: the node did talk to the API server, privately, and so did the pods.
-    for path in ["node_to_apiserver", "pod_to_apiserver"] {
+    for path in [Path::NodeToApiserver, Path::PodToApiserver] {
+        let private = Endpoint::Private;
         let expr = format!(
-            "sum(increase(tracer_path_bytes_total{{path=\"{path}\", endpoint=\"private\"}}[5m])) > 0"
+            "sum(increase(tracer_path_bytes_total{{path=\"{path}\", endpoint=\"{private}\"}}[5m])) > 0"
         );
         if run.prometheus.query(&expr).expect("query").is_empty() {
             failures.push(format!("no private {path} traffic in private mode: {expr}"));
@@ -155,7 +157,7 @@ impl Observed {
             "the lab tests need root to create network namespaces and load eBPF programs"
         );
         let began = Instant::now();
-        let lab = testing::lab(mode, env!("CARGO_BIN_EXE_xtask"));
+        let lab = testing::lab(mode, env!("CARGO_BIN_EXE_tracer-lab"));
         let mut agent = LabAgent::start(&lab, &build::tracer_path()).expect("agent start");
         agent
             .wait_ready(Duration::from_secs(15))

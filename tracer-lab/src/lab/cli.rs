@@ -4,6 +4,7 @@ use std::{path::PathBuf, time::Instant};
 
 use anyhow::bail;
 use clap::Subcommand;
+use tracer_common::labels::Endpoint;
 
 use super::{
     CLUSTER_ENDPOINT, EndpointMode, Lab, LabOptions, Sent, scenarios, servers, state,
@@ -206,9 +207,9 @@ fn table(sent: &[Sent]) -> String {
     for s in sent {
         text += &row([
             s.scenario,
-            s.expected_path,
-            s.expected_nat,
-            s.expected_endpoint.unwrap_or("-"),
+            s.expected_path.as_str(),
+            s.expected_nat.as_str(),
+            s.expected_endpoint.map_or("-", Endpoint::as_str),
             s.protocol,
             &s.connections.to_string(),
             &s.connected.to_string(),

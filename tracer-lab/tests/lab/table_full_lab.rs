@@ -12,7 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xtask::{
+use tracer_common::labels::Path;
+use tracer_lab::{
     agent::{self, LabAgent},
     build, figures,
     lab::{EndpointMode, Lab, exec},
@@ -71,7 +72,7 @@ fn grew(before: &[Sample], after: &[Sample], name: &str, labels: &[(&str, &str)]
 fn a_full_flow_table_evicts_counts_it_and_keeps_classifying() {
     testing::require_root();
     let started = Instant::now();
-    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(EndpointMode::Public, env!("CARGO_BIN_EXE_tracer-lab"));
     let mut flags = agent::quick_flags();
     flags.extend(agent::context_flags(&lab));
     flags.extend(["--flow-table-size".into(), TABLE_SIZE.to_string()]);
@@ -108,7 +109,7 @@ fn a_full_flow_table_evicts_counts_it_and_keeps_classifying() {
     );
     settle();
     let filled = agent.scrape().expect("scrape");
-    let remote_flows = [("path", "pod_to_pod_remote")];
+    let remote_flows = [("path", Path::PodToPodRemote.as_str())];
     assert_eq!(
         grew(&before, &filled, "tracer_path_flows_total", &remote_flows),
         f64::from(EARLY),
@@ -142,14 +143,26 @@ fn a_full_flow_table_evicts_counts_it_and_keeps_classifying() {
     let entries_growth = metric("tracer_flow_table_entries", &[]);
     let local_packets = metric(
         "tracer_path_packets_total",
-        &[("path", "pod_to_pod_local"), ("direction", "forward")],
+        &[
+            ("path", Path::PodToPodLocal.as_str()),
+            ("direction", "forward"),
+        ],
     );
     let local_bytes = metric(
         "tracer_path_bytes_total",
-        &[("path", "pod_to_pod_local"), ("direction", "forward")],
+        &[
+            ("path", Path::PodToPodLocal.as_str()),
+            ("direction", "forward"),
+        ],
     );
-    let local_flows = metric("tracer_path_flows_total", &[("path", "pod_to_pod_local")]);
-    let unknown = metric("tracer_path_bytes_total", &[("path", "unknown")]);
+    let local_flows = metric(
+        "tracer_path_flows_total",
+        &[("path", Path::PodToPodLocal.as_str())],
+    );
+    let unknown = metric(
+        "tracer_path_bytes_total",
+        &[("path", Path::Unknown.as_str())],
+    );
     let offered = u32::from(EARLY) + u32::from(ROUNDS) * u32::from(CHURN_PER_ROUND);
     figures::record(
         "table_full",

@@ -5,8 +5,8 @@
 //!
 //! Everything lives in namespaces named `trc-<id>-<role>` and in `/run/tracer-lab/<id>/`;
 //! nothing is attached to or changed in the root namespace, and no route leads out of the lab.
-//! Servers and traffic clients are this binary's hidden `lab serve` / `lab client` subcommands,
-//! run inside the namespaces.
+//! Servers and traffic clients are the hidden `lab serve` / `lab client` subcommands of a helper
+//! binary (xtask, or this crate's `tracer-lab`), run inside the namespaces.
 
 mod bpffs;
 mod cli;
@@ -120,7 +120,7 @@ pub struct LabOptions {
     /// (a NAT gateway would translate it), so `AWS-SNAT-CHAIN-0` has no SNAT rule.
     pub external_snat: bool,
     /// The binary whose `lab serve` / `lab client` subcommands run inside the namespaces
-    /// (`std::env::current_exe()` from xtask, `env!("CARGO_BIN_EXE_xtask")` from tests).
+    /// (`std::env::current_exe()` from xtask, `env!("CARGO_BIN_EXE_tracer-lab")` from tests).
     pub helper_exe: PathBuf,
 }
 

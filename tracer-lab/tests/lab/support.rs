@@ -7,7 +7,7 @@ use std::{
 };
 
 use kube_standin::StandIn;
-use xtask::lab::{Lab, exec};
+use tracer_lab::lab::{Lab, exec};
 
 /// Serves the stand-in on loopback in the lab's node namespace, where the agent runs.
 pub fn stand_in_in(lab: &Lab, runtime: &tokio::runtime::Runtime) -> StandIn {

@@ -1,9 +1,10 @@
 //! The lab itself, for real (needs root): it comes up, every default scenario ends as expected
 //! with exactly the bytes it meant to send, the endpoint mode switches DNS and the NLB at once,
 //! two labs live side by side, and nothing is left behind by `down`, by drop or by a failed `up`.
-use std::{path::Path, process::Command};
+use std::process::Command;
 
-use xtask::lab::{self, ClientKind, EndpointMode, Lab, LabOptions, Outcome};
+use tracer_common::labels::{Endpoint, Path};
+use tracer_lab::lab::{self, ClientKind, EndpointMode, Lab, LabOptions, Outcome};
 
 fn require_root_and_ip() {
     // SAFETY: geteuid has no preconditions.
@@ -22,7 +23,7 @@ fn options(mode: EndpointMode) -> LabOptions {
     LabOptions {
         mode,
         external_snat: false,
-        helper_exe: env!("CARGO_BIN_EXE_xtask").into(),
+        helper_exe: env!("CARGO_BIN_EXE_tracer-lab").into(),
     }
 }
 
@@ -36,7 +37,7 @@ fn leftovers(id: &str) -> Vec<String> {
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .filter(|name| name.starts_with(&prefix))
         .collect();
-    let state_dir = Path::new("/run/tracer-lab").join(id);
+    let state_dir = std::path::Path::new("/run/tracer-lab").join(id);
     if state_dir.exists() {
         left.push(state_dir.display().to_string());
     }
@@ -46,7 +47,7 @@ fn leftovers(id: &str) -> Vec<String> {
 /// Runs `lab client <args>` in `role`'s namespace and returns its JSON report.
 fn client(lab: &Lab, role: &str, args: &[&str]) -> serde_json::Value {
     let output = lab
-        .command_in(role, env!("CARGO_BIN_EXE_xtask"))
+        .command_in(role, env!("CARGO_BIN_EXE_tracer-lab"))
         .args(["lab", "client"])
         .args(args)
         .output()
@@ -86,8 +87,8 @@ fn every_scenario_ends_as_expected_and_down_removes_everything() {
     assert_eq!(outcome("dropped_syn").timed_out, 1);
     assert_eq!(outcome("refused").refused, 1);
     assert_eq!(
-        outcome("node_to_apiserver").expected_endpoint,
-        Some("private")
+        outcome(Path::NodeToApiserver.as_str()).expected_endpoint,
+        Some(Endpoint::Private)
     );
     assert_eq!(outcome("dropped_syn").expected_outcome, Outcome::TimedOut);
 
@@ -137,7 +138,9 @@ fn two_labs_live_side_by_side_and_drop_removes_them() {
     let local = || {
         lab::scenarios(EndpointMode::Public)
             .into_iter()
-            .filter(|s| s.name == "pod_to_pod_local" || s.name == "node_to_apiserver")
+            .filter(|s| {
+                s.name == Path::PodToPodLocal.as_str() || s.name == Path::NodeToApiserver.as_str()
+            })
             .collect::<Vec<_>>()
     };
     for lab in [&first, &second] {

@@ -10,7 +10,8 @@ use std::{
 };
 
 use serde_json::Value;
-use xtask::{
+use tracer_common::labels::{Endpoint, Nat, Path};
+use tracer_lab::{
     agent::LabAgent,
     lab::{self, EndpointMode, Lab},
     scrape::{self, Sample},
@@ -18,7 +19,7 @@ use xtask::{
 };
 
 fn start(mode: EndpointMode) -> (Lab, LabAgent) {
-    testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_xtask"))
+    testing::lab_with_agent(mode, env!("CARGO_BIN_EXE_tracer-lab"))
 }
 
 fn get_json(agent: &LabAgent, path: &str) -> (u16, Value) {
@@ -113,7 +114,7 @@ fn the_json_api_agrees_with_metrics_and_lists_the_largest_flows() {
     let sent = lab
         .run_traffic(&testing::scenarios(
             mode,
-            &["external_to_node", "pod_to_service"],
+            &[Path::ExternalToNode.as_str(), Path::PodToService.as_str()],
         ))
         .expect("traffic");
     assert!(sent.iter().all(|s| s.as_expected()), "{sent:#?}");
@@ -165,8 +166,8 @@ fn the_json_api_agrees_with_metrics_and_lists_the_largest_flows() {
             .unwrap_or_else(|| panic!("no {path} row in {after}"))
     };
     for sent in &sent {
-        let counted = row(sent.expected_path);
-        assert_eq!(text(counted, "nat"), sent.expected_nat);
+        let counted = row(sent.expected_path.as_str());
+        assert_eq!(text(counted, "nat"), sent.expected_nat.as_str());
         assert!(number(counted, "forward_bytes") >= sent.payload_bytes as f64);
         assert_eq!(number(counted, "flows"), f64::from(sent.connections));
         let handshakes = &counted["handshakes"];
@@ -185,7 +186,10 @@ fn the_json_api_agrees_with_metrics_and_lists_the_largest_flows() {
     assert_eq!(after["poll_interval_ms"], 200);
     assert_eq!(after["node"], Value::Null);
     // Inside the VPC, public-private mode resolves the cluster endpoint to the private ENIs.
-    assert_eq!(after["apiserver_endpoints"], serde_json::json!(["private"]));
+    assert_eq!(
+        after["apiserver_endpoints"],
+        serde_json::json!([Endpoint::Private.as_str()])
+    );
     let attached = &after["attached_interfaces"];
     assert!(
         number(attached, "pod") >= 4.0 && number(attached, "node") >= 2.0,
@@ -208,7 +212,7 @@ fn the_json_api_agrees_with_metrics_and_lists_the_largest_flows() {
         "not largest first: {top}"
     );
     for flow in &flows[..2] {
-        assert_eq!(text(flow, "path"), "external_to_node", "{flow}");
+        assert_eq!(text(flow, "path"), Path::ExternalToNode.as_str(), "{flow}");
         assert_eq!(text(flow, "responder"), format!("{}:8081", facts.node_ip));
         assert!(
             !facts.vpc_cidr.contains(ip_of(text(flow, "initiator"))),
@@ -217,8 +221,8 @@ fn the_json_api_agrees_with_metrics_and_lists_the_largest_flows() {
         assert_eq!(flow["requested"], Value::Null);
     }
     for flow in &flows[2..] {
-        assert_eq!(text(flow, "path"), "pod_to_service", "{flow}");
-        assert_eq!(text(flow, "nat"), "dnat");
+        assert_eq!(text(flow, "path"), Path::PodToService.as_str(), "{flow}");
+        assert_eq!(text(flow, "nat"), Nat::Dnat.as_str());
         assert_eq!(ip_of(text(flow, "initiator")), facts.pod_ips["pod-a"]);
         assert_eq!(
             text(flow, "responder"),

@@ -1,6 +1,6 @@
 //! What the lab tests share: the root check, a lab in an endpoint mode, a lab with the agent
-//! running and ready. `helper_exe` is the `xtask` binary the lab runs its servers and clients
-//! with (`env!("CARGO_BIN_EXE_xtask")` in an integration test).
+//! running and ready. `helper_exe` is the binary the lab runs its servers and clients with
+//! (`env!("CARGO_BIN_EXE_tracer-lab")` in the lab tests).
 use std::time::Duration;
 
 use crate::{

@@ -4,7 +4,7 @@
 use std::process::Output;
 
 use serde_json::Value;
-use xtask::{
+use tracer_lab::{
     agent::context_flags,
     build,
     lab::{EndpointMode, Lab},
@@ -52,7 +52,10 @@ fn classify(lab: &Lab, source: String, destination: String, proto: &str) -> (Str
 #[test]
 fn explain_uses_the_live_context_of_the_node() {
     testing::require_root();
-    let lab = testing::lab(EndpointMode::PublicPrivate, env!("CARGO_BIN_EXE_xtask"));
+    let lab = testing::lab(
+        EndpointMode::PublicPrivate,
+        env!("CARGO_BIN_EXE_tracer-lab"),
+    );
     let facts = lab.facts().clone();
     let pod = |name: &str| facts.pod_ips[name].to_string();
     let (pod_a, pod_b, pod_r) = (pod("pod-a"), pod("pod-b"), pod("pod-r"));

@@ -16,9 +16,8 @@ use serde_json::Value;
 
 use crate::{
     agent::Confinement,
-    build::workspace_root,
+    build::{venv_tool, workspace_root},
     run::{command_output, describe},
-    setup::venv_tool,
 };
 
 /// The kustomizations under deploy/kubernetes, each renderable on its own.

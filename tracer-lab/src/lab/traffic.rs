@@ -8,6 +8,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
+use tracer_common::labels::{Endpoint, Nat, Path};
 
 use super::{
     EndpointMode, Lab, cli, dns,
@@ -79,12 +80,12 @@ pub enum Outcome {
 #[derive(Clone, Debug)]
 pub struct Scenario {
     pub name: &'static str,
-    pub expected_path: &'static str,
-    /// "none", "snat" or "dnat". "snat" is the VPC CNI's SNAT of pod egress: on a lab with
-    /// external SNAT, [`Lab::run_traffic`] reports it as "none".
-    pub expected_nat: &'static str,
-    /// "public" or "private" on API server paths (depends on the endpoint mode).
-    pub expected_endpoint: Option<&'static str>,
+    pub expected_path: Path,
+    /// `Nat::Snat` is the VPC CNI's SNAT of pod egress: on a lab with external SNAT,
+    /// [`Lab::run_traffic`] reports it as `Nat::None`.
+    pub expected_nat: Nat,
+    /// On API server paths only (which one depends on the endpoint mode).
+    pub expected_endpoint: Option<Endpoint>,
     pub expected_outcome: Outcome,
     /// The role (namespace) of the initiator.
     pub from: &'static str,
@@ -100,9 +101,9 @@ pub struct Scenario {
 #[derive(Clone, Debug, Serialize)]
 pub struct Sent {
     pub scenario: &'static str,
-    pub expected_path: &'static str,
-    pub expected_nat: &'static str,
-    pub expected_endpoint: Option<&'static str>,
+    pub expected_path: Path,
+    pub expected_nat: Nat,
+    pub expected_endpoint: Option<Endpoint>,
     pub expected_outcome: Outcome,
     pub protocol: &'static str,
     /// Where the initiator connected (the cluster endpoint resolved).
@@ -128,9 +129,9 @@ impl Sent {
 }
 
 impl Scenario {
-    /// A scenario on the path of the same name, with no NAT, every connection made.
+    /// A scenario named after its path, with no NAT, every connection made.
     fn new(
-        name: &'static str,
+        path: Path,
         client: ClientKind,
         from: &'static str,
         to: Target,
@@ -138,9 +139,9 @@ impl Scenario {
         bytes_per_connection: u64,
     ) -> Scenario {
         Scenario {
-            name,
-            expected_path: name,
-            expected_nat: "none",
+            name: path.as_str(),
+            expected_path: path,
+            expected_nat: Nat::None,
             expected_endpoint: None,
             expected_outcome: Outcome::Connected,
             from,
@@ -151,21 +152,19 @@ impl Scenario {
         }
     }
 
-    fn path(self, expected_path: &'static str) -> Scenario {
-        Scenario {
-            expected_path,
-            ..self
-        }
+    /// Another scenario on the same path, told apart by its name.
+    fn named(self, name: &'static str) -> Scenario {
+        Scenario { name, ..self }
     }
 
-    fn nat(self, expected_nat: &'static str) -> Scenario {
+    fn nat(self, expected_nat: Nat) -> Scenario {
         Scenario {
             expected_nat,
             ..self
         }
     }
 
-    fn endpoint(self, endpoint: &'static str) -> Scenario {
+    fn endpoint(self, endpoint: Endpoint) -> Scenario {
         Scenario {
             expected_endpoint: Some(endpoint),
             ..self
@@ -187,38 +186,38 @@ pub fn scenarios(mode: EndpointMode) -> Vec<Scenario> {
     let to = |ip, port| Target::Addr(SocketAddrV4::new(ip, port));
     let (pod_b, pod_r) = (pod_ip("pod-b"), pod_ip("pod-r"));
     let node_endpoint = if mode == EndpointMode::Public {
-        "public"
+        Endpoint::Public
     } else {
-        "private"
+        Endpoint::Private
     };
     // One scenario per line: a table reads better than rustfmt's one argument per line.
     #[rustfmt::skip]
     let all = vec![
-        Scenario::new("pod_to_pod_local", Sink, "pod-a", to(pod_b, 8080), 3, 210_000),
-        Scenario::new("pod_to_pod_remote", Sink, "pod-a", to(pod_r, 8080), 3, 220_000),
-        Scenario::new("pod_to_pod_remote_secondary_eni", Sink, "pod-c", to(pod_r, 8080), 2, 230_000)
-            .path("pod_to_pod_remote"),
-        Scenario::new("pod_to_service", Sink, "pod-a", to(BACKEND_SERVICE_IP, 80), 3, 240_000)
-            .nat("dnat"),
-        Scenario::new("pod_to_apiserver", Sink, "pod-a", to(KUBERNETES_SERVICE_IP, 443), 2, 250_000)
-            .nat("dnat").endpoint("private"),
-        Scenario::new("node_to_apiserver", Sink, "node", Target::ClusterEndpoint(443), 2, 260_000)
+        Scenario::new(Path::PodToPodLocal, Sink, "pod-a", to(pod_b, 8080), 3, 210_000),
+        Scenario::new(Path::PodToPodRemote, Sink, "pod-a", to(pod_r, 8080), 3, 220_000),
+        Scenario::new(Path::PodToPodRemote, Sink, "pod-c", to(pod_r, 8080), 2, 230_000)
+            .named("pod_to_pod_remote_secondary_eni"),
+        Scenario::new(Path::PodToService, Sink, "pod-a", to(BACKEND_SERVICE_IP, 80), 3, 240_000)
+            .nat(Nat::Dnat),
+        Scenario::new(Path::PodToApiserver, Sink, "pod-a", to(KUBERNETES_SERVICE_IP, 443), 2, 250_000)
+            .nat(Nat::Dnat).endpoint(Endpoint::Private),
+        Scenario::new(Path::NodeToApiserver, Sink, "node", Target::ClusterEndpoint(443), 2, 260_000)
             .endpoint(node_endpoint),
-        Scenario::new("controlplane_to_kubelet", Sink, "cp", to(NODE_IP, 10250), 2, 270_000),
-        Scenario::new("pod_to_dns", Dns, "pod-a", to(CLUSTER_DNS, 53), 20, 0).nat("dnat"),
-        Scenario::new("pod_to_external", Http, "pod-a", to(EXTERNAL_HOST, 80), 3, 280_000)
-            .nat("snat"),
-        Scenario::new("node_to_external", Sink, "node", to(EXTERNAL_HOST, 9000), 2, 290_000),
-        Scenario::new("pod_to_imds", Imds, "pod-a", to(IMDS, 80), 4, 0).nat("snat"),
-        Scenario::new("node_to_imds", Imds, "node", to(IMDS, 80), 4, 0),
-        Scenario::new("node_to_node", Sink, "node", to(NODE2_IP, 8080), 2, 300_000),
-        Scenario::new("external_to_pod", Sink, "inet", to(NODE_IP, NODE_PORT), 2, 310_000)
-            .nat("dnat"),
-        Scenario::new("external_to_node", Sink, "inet", to(NODE_IP, 8081), 2, 320_000),
-        Scenario::new("dropped_syn", Sink, "pod-a", to(pod_r, SECURITY_GROUP_DENIED_PORT), 1, 1000)
-            .path("pod_to_pod_remote").outcome(Outcome::TimedOut),
-        Scenario::new("refused", Sink, "pod-a", to(pod_r, CLOSED_PORT), 1, 1000)
-            .path("pod_to_pod_remote").outcome(Outcome::Refused),
+        Scenario::new(Path::ControlplaneToKubelet, Sink, "cp", to(NODE_IP, 10250), 2, 270_000),
+        Scenario::new(Path::PodToDns, Dns, "pod-a", to(CLUSTER_DNS, 53), 20, 0).nat(Nat::Dnat),
+        Scenario::new(Path::PodToExternal, Http, "pod-a", to(EXTERNAL_HOST, 80), 3, 280_000)
+            .nat(Nat::Snat),
+        Scenario::new(Path::NodeToExternal, Sink, "node", to(EXTERNAL_HOST, 9000), 2, 290_000),
+        Scenario::new(Path::PodToImds, Imds, "pod-a", to(IMDS, 80), 4, 0).nat(Nat::Snat),
+        Scenario::new(Path::NodeToImds, Imds, "node", to(IMDS, 80), 4, 0),
+        Scenario::new(Path::NodeToNode, Sink, "node", to(NODE2_IP, 8080), 2, 300_000),
+        Scenario::new(Path::ExternalToPod, Sink, "inet", to(NODE_IP, NODE_PORT), 2, 310_000)
+            .nat(Nat::Dnat),
+        Scenario::new(Path::ExternalToNode, Sink, "inet", to(NODE_IP, 8081), 2, 320_000),
+        Scenario::new(Path::PodToPodRemote, Sink, "pod-a", to(pod_r, SECURITY_GROUP_DENIED_PORT), 1, 1000)
+            .named("dropped_syn").outcome(Outcome::TimedOut),
+        Scenario::new(Path::PodToPodRemote, Sink, "pod-a", to(pod_r, CLOSED_PORT), 1, 1000)
+            .named("refused").outcome(Outcome::Refused),
     ];
     all
 }
@@ -352,7 +351,7 @@ impl Report {
 
     fn into_sent(self, scenario: &Scenario, external_snat: bool) -> Sent {
         let expected_nat = match scenario.expected_nat {
-            "snat" if external_snat => "none",
+            Nat::Snat if external_snat => Nat::None,
             nat => nat,
         };
         Sent {
@@ -443,22 +442,8 @@ mod tests {
         totals.sort_unstable();
         totals.dedup();
         assert_eq!(totals.len(), 12, "sizes must differ between scenarios");
-        for path in [
-            "pod_to_pod_local",
-            "pod_to_pod_remote",
-            "pod_to_service",
-            "pod_to_apiserver",
-            "node_to_apiserver",
-            "controlplane_to_kubelet",
-            "pod_to_dns",
-            "pod_to_external",
-            "node_to_external",
-            "pod_to_imds",
-            "node_to_imds",
-            "node_to_node",
-            "external_to_pod",
-            "external_to_node",
-        ] {
+        // Every path but `Unknown`, which no traffic is meant to take.
+        for path in Path::ALL.into_iter().filter(|path| *path != Path::Unknown) {
             assert!(
                 all.iter().any(|s| s.expected_path == path),
                 "no scenario for {path}"
@@ -471,28 +456,31 @@ mod tests {
         let endpoint = |mode| {
             scenarios(mode)
                 .into_iter()
-                .find(|s| s.name == "node_to_apiserver")
+                .find(|s| s.name == Path::NodeToApiserver.as_str())
                 .unwrap()
                 .expected_endpoint
         };
-        assert_eq!(endpoint(EndpointMode::Public), Some("public"));
-        assert_eq!(endpoint(EndpointMode::PublicPrivate), Some("private"));
-        assert_eq!(endpoint(EndpointMode::Private), Some("private"));
+        assert_eq!(endpoint(EndpointMode::Public), Some(Endpoint::Public));
+        assert_eq!(
+            endpoint(EndpointMode::PublicPrivate),
+            Some(Endpoint::Private)
+        );
+        assert_eq!(endpoint(EndpointMode::Private), Some(Endpoint::Private));
     }
 
     #[test]
     fn external_snat_turns_expected_snat_into_none() {
         let scenario = scenarios(EndpointMode::Public)
             .into_iter()
-            .find(|s| s.name == "pod_to_external")
+            .find(|s| s.name == Path::PodToExternal.as_str())
             .unwrap();
         assert_eq!(
             Report::default().into_sent(&scenario, false).expected_nat,
-            "snat"
+            Nat::Snat
         );
         assert_eq!(
             Report::default().into_sent(&scenario, true).expected_nat,
-            "none"
+            Nat::None
         );
     }
 }
