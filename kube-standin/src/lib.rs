@@ -24,7 +24,7 @@ use axum::{
     body::{Body, Bytes},
     extract::{Path, State},
     http::{StatusCode, Uri, header},
-    response::{IntoResponse, Response},
+    response::{IntoResponse as _, Response},
     routing::get,
 };
 use serde_json::{Value, json};
@@ -48,19 +48,19 @@ pub enum Kind {
 impl Kind {
     fn api_version(self) -> &'static str {
         match self {
-            Kind::EndpointSlices => "discovery.k8s.io/v1",
-            Kind::DaemonSets => "apps/v1",
+            Self::EndpointSlices => "discovery.k8s.io/v1",
+            Self::DaemonSets => "apps/v1",
             _ => "v1",
         }
     }
 
     fn kind(self) -> &'static str {
         match self {
-            Kind::Pods => "Pod",
-            Kind::Nodes => "Node",
-            Kind::Services => "Service",
-            Kind::EndpointSlices => "EndpointSlice",
-            Kind::DaemonSets => "DaemonSet",
+            Self::Pods => "Pod",
+            Self::Nodes => "Node",
+            Self::Services => "Service",
+            Self::EndpointSlices => "EndpointSlice",
+            Self::DaemonSets => "DaemonSet",
         }
     }
 }
@@ -130,19 +130,19 @@ pub struct StandIn {
 
 impl StandIn {
     /// Serves on a free port of 127.0.0.1 in this process's namespace.
-    pub async fn start() -> StandIn {
+    pub async fn start() -> Self {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-        StandIn::start_with(loopback, Arc::new(std::net::TcpListener::bind)).await
+        Self::start_with(loopback, Arc::new(std::net::TcpListener::bind)).await
     }
 
     /// Serves on the socket `bind` opens at `address` (port 0: a free one); [`restart`]
     /// opens its socket the same way, on the port first chosen.
     ///
     /// [`restart`]: StandIn::restart
-    pub async fn start_with(address: SocketAddr, bind: Bind) -> StandIn {
+    pub async fn start_with(address: SocketAddr, bind: Bind) -> Self {
         let listener = listen(&bind, address);
         let (messages, _) = broadcast::channel(1024);
-        let mut stand_in = StandIn {
+        let mut stand_in = Self {
             address: listener.local_addr().expect("the stand-in's address"),
             bind,
             shared: Arc::new(Shared {
@@ -210,7 +210,7 @@ impl StandIn {
             event,
             object,
         });
-        store.history.push(written.clone());
+        store.history.push(Arc::clone(&written));
         // Sent under the store's lock: a bookmark taken after it never overtakes it.
         let _ = self.shared.messages.send(Message::Written(written));
     }
@@ -326,7 +326,7 @@ impl StandIn {
                     answer(state, Kind::EndpointSlices, Some(namespace), uri)
                 }),
             )
-            .with_state(self.shared.clone());
+            .with_state(Arc::clone(&self.shared));
         let (shutdown, stopped) = oneshot::channel();
         let serving = tokio::spawn(async move {
             axum::serve(listener, router)
@@ -373,7 +373,7 @@ impl Selection {
                 })
                 .collect()
         };
-        Ok(Selection {
+        Ok(Self {
             namespace,
             fields: terms("fieldSelector")?,
             labels: terms("labelSelector")?,

@@ -1,7 +1,7 @@
 //! `tracer`: one binary, one subcommand per way of running; its exit codes are listed in
 //! docs/metrics.md.
 use anyhow::Context as _;
-use clap::Parser;
+use clap::Parser as _;
 use tracer_agent::{
     cli::config,
     cli::{Cli, Command, LogFormat},
@@ -86,9 +86,7 @@ fn note_config(config: Option<&std::path::Path>) {
     }
 }
 
-fn block_on(
-    work: impl std::future::Future<Output = Result<(), AgentError>>,
-) -> Result<(), AgentError> {
+fn block_on(work: impl Future<Output = Result<(), AgentError>>) -> Result<(), AgentError> {
     tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")
         .map_err(AgentError::Runtime)?

@@ -8,8 +8,8 @@
 //!   DNAT 198.51.100.80:80 -> 10.0.0.1:8080 (as kube-proxy does for a ClusterIP)
 use std::{
     collections::hash_map::RandomState,
-    hash::BuildHasher,
-    io::{Read, Write},
+    hash::BuildHasher as _,
+    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::Command,
     thread,
@@ -29,9 +29,9 @@ struct Netns {
 }
 
 impl Netns {
-    fn add(name: String) -> Netns {
+    fn add(name: String) -> Self {
         run(Command::new("ip").args(["netns", "add", &name]));
-        Netns { name }
+        Self { name }
     }
 
     /// Runs a shell script inside the namespace; panics with its output when it fails.

@@ -170,7 +170,7 @@ struct Generator {
 }
 
 impl Generator {
-    fn new(seed: u64) -> Generator {
+    fn new(seed: u64) -> Self {
         let reals = real_connections();
         let decoys = reals
             .iter()
@@ -181,7 +181,7 @@ impl Generator {
                 frame[start..].to_vec()
             })
             .collect();
-        Generator {
+        Self {
             rng: Rng(seed),
             reals,
             decoys,

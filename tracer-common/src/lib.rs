@@ -80,13 +80,13 @@ impl FlowKey {
         proto: u8,
         src: ([u8; 16], u16),
         dst: ([u8; 16], u16),
-    ) -> (FlowKey, usize) {
+    ) -> (Self, usize) {
         let (lo, hi, dir) = if endpoint_order(&src) <= endpoint_order(&dst) {
             (src, dst, DIR_LO_TO_HI)
         } else {
             (dst, src, DIR_HI_TO_LO)
         };
-        let key = FlowKey {
+        let key = Self {
             lo_addr: lo.0,
             hi_addr: hi.0,
             lo_port: lo.1,
@@ -197,33 +197,33 @@ pub enum DatapathCounter {
 
 impl DatapathCounter {
     pub const COUNT: u32 = 8;
-    pub const ALL: [DatapathCounter; Self::COUNT as usize] = [
-        DatapathCounter::Seen,
-        DatapathCounter::Counted,
-        DatapathCounter::Duplicate,
-        DatapathCounter::NotIp,
-        DatapathCounter::Truncated,
-        DatapathCounter::FragmentUnmatched,
-        DatapathCounter::InsertFailed,
-        DatapathCounter::FlowsCreated,
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::Seen,
+        Self::Counted,
+        Self::Duplicate,
+        Self::NotIp,
+        Self::Truncated,
+        Self::FragmentUnmatched,
+        Self::InsertFailed,
+        Self::FlowsCreated,
     ];
 
     /// True for the counters that say what became of a packet: each packet ends in exactly one.
     pub const fn is_outcome(self) -> bool {
-        !matches!(self, DatapathCounter::Seen | DatapathCounter::FlowsCreated)
+        !matches!(self, Self::Seen | Self::FlowsCreated)
     }
 
     /// The `outcome` label value used in metrics.
     pub const fn name(self) -> &'static str {
         match self {
-            DatapathCounter::Seen => "seen",
-            DatapathCounter::Counted => "counted",
-            DatapathCounter::Duplicate => "duplicate",
-            DatapathCounter::NotIp => "not_ip",
-            DatapathCounter::Truncated => "truncated",
-            DatapathCounter::FragmentUnmatched => "fragment_unmatched",
-            DatapathCounter::InsertFailed => "insert_failed",
-            DatapathCounter::FlowsCreated => "flows_created",
+            Self::Seen => "seen",
+            Self::Counted => "counted",
+            Self::Duplicate => "duplicate",
+            Self::NotIp => "not_ip",
+            Self::Truncated => "truncated",
+            Self::FragmentUnmatched => "fragment_unmatched",
+            Self::InsertFailed => "insert_failed",
+            Self::FlowsCreated => "flows_created",
         }
     }
 }
@@ -241,7 +241,6 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::size_of;
 
     #[test]
     fn layouts_have_no_implicit_padding() {

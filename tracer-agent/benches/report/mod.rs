@@ -3,7 +3,7 @@
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-pub struct Options {
+pub(crate) struct Options {
     /// A missed goal is an error (exit status 1).
     pub check: bool,
     /// What the goals are multiplied by before they are compared: 1, or `GUARD_SLACK` with
@@ -20,13 +20,13 @@ const GUARD_SLACK: f64 = 1.25;
 
 impl Options {
     /// The figure a result is compared with: `goal`, loosened under `--guard`.
-    pub fn goal(&self, goal: f64) -> f64 {
+    pub(crate) fn goal(&self, goal: f64) -> f64 {
         goal * self.slack
     }
 }
 
 /// The benchmark's options: `[--check | --guard] [--json PATH]`.
-pub fn options(bench: &str) -> anyhow::Result<Options> {
+pub(crate) fn options(bench: &str) -> anyhow::Result<Options> {
     let mut options = Options {
         check: false,
         slack: 1.0,
@@ -52,7 +52,11 @@ pub fn options(bench: &str) -> anyhow::Result<Options> {
 }
 
 /// Writes the report if asked, then fails if goals were missed and `--check` was given.
-pub fn finish(options: &Options, report: &impl Serialize, missed: usize) -> anyhow::Result<()> {
+pub(crate) fn finish(
+    options: &Options,
+    report: &impl Serialize,
+    missed: usize,
+) -> anyhow::Result<()> {
     if let Some(path) = &options.json {
         std::fs::write(path, serde_json::to_string_pretty(report)?)
             .with_context(|| format!("writing {path}"))?;

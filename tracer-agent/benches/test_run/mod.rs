@@ -1,13 +1,13 @@
 //! What the `BPF_PROG_TEST_RUN` benchmarks share: a network namespace of their own, timed runs
 //! of a loaded program, medians.
 use anyhow::Context as _;
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun as _, TestRunOptions};
 use tracer_agent::datapath::Datapath;
 use tracer_common::test_support::netns::{self, Netns};
 
 /// Runs the benchmark `bench` in a fresh network namespace, so that it never touches the root
 /// one.
-pub fn in_fresh_netns(
+pub(crate) fn in_fresh_netns(
     bench: &str,
     work: impl FnOnce() -> anyhow::Result<()> + Send,
 ) -> anyhow::Result<()> {
@@ -17,7 +17,7 @@ pub fn in_fresh_netns(
 }
 
 /// Runs `program` `repeat` times on `frame`; the kernel's mean ns per run.
-pub fn run(
+pub(crate) fn run(
     datapath: &mut Datapath,
     program: &'static str,
     frame: &[u8],
@@ -34,7 +34,7 @@ pub fn run(
     Ok(result.duration.as_nanos() as f64)
 }
 
-pub fn median(mut samples: Vec<f64>) -> f64 {
+pub(crate) fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
 }

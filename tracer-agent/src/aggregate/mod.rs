@@ -631,7 +631,6 @@ fn counted_from_conntrack(
 mod tests {
     use super::*;
     use crate::classify::Path;
-    use tracer_common::PROTO_TCP;
 
     fn tuple(src: &str, dst: &str) -> conntrack::Tuple {
         let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
@@ -819,7 +818,7 @@ mod tests {
         let (flows, nat) = service_dnat_to_backend();
         let mut aggregator = Aggregator::default();
         aggregator.poll(&flows, &context(), &nat, 0);
-        let listed: Vec<ConnectionView> = aggregator.connections().collect();
+        let listed: Vec<ConnectionView<'_>> = aggregator.connections().collect();
         assert_eq!(
             listed.len(),
             1,
@@ -850,7 +849,7 @@ mod tests {
         assert_eq!(aggregator.connections().count(), 0);
         let second = aggregator.poll(&[(view, stats(dir, 5_000, 0))], &context(), &none, 0);
         assert_eq!(second.new_entries, 0);
-        let listed: Vec<ConnectionView> = aggregator.connections().collect();
+        let listed: Vec<ConnectionView<'_>> = aggregator.connections().collect();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].initiator, "10.0.1.101:40000".parse().unwrap());
         assert_eq!(listed[0].requested, None);

@@ -435,7 +435,7 @@ mod tests {
     use super::*;
     use std::{
         collections::HashMap,
-        io::BufRead,
+        io::BufRead as _,
         io::BufReader,
         net::TcpListener,
         sync::{Arc, Mutex},

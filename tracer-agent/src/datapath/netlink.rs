@@ -449,19 +449,19 @@ pub(crate) mod bytes {
     use super::align4;
 
     /// The sequence number of every message [`message`] builds.
-    pub const SEQ: u32 = 7;
+    pub(crate) const SEQ: u32 = 7;
     const NLMSG_HDRLEN: usize = 16;
 
-    pub fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
+    pub(crate) fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
         emit(&DefaultNla::new(kind, value.to_vec()))
     }
 
-    pub fn nested(kind: u16, children: &[Vec<u8>]) -> Vec<u8> {
+    pub(crate) fn nested(kind: u16, children: &[Vec<u8>]) -> Vec<u8> {
         attr(kind | NLA_F_NESTED, &children.concat())
     }
 
     /// A message of a dump answer (`NLM_F_MULTI`, sequence number [`SEQ`]).
-    pub fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
         let mut header = NetlinkHeader::default();
         header.length = (NLMSG_HDRLEN + payload.len()) as u32;
         header.message_type = kind;
@@ -475,11 +475,11 @@ pub(crate) mod bytes {
     }
 
     /// The `NLMSG_DONE` that ends a dump, reporting `code` (0, or a negative errno).
-    pub fn done_with(code: i32) -> Vec<u8> {
+    pub(crate) fn done_with(code: i32) -> Vec<u8> {
         message(NLMSG_DONE, &code.to_ne_bytes())
     }
 
-    pub fn done() -> Vec<u8> {
+    pub(crate) fn done() -> Vec<u8> {
         done_with(0)
     }
 
@@ -494,10 +494,7 @@ pub(crate) mod bytes {
 mod tests {
     use super::{bytes::*, *};
     use netlink_packet_core::{NLMSG_ERROR, NLMSG_NOOP};
-    use netlink_packet_route::{
-        address::AddressMessage,
-        route::{RouteHeader, RouteMessage},
-    };
+    use netlink_packet_route::route::RouteHeader;
 
     const RTM_GETROUTE: u16 = 26;
 

@@ -63,8 +63,8 @@ pub(crate) struct CapSet(pub u64);
 
 impl CapSet {
     #[cfg(test)]
-    fn of(capabilities: &[Capability]) -> CapSet {
-        CapSet(capabilities.iter().fold(0, |set, cap| set | 1 << cap.bit))
+    fn of(capabilities: &[Capability]) -> Self {
+        Self(capabilities.iter().fold(0, |set, cap| set | 1 << cap.bit))
     }
 
     pub(crate) fn contains(self, cap: Capability) -> bool {

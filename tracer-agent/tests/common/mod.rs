@@ -9,7 +9,7 @@
 //! root; without it they fail, they never skip.
 use std::{ffi::CString, net::SocketAddr};
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun as _, TestRunOptions};
 use tracer_agent::datapath::{AttachMode, Datapath};
 use tracer_common::{
     DEFAULT_FLOW_TABLE_SIZE, DatapathCounter, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Hook,
@@ -21,14 +21,14 @@ const NEED_ROOT: &str = "kernel-program tests need root (CAP_BPF, CAP_NET_ADMIN)
 /// The shortest frames BPF_PROG_TEST_RUN takes (EINVAL otherwise): an Ethernet header, and for
 /// an untagged IPv4 or IPv6 frame, an Ethernet and a fixed IP header. Cuts inside the fixed IP
 /// header are therefore made on VLAN-tagged frames.
-pub const ETH_HLEN: usize = 14;
-pub const UNTAGGED_IPV4_MIN: usize = ETH_HLEN + 20;
-pub const UNTAGGED_IPV6_MIN: usize = ETH_HLEN + 40;
+pub(crate) const ETH_HLEN: usize = 14;
+pub(crate) const UNTAGGED_IPV4_MIN: usize = ETH_HLEN + 20;
+pub(crate) const UNTAGGED_IPV6_MIN: usize = ETH_HLEN + 40;
 
 /// The fields of the `struct __sk_buff` context (uapi linux/bpf.h, 192 bytes) that a test sets.
 /// BPF_PROG_TEST_RUN copies them into the skb it builds, and rejects any other non-zero field.
 #[derive(Clone, Copy)]
-pub struct Skb {
+pub(crate) struct Skb {
     /// Interface the packet is seen at, looked up in the caller's network namespace.
     pub ifindex: u32,
     /// GSO: how many wire segments the buffer stands for, and their payload size.
@@ -42,20 +42,20 @@ impl Skb {
     const GSO_SEGS_OFFSET: usize = 164;
     const GSO_SIZE_OFFSET: usize = 176;
 
-    pub fn at(ifindex: u32) -> Skb {
-        Skb {
+    pub(crate) fn at(ifindex: u32) -> Self {
+        Self {
             ifindex,
             gso_segs: 0,
             gso_size: 0,
         }
     }
 
-    fn bytes(self) -> [u8; Skb::SIZE] {
-        let mut ctx = [0; Skb::SIZE];
+    fn bytes(self) -> [u8; Self::SIZE] {
+        let mut ctx = [0; Self::SIZE];
         for (offset, value) in [
-            (Skb::IFINDEX_OFFSET, self.ifindex),
-            (Skb::GSO_SEGS_OFFSET, self.gso_segs),
-            (Skb::GSO_SIZE_OFFSET, self.gso_size),
+            (Self::IFINDEX_OFFSET, self.ifindex),
+            (Self::GSO_SEGS_OFFSET, self.gso_segs),
+            (Self::GSO_SIZE_OFFSET, self.gso_size),
         ] {
             ctx[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
         }
@@ -64,7 +64,7 @@ impl Skb {
 }
 
 /// One test's node: interfaces in a namespace of its own, and a datapath of its own.
-pub struct Node {
+pub(crate) struct Node {
     pub datapath: Datapath,
     /// ifindex of the interfaces `d0`, `d1`, …
     pub ifindex: Vec<u32>,
@@ -74,12 +74,12 @@ pub struct Node {
 
 /// Runs `body` on a fresh node with `interfaces` interfaces, in a thread of its own that lives
 /// in a new network namespace; a failure in `body` fails the calling test.
-pub fn on_fresh_node(interfaces: usize, body: impl FnOnce(&mut Node) + Send + 'static) {
+pub(crate) fn on_fresh_node(interfaces: usize, body: impl FnOnce(&mut Node) + Send + 'static) {
     on_fresh_node_with_table(interfaces, DEFAULT_FLOW_TABLE_SIZE, body);
 }
 
 /// `on_fresh_node` with a flow table of `table_size` entries.
-pub fn on_fresh_node_with_table(
+pub(crate) fn on_fresh_node_with_table(
     interfaces: usize,
     table_size: u32,
     body: impl FnOnce(&mut Node) + Send + 'static,
@@ -109,7 +109,7 @@ pub fn on_fresh_node_with_table(
 
 impl Node {
     /// Runs the program of `hook` on `frame`; checks that it hands the packet on, unchanged.
-    pub fn run(&mut self, hook: Hook, skb: Skb, frame: &[u8]) {
+    pub(crate) fn run(&mut self, hook: Hook, skb: Skb, frame: &[u8]) {
         let name = match hook {
             Hook::Ingress => PROGRAM_INGRESS,
             Hook::Egress => PROGRAM_EGRESS,
@@ -145,7 +145,7 @@ impl Node {
     }
 
     /// The counters that changed since the last call, by name, in `DatapathCounter` order.
-    pub fn counter_deltas(&mut self) -> Vec<(&'static str, u64)> {
+    pub(crate) fn counter_deltas(&mut self) -> Vec<(&'static str, u64)> {
         let now = self.datapath.counters().expect("reading the counters");
         let deltas = DatapathCounter::ALL
             .iter()
@@ -162,13 +162,13 @@ impl Node {
     }
 }
 
-pub fn addr(text: &str) -> SocketAddr {
+pub(crate) fn addr(text: &str) -> SocketAddr {
     text.parse().expect("a valid socket address")
 }
 
 /// The key of a connection whose canonical low and high endpoints are `lo` and `hi`: spelt out
 /// by each test rather than computed by the code under test.
-pub fn key(proto: u8, lo: SocketAddr, hi: SocketAddr) -> FlowKey {
+pub(crate) fn key(proto: u8, lo: SocketAddr, hi: SocketAddr) -> FlowKey {
     let octets = |endpoint: SocketAddr| {
         let mut bytes = [0; 16];
         match endpoint {
