@@ -45,20 +45,20 @@ static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DatapathCounter::COUNT, 0);
 
 #[classifier]
-pub fn tracer_ingress(ctx: TcContext) -> i32 {
+pub(crate) fn tracer_ingress(ctx: TcContext) -> i32 {
     observe(&ctx, Hook::Ingress);
     TC_NEXT
 }
 
 #[classifier]
-pub fn tracer_egress(ctx: TcContext) -> i32 {
+pub(crate) fn tracer_egress(ctx: TcContext) -> i32 {
     observe(&ctx, Hook::Egress);
     TC_NEXT
 }
 
 /// Does nothing but hand the packet on: the baseline the benchmarks subtract.
 #[classifier]
-pub fn tracer_baseline(_ctx: TcContext) -> i32 {
+pub(crate) fn tracer_baseline(_ctx: TcContext) -> i32 {
     TC_NEXT
 }
 
@@ -194,7 +194,7 @@ fn bump(counter: DatapathCounter) {
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 

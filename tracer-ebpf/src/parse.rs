@@ -34,14 +34,14 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
 
-pub enum ParseError {
+pub(crate) enum ParseError {
     NotIp,
     Truncated,
     FragmentUnmatched,
 }
 
 /// What the datapath needs of one packet.
-pub struct Packet {
+pub(crate) struct Packet {
     pub family: u8,
     pub proto: u8,
     pub src_addr: [u8; 16],
@@ -58,7 +58,7 @@ pub struct Packet {
 impl Packet {
     /// The connection key (endpoints in canonical order) and this packet's direction in it.
     #[inline(always)]
-    pub fn flow_key(&self) -> (FlowKey, usize) {
+    pub(crate) fn flow_key(&self) -> (FlowKey, usize) {
         FlowKey::canonical(
             self.family,
             self.proto,
@@ -135,7 +135,7 @@ enum Fragment {
 }
 
 #[inline(always)]
-pub fn packet(
+pub(crate) fn packet(
     ctx: &TcContext,
     fragments: &LruHashMap<FragmentKey, FragmentPorts>,
 ) -> Result<Packet, ParseError> {

@@ -21,7 +21,7 @@ const IPPROTO_TCP: u8 = 6;
 static DENIED_TCP_PORT: u16 = 0;
 
 #[classifier]
-pub fn policy_standin(ctx: TcContext) -> i32 {
+pub(crate) fn policy_standin(ctx: TcContext) -> i32 {
     // SAFETY: a plain read of a global; volatile so that the loader's value is used, not 0.
     let denied = unsafe { core::ptr::read_volatile(&DENIED_TCP_PORT) };
     if tcp_destination_port(&ctx) == Some(denied) {
@@ -46,7 +46,7 @@ fn tcp_destination_port(ctx: &TcContext) -> Option<u16> {
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 

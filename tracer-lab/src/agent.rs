@@ -125,8 +125,8 @@ pub struct Confinement {
 
 impl Confinement {
     /// The same, with one capability taken away.
-    pub fn without(&self, capability: &str) -> Confinement {
-        Confinement {
+    pub fn without(&self, capability: &str) -> Self {
+        Self {
             capabilities: self
                 .capabilities
                 .iter()
@@ -215,15 +215,15 @@ pub struct LabAgent {
 impl LabAgent {
     /// Starts `tracer agent` in the lab's node namespace with `quick_flags` and the lab's
     /// `context_flags`.
-    pub fn start(lab: &Lab, tracer: &Path) -> anyhow::Result<LabAgent> {
+    pub fn start(lab: &Lab, tracer: &Path) -> anyhow::Result<Self> {
         let mut flags = quick_flags();
         flags.extend(context_flags(lab));
-        LabAgent::start_with(lab, tracer, flags)
+        Self::start_with(lab, tracer, flags)
     }
 
     /// Starts `tracer agent --metrics-addr METRICS_ADDR` with `flags`.
-    pub fn start_with(lab: &Lab, tracer: &Path, flags: Vec<String>) -> anyhow::Result<LabAgent> {
-        LabAgent::launch(lab, tracer, flags, None)
+    pub fn start_with(lab: &Lab, tracer: &Path, flags: Vec<String>) -> anyhow::Result<Self> {
+        Self::launch(lab, tracer, flags, None)
     }
 
     /// Like `start`, run as the DaemonSet runs the agent (see [`Confinement`]), with `extra`
@@ -233,11 +233,11 @@ impl LabAgent {
         tracer: &Path,
         confinement: &Confinement,
         extra: Vec<String>,
-    ) -> anyhow::Result<LabAgent> {
+    ) -> anyhow::Result<Self> {
         let mut flags = quick_flags();
         flags.extend(context_flags(lab));
         flags.extend(extra);
-        LabAgent::launch(lab, tracer, flags, Some(confinement))
+        Self::launch(lab, tracer, flags, Some(confinement))
     }
 
     fn launch(
@@ -245,7 +245,7 @@ impl LabAgent {
         tracer: &Path,
         flags: Vec<String>,
         confinement: Option<&Confinement>,
-    ) -> anyhow::Result<LabAgent> {
+    ) -> anyhow::Result<Self> {
         if !tracer.exists() {
             bail!(
                 "{} not found: build it first (`cargo build -p tracer-agent`)",
@@ -280,7 +280,7 @@ impl LabAgent {
             lab.ns("node")
         );
         let child = command.spawn().context("starting the agent")?;
-        Ok(LabAgent {
+        Ok(Self {
             ns: lab.ns("node"),
             child,
             addr: METRICS_ADDR.parse()?,

@@ -47,26 +47,26 @@ pub struct LabelValues {
 }
 
 impl Dashboard {
-    pub fn load(file: &Path) -> anyhow::Result<Dashboard> {
+    pub fn load(file: &Path) -> anyhow::Result<Self> {
         let text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         let json = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", file.display()))?;
-        Ok(Dashboard {
+        Ok(Self {
             file: file.to_owned(),
             json,
         })
     }
 
     /// Every `*.json` file in `dir`, sorted by name.
-    pub fn load_all(dir: &Path) -> anyhow::Result<Vec<Dashboard>> {
+    pub fn load_all(dir: &Path) -> anyhow::Result<Vec<Self>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("listing {}", dir.display()))?
             .map(|entry| entry.map(|entry| entry.path()))
             .collect::<Result<_, _>>()?;
         files.retain(|file| file.extension().is_some_and(|ext| ext == "json"));
         files.sort();
-        files.iter().map(|file| Dashboard::load(file)).collect()
+        files.iter().map(|file| Self::load(file)).collect()
     }
 
     pub fn uid(&self) -> &str {

@@ -98,7 +98,7 @@ pub struct Prometheus {
 impl Prometheus {
     /// Starts `prometheus` in `role`'s namespace of the lab with `config`; storage and
     /// configuration in a fresh temporary directory.
-    pub fn start(lab: &Lab, role: &str, config: &Config) -> anyhow::Result<Prometheus> {
+    pub fn start(lab: &Lab, role: &str, config: &Config<'_>) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("tracer-prometheus-{}", lab.id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
@@ -112,7 +112,7 @@ impl Prometheus {
             lab.ns(role),
             dir.display()
         );
-        Ok(Prometheus {
+        Ok(Self {
             ns: lab.ns(role),
             addr: LISTEN_ADDR.parse()?,
             child,
@@ -234,7 +234,7 @@ impl Drop for Prometheus {
 }
 
 /// Writes the configuration into `dir` and starts the server, logging to `dir`.
-fn spawn(lab: &Lab, role: &str, config: &Config, dir: &Path) -> anyhow::Result<Child> {
+fn spawn(lab: &Lab, role: &str, config: &Config<'_>, dir: &Path) -> anyhow::Result<Child> {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let config_file = dir.join("prometheus.yml");

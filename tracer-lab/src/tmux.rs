@@ -22,8 +22,8 @@ pub struct Tmux {
 impl Tmux {
     /// A `width`×`height` terminal with `sh` in it, on a tmux server named `name` (unique per
     /// test run: the server is killed when this handle goes).
-    pub fn start(name: &str, width: u16, height: u16) -> anyhow::Result<Tmux> {
-        let tmux = Tmux {
+    pub fn start(name: &str, width: u16, height: u16) -> anyhow::Result<Self> {
+        let tmux = Self {
             socket: format!("tracer-{name}-{}", std::process::id()),
         };
         // sh (dash) leaves the terminal modes as it finds them: what `stty` shows after a

@@ -13,13 +13,15 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::{agent::LabAgent, lab::exec};
 
 /// Records when each link of a namespace appears, as netlink announces it: the moment a veth
 /// exists, which the `ip link add` that creates it knows only to within its wait for the RTNL
 /// lock.
-pub struct CreationWatch {
+pub(super) struct CreationWatch {
     appeared: Arc<Mutex<HashMap<u64, Instant>>>,
     lost: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -27,11 +29,11 @@ pub struct CreationWatch {
 }
 
 impl CreationWatch {
-    pub fn start(ns: &str) -> anyhow::Result<CreationWatch> {
+    pub(super) fn start(ns: &str) -> anyhow::Result<Self> {
         let appeared: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
         let lost: Arc<AtomicBool> = Arc::default();
         let stop: Arc<AtomicBool> = Arc::default();
-        let watch = (appeared.clone(), lost.clone(), stop.clone());
+        let watch = (Arc::clone(&appeared), Arc::clone(&lost), Arc::clone(&stop));
         let (ready, subscribed) = mpsc::channel();
         let ns = ns.to_owned();
         let thread = std::thread::spawn(move || {
@@ -48,29 +50,22 @@ impl CreationWatch {
             };
             let mut buffer = vec![0u8; 64 * 1024];
             while !stop.load(Ordering::Relaxed) {
-                // SAFETY: recv writes at most `buffer.len()` bytes into the buffer.
-                let received = unsafe {
-                    libc::recv(
-                        socket.as_raw_fd(),
-                        buffer.as_mut_ptr().cast(),
-                        buffer.len(),
-                        0,
-                    )
-                };
-                let now = Instant::now();
-                if received < 0 {
-                    let error = std::io::Error::last_os_error();
-                    match error.raw_os_error() {
-                        Some(libc::EAGAIN | libc::EINTR) => continue,
-                        // ENOBUFS: the kernel dropped notifications.
-                        _ => {
-                            lost.store(true, Ordering::Relaxed);
-                            return;
-                        }
-                    }
+                if !readable(&socket) {
+                    continue;
                 }
+                let received = socket.recv(&mut buffer.as_mut_slice(), 0);
+                let now = Instant::now();
+                let received = match received {
+                    Ok(received) => received,
+                    Err(error) if error.raw_os_error() == Some(libc::EINTR) => continue,
+                    // ENOBUFS: the kernel dropped notifications.
+                    Err(_) => {
+                        lost.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                };
                 let mut appeared = appeared.lock().unwrap_or_else(PoisonError::into_inner);
-                for index in new_links(&buffer[..received as usize]) {
+                for index in new_links(&buffer[..received]) {
                     appeared.entry(u64::from(index)).or_insert(now);
                 }
             }
@@ -80,7 +75,7 @@ impl CreationWatch {
             .map_err(|_| anyhow!("the link watch thread ended"))?
             .context("watching the node's links")?;
         let (appeared, lost, stop) = watch;
-        Ok(CreationWatch {
+        Ok(Self {
             appeared,
             lost,
             stop,
@@ -89,7 +84,7 @@ impl CreationWatch {
     }
 
     /// When each link first appeared.
-    pub fn finish(self) -> anyhow::Result<HashMap<u64, Instant>> {
+    pub(super) fn finish(self) -> anyhow::Result<HashMap<u64, Instant>> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .join()
@@ -105,78 +100,42 @@ impl CreationWatch {
     }
 }
 
-/// A netlink socket of the calling thread's namespace subscribed to its link changes, with a
-/// receive timeout of 100 ms.
-fn link_notifications() -> anyhow::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the descriptor is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        bail!("netlink socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    // SAFETY: a zeroed sockaddr_nl with family and groups set is a valid address; the option
-    // value is a valid timeval of the given size.
-    let failed = unsafe {
-        let mut local: libc::sockaddr_nl = std::mem::zeroed();
-        local.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        local.nl_groups = libc::RTMGRP_LINK as u32;
-        libc::bind(
-            socket.as_raw_fd(),
-            (&raw const local).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        ) != 0
-            || libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            ) != 0
-    };
-    if failed {
-        bail!(
-            "subscribing to link notifications: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+/// A netlink socket of the calling thread's namespace subscribed to its link changes.
+fn link_notifications() -> anyhow::Result<netlink_sys::Socket> {
+    let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
+        .context("netlink socket")?;
+    socket
+        .bind(&netlink_sys::SocketAddr::new(0, libc::RTMGRP_LINK as u32))
+        .context("subscribing to link notifications")?;
     Ok(socket)
+}
+
+/// Whether a datagram waits on `socket`, after at most 100 ms: the watch checks for its stop
+/// that often.
+fn readable(socket: &netlink_sys::Socket) -> bool {
+    let mut wait = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&raw mut wait, 1, 100) > 0 }
 }
 
 /// The interface indexes of the `RTM_NEWLINK` messages in a datagram of notifications.
 fn new_links(datagram: &[u8]) -> Vec<u32> {
-    const RTM_NEWLINK: u16 = 16;
-    // nlmsghdr (16 bytes), then ifinfomsg: family, pad, type (u16), index (i32)…
-    let u32_at = |at: usize| {
-        datagram
-            .get(at..at + 4)
-            .map(|bytes| u32::from_ne_bytes(bytes.try_into().expect("4 bytes")))
-    };
     let mut indexes = Vec::new();
-    let mut offset = 0;
-    while let Some(len) = u32_at(offset).map(|len| len as usize) {
-        let kind = datagram
-            .get(offset + 4..offset + 6)
-            .map(|bytes| u16::from_ne_bytes([bytes[0], bytes[1]]));
-        if kind == Some(RTM_NEWLINK)
-            && let Some(index) = u32_at(offset + 20)
-        {
-            indexes.push(index);
+    let mut rest = datagram;
+    while let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest) {
+        if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) = message.payload {
+            indexes.push(link.header.index);
         }
-        if len < 16 {
+        // Messages are 4-byte aligned within a datagram.
+        let length = (message.header.length as usize + 3) & !3;
+        if length == 0 || length >= rest.len() {
             break;
         }
-        offset += (len + 3) & !3;
+        rest = &rest[length..];
     }
     indexes
 }
@@ -191,17 +150,17 @@ fn new_links(datagram: &[u8]) -> Vec<u32> {
 /// period: timed that way, the watch would measure its own waits (and add them to the
 /// agent's). Descriptors in `/proc/PID/fd` would do without the lock, but their numbers are
 /// reused: a watch thread kept off the CPU for a grace period misses a link.
-pub struct AttachWatch {
+pub(super) struct AttachWatch {
     stop: Arc<AtomicBool>,
     timer: std::thread::JoinHandle<()>,
     resolver: std::thread::JoinHandle<HashMap<u64, Vec<Instant>>>,
 }
 
 impl AttachWatch {
-    pub fn start(agent: &LabAgent) -> AttachWatch {
+    pub(super) fn start(agent: &LabAgent) -> Self {
         let programs: HashSet<u32> = agent.programs().into_iter().map(|id| id as u32).collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
+        let stopped = Arc::clone(&stop);
         let (settled, links) = mpsc::channel::<(u32, Instant)>();
         let timer = std::thread::spawn(move || {
             // Links made before the watch are not timed.
@@ -233,7 +192,7 @@ impl AttachWatch {
             }
             seen
         });
-        AttachWatch {
+        Self {
             stop,
             timer,
             resolver,
@@ -241,7 +200,7 @@ impl AttachWatch {
     }
 
     /// When each interface had both links.
-    pub fn finish(self) -> anyhow::Result<HashMap<u64, Instant>> {
+    pub(super) fn finish(self) -> anyhow::Result<HashMap<u64, Instant>> {
         self.stop.store(true, Ordering::Relaxed);
         let panicked = |_| anyhow!("the attach watch panicked");
         self.timer.join().map_err(panicked)?;

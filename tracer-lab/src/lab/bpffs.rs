@@ -16,7 +16,7 @@ pub struct Bpffs {
 }
 
 impl Bpffs {
-    pub fn mount(lab: &Lab) -> anyhow::Result<Bpffs> {
+    pub fn mount(lab: &Lab) -> anyhow::Result<Self> {
         let mount_point = std::env::temp_dir().join(format!("trc-{}-bpffs", lab.id()));
         std::fs::create_dir_all(&mount_point)
             .with_context(|| format!("creating {}", mount_point.display()))?;
@@ -32,7 +32,7 @@ impl Bpffs {
                 mount_point.display()
             );
         }
-        Ok(Bpffs { mount_point })
+        Ok(Self { mount_point })
     }
 
     /// The directory an agent is given as `--pin-path` (it creates it).

@@ -38,7 +38,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A DNS message with exactly one question; answers are the A records (others are skipped).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
+pub(super) struct Message {
     pub id: u16,
     /// QR, opcode, AA, TC, RD, RA and the response code, as on the wire.
     pub flags: u16,
@@ -49,8 +49,8 @@ pub struct Message {
 }
 
 impl Message {
-    pub fn query(id: u16, name: &str, qtype: u16) -> Message {
-        Message {
+    pub(super) fn query(id: u16, name: &str, qtype: u16) -> Self {
+        Self {
             id,
             flags: FLAG_RECURSION_DESIRED,
             name: name.to_owned(),
@@ -60,11 +60,11 @@ impl Message {
         }
     }
 
-    pub fn rcode(&self) -> u8 {
+    pub(super) fn rcode(&self) -> u8 {
         (self.flags & RCODE_MASK) as u8
     }
 
-    pub fn encode(&self) -> anyhow::Result<Vec<u8>> {
+    pub(super) fn encode(&self) -> anyhow::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(64);
         for word in [self.id, self.flags, 1, self.answers.len() as u16, 0, 0] {
             out.extend(word.to_be_bytes());
@@ -94,7 +94,7 @@ impl Message {
         Ok(out)
     }
 
-    pub fn decode(bytes: &[u8]) -> anyhow::Result<Message> {
+    pub(super) fn decode(bytes: &[u8]) -> anyhow::Result<Self> {
         let mut reader = Reader { bytes, pos: 0 };
         let id = reader.u16()?;
         let flags = reader.u16()?;
@@ -122,7 +122,7 @@ impl Message {
                 answers.push(Ipv4Addr::from(octets));
             }
         }
-        Ok(Message {
+        Ok(Self {
             id,
             flags,
             name,
@@ -192,7 +192,7 @@ impl<'a> Reader<'a> {
 
 /// Where the cluster endpoint name points for someone asking from `asker` (docs/taxonomy.md,
 /// "EKS networking facts": the endpoint access modes).
-pub fn endpoint_addresses(mode: EndpointMode, asker: Ipv4Addr) -> Vec<Ipv4Addr> {
+pub(super) fn endpoint_addresses(mode: EndpointMode, asker: Ipv4Addr) -> Vec<Ipv4Addr> {
     let inside_vpc = VPC_CIDR.contains(asker);
     match mode {
         EndpointMode::PublicPrivate if inside_vpc => CONTROLPLANE_IPS.to_vec(),
@@ -203,7 +203,7 @@ pub fn endpoint_addresses(mode: EndpointMode, asker: Ipv4Addr) -> Vec<Ipv4Addr> 
 
 /// The lab resolver's answer to `query` from `asker`: A records of the cluster endpoint (TTL
 /// 5 s), no data for its other types, NXDOMAIN for any other name.
-pub fn answer(query: &Message, mode: EndpointMode, asker: Ipv4Addr) -> Message {
+pub(super) fn answer(query: &Message, mode: EndpointMode, asker: Ipv4Addr) -> Message {
     let is_endpoint = query
         .name
         .trim_end_matches('.')
@@ -233,7 +233,7 @@ fn reply(query: &Message, rcode: u8, answers: Vec<Ipv4Addr>) -> Message {
 
 /// Serves DNS on `socket` forever, reading the endpoint mode from `state_dir` for every query
 /// so that a mode switch takes effect at once.
-pub fn serve(socket: UdpSocket, state_dir: &Path) {
+pub(super) fn serve(socket: UdpSocket, state_dir: &Path) {
     let mut buffer = [0u8; 512];
     loop {
         let (len, asker) = match socket.recv_from(&mut buffer) {
@@ -274,7 +274,7 @@ pub fn serve(socket: UdpSocket, state_dir: &Path) {
 /// Sends `queries` A queries for `name` to `to`, each from a fresh socket (as a stub resolver
 /// does) and waits for each answer; an unanswered query counts as timed out. The report's
 /// answers are the last response's.
-pub fn client(to: SocketAddrV4, queries: u32, name: &str) -> Report {
+pub(super) fn client(to: SocketAddrV4, queries: u32, name: &str) -> Report {
     let mut report = Report::new(to);
     for attempt in 1..=queries {
         report.connections += 1;
@@ -290,7 +290,7 @@ pub fn client(to: SocketAddrV4, queries: u32, name: &str) -> Report {
 }
 
 /// Resolves `name` through the resolver at `to`.
-pub fn resolve(to: SocketAddrV4, name: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
+pub(super) fn resolve(to: SocketAddrV4, name: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
     let mut written = 0;
     let response = ask(to, 1, name, &mut written)?;
     if response.answers.is_empty() {
@@ -406,7 +406,7 @@ mod tests {
         looping.extend([0xc0, HEADER_LEN as u8, 0, 1, 0, 1]);
         assert!(Message::decode(&looping).is_err());
         // Two questions.
-        let mut two = bytes.clone();
+        let mut two = bytes;
         two[5] = 2;
         assert!(Message::decode(&two).is_err());
         assert!(Message::query(1, &"x".repeat(64), TYPE_A).encode().is_err());

@@ -117,8 +117,8 @@ pub struct Ipv4Net {
 }
 
 impl Ipv4Net {
-    pub const fn new(addr: Ipv4Addr, prefix_len: u8) -> Ipv4Net {
-        Ipv4Net { addr, prefix_len }
+    pub const fn new(addr: Ipv4Addr, prefix_len: u8) -> Self {
+        Self { addr, prefix_len }
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
@@ -188,7 +188,7 @@ pub struct LabFacts {
 }
 
 impl LabFacts {
-    pub fn new(id: &str) -> LabFacts {
+    pub fn new(id: &str) -> Self {
         let eni = |device: &str, device_number: u32, primary_ip| Eni {
             device: device.to_owned(),
             device_number,
@@ -201,7 +201,7 @@ impl LabFacts {
                 .map(|pod| pod.ip)
                 .collect(),
         };
-        LabFacts {
+        Self {
             vpc_cidr: VPC_CIDR,
             subnet_a: SUBNET_A,
             subnet_b: SUBNET_B,

@@ -13,7 +13,7 @@ use super::{sink::write_payload, traffic::Report};
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_RESPONSE_BYTES: u64 = 1024 * 1024;
 
-pub struct Request {
+pub(crate) struct Request {
     pub method: String,
     pub path: String,
     headers: Vec<(String, String)>,
@@ -21,7 +21,7 @@ pub struct Request {
 
 impl Request {
     /// A header's value; names are case-insensitive.
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(key, _)| key.eq_ignore_ascii_case(name))
@@ -35,7 +35,7 @@ impl Request {
 }
 
 /// Reads a request line and headers; the body, if any, is left in `reader`.
-pub fn read_request(reader: &mut impl BufRead) -> anyhow::Result<Request> {
+pub(crate) fn read_request(reader: &mut impl BufRead) -> anyhow::Result<Request> {
     let head = read_head(reader)?;
     let mut lines = head.lines();
     let request_line = lines.next().unwrap_or_default();
@@ -80,7 +80,7 @@ fn read_head(reader: &mut impl BufRead) -> anyhow::Result<String> {
 }
 
 /// Writes a complete response with `Content-Length` and `Connection: close`.
-pub fn write_response(
+pub(crate) fn write_response(
     out: &mut impl Write,
     status: u16,
     headers: &[(&str, &str)],
@@ -108,7 +108,7 @@ pub fn write_response(
 }
 
 /// The external host on the internet: `POST /upload` reads and counts the body, `GET /` greets.
-pub fn external_host(stream: TcpStream) -> anyhow::Result<()> {
+pub(crate) fn external_host(stream: TcpStream) -> anyhow::Result<()> {
     let mut reader = BufReader::new(&stream);
     let request = read_request(&mut reader)?;
     let (status, body) = match (request.method.as_str(), request.path.as_str()) {
@@ -131,7 +131,7 @@ pub fn external_host(stream: TcpStream) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub struct Response {
+pub(crate) struct Response {
     pub status: u16,
     pub body: String,
 }
@@ -139,7 +139,7 @@ pub struct Response {
 /// One request on a fresh connection, counted in `report` (connection outcome, bytes written);
 /// `body_bytes` bytes of payload follow the head. `None` when there was no connection or the
 /// exchange failed (recorded in `report`).
-pub fn request(
+pub(crate) fn request(
     report: &mut Report,
     attempt: u32,
     to: SocketAddrV4,
@@ -171,7 +171,7 @@ pub fn request(
 
 /// `POST /upload` of `bytes` bytes, `connections` times; the external host must confirm the
 /// count.
-pub fn upload_client(to: SocketAddrV4, connections: u32, bytes: u64) -> Report {
+pub(crate) fn upload_client(to: SocketAddrV4, connections: u32, bytes: u64) -> Report {
     let mut report = Report::new(to);
     let expected = format!("received {bytes} bytes\n");
     for attempt in 1..=connections {
@@ -205,7 +205,7 @@ fn exchange(
 }
 
 /// Reads a whole response (the server closes the connection), at most 1 MiB of it.
-pub fn read_response(stream: &mut impl Read) -> anyhow::Result<Response> {
+pub(crate) fn read_response(stream: &mut impl Read) -> anyhow::Result<Response> {
     let mut raw = Vec::new();
     stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut raw)?;
     parse_response(&raw)

@@ -19,18 +19,18 @@ const TOKEN_TTL_HEADER: &str = "X-aws-ec2-metadata-token-ttl-seconds";
 const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
 const META_DATA: &str = "/latest/meta-data/";
 /// How late a slow IMDS answers: twice the agent's timeout (1 s).
-pub const SLOW_ANSWER: Duration = Duration::from_secs(2);
+pub(super) const SLOW_ANSWER: Duration = Duration::from_secs(2);
 /// What a broken IMDS (or a proxy in front of it) answers with status 200.
 const GARBAGE: &str = "<html><body><h1>502 Bad Gateway</h1></body></html>\n";
 
 /// The metadata tree as full paths to leaf values; directories are derived from it.
-pub struct Imds {
+pub(super) struct Imds {
     leaves: BTreeMap<String, String>,
     token: String,
 }
 
 impl Imds {
-    pub fn new(facts: &LabFacts) -> Imds {
+    pub(super) fn new(facts: &LabFacts) -> Self {
         let mut leaves = BTreeMap::new();
         let mut put = |path: &str, value: String| {
             leaves.insert(format!("{META_DATA}{path}"), value);
@@ -62,7 +62,7 @@ impl Imds {
             put(&format!("{dir}vpc-ipv4-cidr-block"), VPC_CIDR.to_string());
             put(&format!("{dir}vpc-ipv4-cidr-blocks"), VPC_CIDR.to_string());
         }
-        Imds {
+        Self {
             leaves,
             token: format!("lab-token-{}", facts.instance_id),
         }
@@ -93,7 +93,7 @@ impl Imds {
 
     /// Answers one request: `PUT /latest/api/token` (IMDSv2), GETs with or without a token;
     /// late or with garbage when `health` says so.
-    pub fn handle(&self, stream: TcpStream, health: ImdsHealth) -> anyhow::Result<()> {
+    pub(super) fn handle(&self, stream: TcpStream, health: ImdsHealth) -> anyhow::Result<()> {
         let request = read_request(&mut BufReader::new(&stream))?;
         match health {
             ImdsHealth::Garbage => {
@@ -133,7 +133,7 @@ impl Imds {
 
 /// What a node agent does at start: an IMDSv2 token, then GETs with it. `requests` requests,
 /// each on its own connection; every answer must be 200.
-pub fn client(to: SocketAddrV4, requests: u32) -> Report {
+pub(super) fn client(to: SocketAddrV4, requests: u32) -> Report {
     const PATHS: [&str; 4] = [
         "local-ipv4",
         "mac",

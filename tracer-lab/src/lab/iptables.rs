@@ -11,7 +11,7 @@ use super::{
 };
 
 /// Installs every lab namespace's rules.
-pub fn apply(lab: &Lab, mode: EndpointMode) -> anyhow::Result<()> {
+pub(super) fn apply(lab: &Lab, mode: EndpointMode) -> anyhow::Result<()> {
     eprintln!(
         "lab: writing the VPC CNI's and kube-proxy's iptables rules in {}",
         lab.ns("node")
@@ -27,12 +27,12 @@ pub fn apply(lab: &Lab, mode: EndpointMode) -> anyhow::Result<()> {
 
 /// The VPC router's filter table: the security group stand-in, and the context services that
 /// are down refusing their clients.
-pub fn apply_vpc(lab: &Lab, health: ContextHealth) -> anyhow::Result<()> {
+pub(super) fn apply_vpc(lab: &Lab, health: ContextHealth) -> anyhow::Result<()> {
     exec::iptables_restore(&lab.ns("vpc"), &vpc_rules(health))
 }
 
 /// Opens or closes the NLB's :443 for the internet namespace's outside world.
-pub fn apply_nlb(lab: &Lab, mode: EndpointMode) -> anyhow::Result<()> {
+pub(super) fn apply_nlb(lab: &Lab, mode: EndpointMode) -> anyhow::Result<()> {
     let state = if mode == EndpointMode::Private {
         "closed (private endpoint)"
     } else {

@@ -51,7 +51,7 @@ pub enum EndpointMode {
 }
 
 impl EndpointMode {
-    pub const ALL: [EndpointMode; 3] = [Self::Public, Self::PublicPrivate, Self::Private];
+    pub const ALL: [Self; 3] = [Self::Public, Self::PublicPrivate, Self::Private];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -138,11 +138,11 @@ pub struct Lab {
 impl Lab {
     /// Builds a lab and waits until every server in it listens; on any error, tears down what
     /// was built.
-    pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
+    pub fn up(opts: &LabOptions) -> anyhow::Result<Self> {
         exec::preflight()?;
         let started = Instant::now();
         let id = state::new_id()?;
-        let lab = Lab {
+        let lab = Self {
             dir: state::dir(&id),
             saved: state::Saved {
                 facts: LabFacts::new(&id),
@@ -179,7 +179,7 @@ impl Lab {
     }
 
     /// An existing lab: the only one when `id` is `None`. It is not torn down on drop.
-    pub fn open(id: Option<&str>) -> anyhow::Result<Lab> {
+    pub fn open(id: Option<&str>) -> anyhow::Result<Self> {
         let id = match id {
             Some(id) => id.to_owned(),
             None => match state::list_ids()?.as_slice() {
@@ -198,7 +198,7 @@ impl Lab {
                 "lab {id} has no readable state (did `up` crash?): remove it with `cargo xtask lab down --id {id}`"
             )
         })?;
-        Ok(Lab {
+        Ok(Self {
             id,
             dir,
             saved,

@@ -25,7 +25,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ServerKind {
+pub(super) enum ServerKind {
     /// Counts the bytes of each connection and answers the count (the sink protocol).
     Sink,
     /// The external host: `POST /upload`, `GET /`.
@@ -77,7 +77,7 @@ fn lab_servers() -> Vec<Server> {
 }
 
 /// Starts every server of `lab` and waits until each listens.
-pub fn start(lab: &Lab) -> anyhow::Result<()> {
+pub(super) fn start(lab: &Lab) -> anyhow::Result<()> {
     let helper = lab.saved.helper_exe.to_string_lossy().into_owned();
     let state_dir = lab.state_dir().to_string_lossy().into_owned();
     let file =
@@ -131,7 +131,7 @@ pub fn start(lab: &Lab) -> anyhow::Result<()> {
 
 /// `lab serve`: one server, run inside a namespace by [`start`].
 #[derive(clap::Args, Debug)]
-pub struct ServeArgs {
+pub(super) struct ServeArgs {
     kind: ServerKind,
     /// Addresses to listen on (repeatable).
     #[arg(long, required = true)]
@@ -145,7 +145,7 @@ pub struct ServeArgs {
 }
 
 /// Runs a server until it is killed.
-pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+pub(super) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     eprintln!("serve: {:?} on {:?}", args.kind, args.listen);
     match args.kind {
         ServerKind::Sink => serve_tcp(&args, |mut stream| {

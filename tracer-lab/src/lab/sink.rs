@@ -11,7 +11,7 @@ use anyhow::{Context as _, ensure};
 use super::traffic::Report;
 
 /// The initiator: `connections` connections to `to`, `bytes` payload bytes each.
-pub fn client(to: SocketAddrV4, connections: u32, bytes: u64) -> Report {
+pub(super) fn client(to: SocketAddrV4, connections: u32, bytes: u64) -> Report {
     let mut report = Report::new(to);
     for attempt in 1..=connections {
         if let Some(mut stream) = report.connect(attempt, to)
@@ -24,7 +24,7 @@ pub fn client(to: SocketAddrV4, connections: u32, bytes: u64) -> Report {
 }
 
 /// One sink exchange on a connected stream; `written` grows by every payload byte written.
-pub fn send(stream: &mut TcpStream, bytes: u64, written: &mut u64) -> anyhow::Result<()> {
+pub(super) fn send(stream: &mut TcpStream, bytes: u64, written: &mut u64) -> anyhow::Result<()> {
     write_payload(stream, bytes, written).context("writing the payload")?;
     stream
         .shutdown(Shutdown::Write)
@@ -42,14 +42,14 @@ pub fn send(stream: &mut TcpStream, bytes: u64, written: &mut u64) -> anyhow::Re
 }
 
 /// The responder: counts the bytes to EOF and answers the count. Returns the count.
-pub fn receive(stream: &mut TcpStream) -> io::Result<u64> {
+pub(super) fn receive(stream: &mut TcpStream) -> io::Result<u64> {
     let count = io::copy(stream, &mut io::sink())?;
     stream.write_all(&count.to_be_bytes())?;
     Ok(count)
 }
 
 /// Writes `bytes` bytes of a fixed pattern, counting them into `written` as they go.
-pub fn write_payload(out: &mut impl Write, bytes: u64, written: &mut u64) -> io::Result<()> {
+pub(super) fn write_payload(out: &mut impl Write, bytes: u64, written: &mut u64) -> io::Result<()> {
     let pattern: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
     let mut left = bytes;
     while left > 0 {

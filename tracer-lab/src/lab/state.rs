@@ -19,24 +19,24 @@ const NETNS_DIR: &str = "/run/netns";
 
 /// state.json: what a lab is, for `open`, the IMDS server and people.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Saved {
+pub(super) struct Saved {
     pub id: String,
     pub external_snat: bool,
     pub helper_exe: PathBuf,
     pub facts: LabFacts,
 }
 
-pub fn ns_name(id: &str, role: &str) -> String {
+pub(super) fn ns_name(id: &str, role: &str) -> String {
     format!("trc-{id}-{role}")
 }
 
-pub fn dir(id: &str) -> PathBuf {
+pub(super) fn dir(id: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(id)
 }
 
 /// A fresh lab id (4 random lowercase hex digits), claimed by creating its state directory,
 /// so that two labs started at the same moment never share one.
-pub fn new_id() -> anyhow::Result<String> {
+pub(super) fn new_id() -> anyhow::Result<String> {
     let in_use = list_ids()?;
     fs::create_dir_all(STATE_ROOT).with_context(|| format!("creating {STATE_ROOT}"))?;
     let mut urandom = fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
@@ -59,20 +59,20 @@ pub fn new_id() -> anyhow::Result<String> {
 }
 
 /// Writes state.json and the mode file into the lab's state directory.
-pub fn create(dir: &Path, saved: &Saved, mode: EndpointMode) -> anyhow::Result<()> {
+pub(super) fn create(dir: &Path, saved: &Saved, mode: EndpointMode) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(saved)?;
     fs::write(dir.join("state.json"), json + "\n")
         .with_context(|| format!("writing {}/state.json", dir.display()))?;
     write_mode(dir, mode)
 }
 
-pub fn load(dir: &Path) -> anyhow::Result<Saved> {
+pub(super) fn load(dir: &Path) -> anyhow::Result<Saved> {
     let path = dir.join("state.json");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-pub fn read_mode(dir: &Path) -> anyhow::Result<EndpointMode> {
+pub(super) fn read_mode(dir: &Path) -> anyhow::Result<EndpointMode> {
     let path = dir.join("mode");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     text.trim()
@@ -81,7 +81,7 @@ pub fn read_mode(dir: &Path) -> anyhow::Result<EndpointMode> {
 }
 
 /// Replaces the mode file atomically, so that a DNS server reading it never sees half of it.
-pub fn write_mode(dir: &Path, mode: EndpointMode) -> anyhow::Result<()> {
+pub(super) fn write_mode(dir: &Path, mode: EndpointMode) -> anyhow::Result<()> {
     let temporary = dir.join("mode.new");
     fs::write(&temporary, format!("{mode}\n"))
         .with_context(|| format!("writing {}", temporary.display()))?;
@@ -89,7 +89,7 @@ pub fn write_mode(dir: &Path, mode: EndpointMode) -> anyhow::Result<()> {
 }
 
 /// How IMDS and the VPC resolver behave (`context-health.json`); healthy when never set.
-pub fn read_context_health(dir: &Path) -> anyhow::Result<ContextHealth> {
+pub(super) fn read_context_health(dir: &Path) -> anyhow::Result<ContextHealth> {
     let path = dir.join("context-health.json");
     match fs::read_to_string(&path) {
         Ok(text) => {
@@ -101,14 +101,14 @@ pub fn read_context_health(dir: &Path) -> anyhow::Result<ContextHealth> {
 }
 
 /// Replaces `context-health.json` atomically, as the mode file.
-pub fn write_context_health(dir: &Path, health: ContextHealth) -> anyhow::Result<()> {
+pub(super) fn write_context_health(dir: &Path, health: ContextHealth) -> anyhow::Result<()> {
     let temporary = dir.join("context-health.json.new");
     fs::write(&temporary, serde_json::to_string(&health)? + "\n")
         .with_context(|| format!("writing {}", temporary.display()))?;
     fs::rename(&temporary, dir.join("context-health.json")).context("replacing context-health.json")
 }
 
-pub fn record_pid(dir: &Path, name: &str, pid: u32) -> anyhow::Result<()> {
+pub(super) fn record_pid(dir: &Path, name: &str, pid: u32) -> anyhow::Result<()> {
     let path = dir.join(format!("{name}.pid"));
     fs::write(&path, format!("{pid}\n")).with_context(|| format!("writing {}", path.display()))
 }
@@ -135,7 +135,7 @@ fn recorded_pids(dir: &Path) -> Vec<(String, u32)> {
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie).
-pub fn alive(pid: u32) -> bool {
+pub(super) fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         // The state follows the parenthesised command name, which may contain spaces.
         stat.rsplit_once(')')
@@ -145,7 +145,7 @@ pub fn alive(pid: u32) -> bool {
 
 /// Ids of every lab on this machine: from namespaces `trc-<id>-*` and state directories, so
 /// that a lab left half-built by a crash is found too.
-pub fn list_ids() -> anyhow::Result<Vec<String>> {
+pub(super) fn list_ids() -> anyhow::Result<Vec<String>> {
     let mut ids = BTreeSet::new();
     for name in dir_names(Path::new(NETNS_DIR))? {
         let id = name
@@ -166,7 +166,7 @@ pub fn list_ids() -> anyhow::Result<Vec<String>> {
 }
 
 /// Fails, naming the labs there are, when there is no lab `id`.
-pub fn require_exists(id: &str) -> anyhow::Result<()> {
+pub(super) fn require_exists(id: &str) -> anyhow::Result<()> {
     let ids = list_ids()?;
     if !ids.iter().any(|known| known == id) {
         let running = if ids.is_empty() {
@@ -208,7 +208,7 @@ fn namespaces(id: &str) -> anyhow::Result<Vec<String>> {
 
 /// Removes lab `id`: kills every process in its namespaces, deletes them and the state
 /// directory. Whatever is already gone is skipped.
-pub fn teardown(id: &str) -> anyhow::Result<()> {
+pub(super) fn teardown(id: &str) -> anyhow::Result<()> {
     eprintln!("lab: tearing down lab {id}");
     let namespaces = namespaces(id)?;
     let mut killed = Vec::new();
@@ -250,7 +250,7 @@ pub fn teardown(id: &str) -> anyhow::Result<()> {
 }
 
 /// Per-namespace configuration `ip netns exec` mounts over /etc (e.g. resolv.conf).
-pub fn netns_etc(ns: &str) -> PathBuf {
+pub(super) fn netns_etc(ns: &str) -> PathBuf {
     Path::new("/etc/netns").join(ns)
 }
 
@@ -265,7 +265,7 @@ fn remove_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Every lab: mode, namespaces present, recorded processes and whether they live.
-pub fn status() -> anyhow::Result<String> {
+pub(super) fn status() -> anyhow::Result<String> {
     let ids = list_ids()?;
     if ids.is_empty() {
         return Ok("no lab is running\n".to_owned());

@@ -24,7 +24,7 @@ const SECONDARY_TABLE: u32 = 2;
 const MAIN_ENI_MARK: &str = "0x80/0x80";
 
 /// Builds the whole topology of lab `id`.
-pub fn build(id: &str) -> anyhow::Result<()> {
+pub(super) fn build(id: &str) -> anyhow::Result<()> {
     let lab = Builder { id };
     for role in ROLES {
         lab.namespace(role)?;
@@ -43,7 +43,7 @@ pub fn build(id: &str) -> anyhow::Result<()> {
 /// Adds pod `name` with address `ip` to the node of lab `id`, behind a veth named like the
 /// VPC CNI's, as a new pod gets when it is scheduled; returns the host-side veth's name.
 /// Deleting the pod's namespace (`trc-<id>-<name>`) removes the veth with it.
-pub fn plug_pod(id: &str, name: &str, ip: std::net::Ipv4Addr) -> anyhow::Result<String> {
+pub(super) fn plug_pod(id: &str, name: &str, ip: std::net::Ipv4Addr) -> anyhow::Result<String> {
     let lab = Builder { id };
     lab.namespace(name)?;
     let pod = PodSpec {
@@ -249,7 +249,7 @@ impl Builder<'_> {
     /// a /32 route to the pod; in the pod `eth0` with the /32, a default route through
     /// 169.254.1.1 and a permanent ARP entry for it. Pods whose IP belongs to a secondary ENI
     /// get the CNI's policy rules, so that their traffic leaves through that ENI.
-    fn pod(&self, pod: &PodSpec) -> anyhow::Result<()> {
+    fn pod(&self, pod: &PodSpec<'_>) -> anyhow::Result<()> {
         let (node, ns, ip) = (self.ns(pod.node), self.ns(pod.name), pod.ip);
         let veth = &host_veth_name(self.id, pod.name);
         eprintln!(

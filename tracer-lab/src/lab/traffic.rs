@@ -137,8 +137,8 @@ impl Scenario {
         to: Target,
         connections: u32,
         bytes_per_connection: u64,
-    ) -> Scenario {
-        Scenario {
+    ) -> Self {
+        Self {
             name: path.as_str(),
             expected_path: path,
             expected_nat: Nat::None,
@@ -153,26 +153,26 @@ impl Scenario {
     }
 
     /// Another scenario on the same path, told apart by its name.
-    fn named(self, name: &'static str) -> Scenario {
-        Scenario { name, ..self }
+    fn named(self, name: &'static str) -> Self {
+        Self { name, ..self }
     }
 
-    fn nat(self, expected_nat: Nat) -> Scenario {
-        Scenario {
+    fn nat(self, expected_nat: Nat) -> Self {
+        Self {
             expected_nat,
             ..self
         }
     }
 
-    fn endpoint(self, endpoint: Endpoint) -> Scenario {
-        Scenario {
+    fn endpoint(self, endpoint: Endpoint) -> Self {
+        Self {
             expected_endpoint: Some(endpoint),
             ..self
         }
     }
 
-    fn outcome(self, expected_outcome: Outcome) -> Scenario {
-        Scenario {
+    fn outcome(self, expected_outcome: Outcome) -> Self {
+        Self {
             expected_outcome,
             ..self
         }
@@ -225,7 +225,7 @@ pub fn scenarios(mode: EndpointMode) -> Vec<Scenario> {
 /// Runs the scenarios one after the other (so that each one's traffic can be told apart).
 /// Fails, after running them all, if a transfer went wrong in a way no outcome explains (a
 /// short count, a reset mid-stream, a client that could not run).
-pub fn run(lab: &Lab, scenarios: &[Scenario]) -> anyhow::Result<Vec<Sent>> {
+pub(super) fn run(lab: &Lab, scenarios: &[Scenario]) -> anyhow::Result<Vec<Sent>> {
     let mut sent = Vec::new();
     let mut failures = Vec::new();
     for scenario in scenarios {
@@ -288,7 +288,7 @@ pub(super) fn run_client(lab: &Lab, role: &str, args: &[String]) -> anyhow::Resu
 
 /// What a client did, printed as one line of JSON on its standard output.
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// Where it connected.
     pub to: String,
     pub connections: u32,
@@ -304,16 +304,16 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(to: SocketAddrV4) -> Report {
-        Report {
+    pub(crate) fn new(to: SocketAddrV4) -> Self {
+        Self {
             to: to.to_string(),
-            ..Report::default()
+            ..Self::default()
         }
     }
 
     /// Opens a TCP connection (connect timeout 2 s, read/write timeouts 5 s) and counts how the
     /// attempt ended.
-    pub fn connect(&mut self, attempt: u32, to: SocketAddrV4) -> Option<TcpStream> {
+    pub(crate) fn connect(&mut self, attempt: u32, to: SocketAddrV4) -> Option<TcpStream> {
         self.connections += 1;
         let connected =
             TcpStream::connect_timeout(&to.into(), CONNECT_TIMEOUT).and_then(|stream| {
@@ -335,7 +335,7 @@ impl Report {
 
     /// Counts an attempt that got no connection or answer: refused, timed out, or (for any
     /// other reason) an error.
-    pub fn unanswered(&mut self, attempt: u32, error: anyhow::Error) {
+    pub(crate) fn unanswered(&mut self, attempt: u32, error: anyhow::Error) {
         match error.downcast_ref::<io::Error>().map(io::Error::kind) {
             Some(io::ErrorKind::ConnectionRefused) => self.refused += 1,
             Some(io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => self.timed_out += 1,
@@ -344,7 +344,7 @@ impl Report {
     }
 
     /// Records a failure after the connection was made.
-    pub fn transfer_failed(&mut self, attempt: u32, error: impl fmt::Display) {
+    pub(crate) fn transfer_failed(&mut self, attempt: u32, error: impl fmt::Display) {
         self.errors
             .push(format!("connection {attempt} to {}: {error:#}", self.to));
     }
@@ -373,7 +373,7 @@ impl Report {
 
 /// `lab client`: one scenario's initiator, run inside a namespace by [`run`].
 #[derive(clap::Args, Debug)]
-pub struct ClientArgs {
+pub(super) struct ClientArgs {
     kind: ClientKind,
     /// `ip:port`, or `hostname:port` resolved through --resolver.
     #[arg(long)]
@@ -388,7 +388,7 @@ pub struct ClientArgs {
 }
 
 /// Runs a client and prints its report as one line of JSON.
-pub fn client(args: ClientArgs) -> anyhow::Result<()> {
+pub(super) fn client(args: ClientArgs) -> anyhow::Result<()> {
     let to = match args.to.parse::<SocketAddrV4>() {
         Ok(to) => to,
         Err(_) => resolve_target(&args)?,

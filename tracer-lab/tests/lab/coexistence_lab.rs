@@ -59,8 +59,8 @@ enum Mechanism {
 impl Mechanism {
     fn flag(self) -> &'static str {
         match self {
-            Mechanism::Tcx => "tcx",
-            Mechanism::Clsact => "clsact",
+            Self::Tcx => "tcx",
+            Self::Clsact => "clsact",
         }
     }
 }
@@ -75,7 +75,7 @@ struct PolicyStandin {
 }
 
 impl PolicyStandin {
-    fn attach(ns: String, interface: String, mechanism: Mechanism) -> PolicyStandin {
+    fn attach(ns: String, interface: String, mechanism: Mechanism) -> Self {
         let (attached_tx, attached_rx) = mpsc::channel();
         let (detach_tx, detach_rx) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -107,7 +107,7 @@ impl PolicyStandin {
                 Ok(())
             })
         });
-        let mut standin = PolicyStandin {
+        let mut standin = Self {
             detach: Some(detach_tx),
             thread: Some(thread),
         };
@@ -147,7 +147,7 @@ struct Servers {
 }
 
 impl Servers {
-    fn start(lab: &Lab, ip: Ipv4Addr) -> Servers {
+    fn start(lab: &Lab, ip: Ipv4Addr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = [DENIED_PORT, ALLOWED_PORT]
             .into_iter()
@@ -158,7 +158,7 @@ impl Servers {
                     Ok(listener)
                 })
                 .expect("listening in pod-b");
-                let stop = stop.clone();
+                let stop = Arc::clone(&stop);
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         match listener.accept() {
@@ -172,7 +172,7 @@ impl Servers {
                 })
             })
             .collect();
-        Servers { stop, threads }
+        Self { stop, threads }
     }
 }
 

@@ -149,7 +149,7 @@ struct Observed {
 }
 
 impl Observed {
-    fn start(mode: EndpointMode) -> Observed {
+    fn start(mode: EndpointMode) -> Self {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -182,7 +182,7 @@ impl Observed {
         prometheus
             .wait_ready(Duration::from_secs(15))
             .expect("prometheus ready");
-        let mut run = Observed {
+        let mut run = Self {
             prometheus,
             agent: Some(agent),
             lab,

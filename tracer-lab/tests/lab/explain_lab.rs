@@ -140,7 +140,7 @@ fn explain_uses_the_live_context_of_the_node() {
     // The same question in public mode: the cluster endpoint now resolves to the NLB.
     lab.set_mode(EndpointMode::Public)
         .expect("switch to public");
-    let (got, json) = classify(&lab, node.clone(), format!("{nlb}:443"), "tcp");
+    let (got, json) = classify(&lab, node, format!("{nlb}:443"), "tcp");
     assert_eq!(got, "node_to_apiserver public none", "{json:#}");
     let facts_text = json["facts"].to_string();
     assert!(facts_text.contains("is an API server address"), "{json:#}");

@@ -10,7 +10,7 @@ use kube_standin::StandIn;
 use tracer_lab::lab::{Lab, exec};
 
 /// Serves the stand-in on loopback in the lab's node namespace, where the agent runs.
-pub fn stand_in_in(lab: &Lab, runtime: &tokio::runtime::Runtime) -> StandIn {
+pub(crate) fn stand_in_in(lab: &Lab, runtime: &tokio::runtime::Runtime) -> StandIn {
     let ns = lab.ns("node");
     let bind = Arc::new(move |address: SocketAddr| {
         exec::within(&ns, move || Ok(TcpListener::bind(address)?))
@@ -21,7 +21,7 @@ pub fn stand_in_in(lab: &Lab, runtime: &tokio::runtime::Runtime) -> StandIn {
 }
 
 /// A kubeconfig for the stand-in, in the lab's state directory (removed with the lab).
-pub fn kubeconfig(lab: &Lab, stand_in: &StandIn) -> String {
+pub(crate) fn kubeconfig(lab: &Lab, stand_in: &StandIn) -> String {
     let path = lab.state_dir().join("kubeconfig");
     let text = format!(
         "apiVersion: v1
