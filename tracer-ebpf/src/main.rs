@@ -161,7 +161,7 @@ fn add_to_existing(stats: *mut FlowStats, ifindex: u32, sample: &Sample) {
             match handshake_slot(sample.tcp_flags) {
                 Some(Handshake::Syn) if (*stats).syn_ns == 0 => (*stats).syn_ns = sample.now_ns,
                 Some(Handshake::SynAck) if (*stats).synack_ns == 0 => {
-                    (*stats).synack_ns = sample.now_ns
+                    (*stats).synack_ns = sample.now_ns;
                 }
                 _ => {}
             }
