@@ -95,30 +95,3 @@ pub fn ip(args: &[&str]) -> io::Result<()> {
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn own_netns() -> std::path::PathBuf {
-        std::fs::read_link("/proc/thread-self/ns/net").expect("reading this thread's namespace")
-    }
-
-    #[test]
-    fn work_runs_elsewhere_and_the_caller_stays_put() {
-        let before = own_netns();
-        let inside = run_in(Netns::Fresh, own_netns).expect("root creates namespaces");
-        assert_ne!(inside, before);
-        assert_eq!(own_netns(), before);
-    }
-
-    #[test]
-    fn a_missing_namespace_is_named_in_the_error() {
-        let error = run_in(Netns::Named("trc-no-such-netns"), || ()).unwrap_err();
-        assert_eq!(error.kind(), io::ErrorKind::NotFound);
-        assert!(
-            error.to_string().contains("/run/netns/trc-no-such-netns"),
-            "{error}"
-        );
-    }
-}
