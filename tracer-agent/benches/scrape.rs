@@ -8,7 +8,11 @@
 //! - the time to render the whole exposition: the median of `ROUNDS` renders, and the same
 //!   snapshot rendered without the workload series (the baseline), so the difference is what
 //!   the series cost;
-//! - the transient buffer a render allocates, per series.
+//! - the transient buffer a render allocates, per series;
+//! - for comparison, the render time and heap per series of the same workload series held and
+//!   rendered by the maintained crates: `prometheus` (text format 0.0.4) and
+//!   `prometheus-client` (OpenMetrics text only). They are not goals: they say why the
+//!   agent's renderer is its own (docs/design.md, "One pipeline, one snapshot per poll").
 //!
 //! Goals (issue 4): ≤ 10 ms at 10k series, ≤ 50 ms at 100k, ≤ 300 B of heap per series.
 //! `--check` makes a missed goal an error (exit status 1); `--json PATH` writes the results.
@@ -18,7 +22,7 @@ use std::{
     alloc::{GlobalAlloc, Layout, System},
     hint::black_box,
     sync::atomic::{AtomicUsize, Ordering},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::bail;
@@ -111,6 +115,17 @@ struct Row {
     render_buffer_bytes_per_series: f64,
     goal_heap_bytes_per_series: f64,
     pass: bool,
+    /// The same workload series with the `prometheus` crate.
+    prometheus_crate: Comparison,
+    /// The same workload series with the `prometheus-client` crate.
+    prometheus_client: Comparison,
+}
+
+/// What a maintained crate costs for the same workload series.
+#[derive(Serialize)]
+struct Comparison {
+    render_ms: f64,
+    heap_bytes_per_series: f64,
 }
 
 #[derive(Serialize)]
@@ -138,7 +153,7 @@ fn main() -> anyhow::Result<()> {
 
 fn measure(case: &Case, snapshot: &Snapshot, options: &report::Options) -> anyhow::Result<Row> {
     let baseline = Metrics::new(case.series);
-    let baseline_render_ms = median_render_ms(&baseline, snapshot);
+    let baseline_render_ms = median_render_ms(&baseline, snapshot)?;
 
     let before = HELD.load(Ordering::Relaxed);
     let metrics = Metrics::new(case.series);
@@ -159,7 +174,7 @@ fn measure(case: &Case, snapshot: &Snapshot, options: &report::Options) -> anyho
         );
     }
 
-    let render_ms = median_render_ms(&metrics, snapshot);
+    let render_ms = median_render_ms(&metrics, snapshot)?;
     let at_rest = HELD.load(Ordering::Relaxed);
     PEAK.store(at_rest, Ordering::Relaxed);
     let text = metrics.render(snapshot);
@@ -182,6 +197,69 @@ fn measure(case: &Case, snapshot: &Snapshot, options: &report::Options) -> anyho
         render_buffer_bytes_per_series: buffer as f64 / case.series as f64,
         goal_heap_bytes_per_series: GOAL_HEAP_BYTES_PER_SERIES,
         pass,
+        prometheus_crate: with_prometheus_crate(case.series)?,
+        prometheus_client: with_prometheus_client(case.series)?,
+    })
+}
+
+/// The workload series in a `prometheus` crate registry, rendered in the text format 0.0.4.
+fn with_prometheus_crate(series: usize) -> anyhow::Result<Comparison> {
+    let before = HELD.load(Ordering::Relaxed);
+    let registry = prometheus::Registry::new();
+    let family = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("tracer_workload_bytes_total", "Bytes per workload."),
+        &["namespace", "workload", "path"],
+    )?;
+    registry.register(Box::new(family.clone()))?;
+    for index in 0..series {
+        let series = workload(index);
+        family
+            .with_label_values(&[&series.namespace, &series.workload, series.path.as_str()])
+            .inc_by(1_500 * index as u64);
+    }
+    let held = HELD.load(Ordering::Relaxed) - before;
+    let encoder = prometheus::TextEncoder::new();
+    let render_ms = median_ms(|| {
+        let mut text = String::new();
+        encoder.encode_utf8(&registry.gather(), &mut text)?;
+        Ok(text)
+    })?;
+    Ok(Comparison {
+        render_ms,
+        heap_bytes_per_series: held as f64 / series as f64,
+    })
+}
+
+/// The workload series in a `prometheus-client` registry, rendered as OpenMetrics text.
+fn with_prometheus_client(series: usize) -> anyhow::Result<Comparison> {
+    use prometheus_client::metrics::{counter::Counter, family::Family};
+    type Labels = [(&'static str, String); 3];
+    let before = HELD.load(Ordering::Relaxed);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let family = Family::<Labels, Counter>::default();
+    registry.register(
+        "tracer_workload_bytes",
+        "Bytes per workload.",
+        family.clone(),
+    );
+    for index in 0..series {
+        let series = workload(index);
+        let labels = [
+            ("namespace", series.namespace),
+            ("workload", series.workload),
+            ("path", series.path.as_str().to_owned()),
+        ];
+        family.get_or_create(&labels).inc_by(1_500 * index as u64);
+    }
+    let held = HELD.load(Ordering::Relaxed) - before;
+    let render_ms = median_ms(|| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)?;
+        Ok(text)
+    })?;
+    Ok(Comparison {
+        render_ms,
+        heap_bytes_per_series: held as f64 / series as f64,
     })
 }
 
@@ -201,17 +279,21 @@ fn workload(index: usize) -> WorkloadSeries {
     }
 }
 
-fn median_render_ms(metrics: &Metrics, snapshot: &Snapshot) -> f64 {
-    let _warm_up = black_box(metrics.render(snapshot));
-    let mut samples: Vec<Duration> = (0..ROUNDS)
-        .map(|_| {
-            let started = Instant::now();
-            black_box(metrics.render(black_box(snapshot)));
-            started.elapsed()
-        })
-        .collect();
+fn median_render_ms(metrics: &Metrics, snapshot: &Snapshot) -> anyhow::Result<f64> {
+    median_ms(|| Ok(metrics.render(black_box(snapshot))))
+}
+
+/// The median time of `ROUNDS` renders (after one to warm up), in milliseconds.
+fn median_ms<T>(mut render: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<f64> {
+    black_box(render()?);
+    let mut samples = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let started = Instant::now();
+        black_box(render()?);
+        samples.push(started.elapsed());
+    }
     samples.sort();
-    samples[ROUNDS / 2].as_secs_f64() * 1e3
+    Ok(samples[ROUNDS / 2].as_secs_f64() * 1e3)
 }
 
 /// A snapshot with a row for every path of the taxonomy (both endpoints on the API server
@@ -312,4 +394,19 @@ fn print_table(rows: &[Row]) {
         "(render: median of {ROUNDS}; baseline = the same snapshot without workload series; \
          heap B/s = bytes the series hold, per series; buffer B/s = transient bytes of one render)"
     );
+    println!("\nthe same workload series with the maintained crates (for comparison, not goals):");
+    println!(
+        "{:>8}  {:>14} {:>14}  {:>16} {:>16}",
+        "workload", "prometheus ms", "heap B/s", "prom-client ms", "heap B/s"
+    );
+    for row in rows {
+        println!(
+            "{:>8}  {:>14.2} {:>14.0}  {:>16.2} {:>16.0}",
+            row.workload_series,
+            row.prometheus_crate.render_ms,
+            row.prometheus_crate.heap_bytes_per_series,
+            row.prometheus_client.render_ms,
+            row.prometheus_client.heap_bytes_per_series,
+        );
+    }
 }
