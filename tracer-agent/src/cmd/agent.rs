@@ -50,11 +50,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let (snapshots, latest) = watch::channel(pipeline.snapshot());
     let metrics = Metrics::new(args.max_series as usize);
     let app = serve::router(latest, metrics.clone());
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            warn!("metrics server stopped: {error}");
-        }
-    });
+    tokio::spawn(serve::listener::serve(
+        listener,
+        app,
+        metrics.rejected_connections().clone(),
+    ));
     info!(
         address = %args.metrics_addr,
         "serving /metrics, /api/v1/paths, /api/v1/flows, /healthz, /readyz"
