@@ -4,7 +4,6 @@ use std::{sync::Arc, time::Instant};
 
 use anyhow::Context as _;
 use tokio::{
-    net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
@@ -43,8 +42,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             .map_err(AgentError::Runtime)?;
         pipeline.follow_cluster(facts);
     }
-    let listener = TcpListener::bind(args.metrics_addr)
-        .await
+    let listener = serve::listener::bind(args.metrics_addr)
         .with_context(|| format!("cannot listen on --metrics-addr {}", args.metrics_addr))
         .map_err(AgentError::Config)?;
     let (snapshots, latest) = watch::channel(pipeline.snapshot());

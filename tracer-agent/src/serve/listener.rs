@@ -18,7 +18,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 /// How long a client has to send a request's head once the agent waits for it. hyper starts
@@ -42,8 +42,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
 /// Connections served at once, all clients together; beyond it a connection is accepted and
-/// closed at once. About 20 kB each while open: 512 bound the server to ~10 MiB, far above
-/// what a node needs (a Prometheus or two, `tracer top`, a port-forward).
+/// closed at once. About 10 kB each while open (docs/performance.md): 512 bound the server to a
+/// few MiB, far above what a node needs (a Prometheus or two, `tracer top`, a port-forward).
 pub const MAX_CONNECTIONS: usize = 512;
 
 /// Connections served at once to one client address: one pod opening thousands of
@@ -51,9 +51,29 @@ pub const MAX_CONNECTIONS: usize = 512;
 /// others (Prometheus among them). A scraper needs one or two.
 pub const MAX_CONNECTIONS_PER_CLIENT: usize = 32;
 
+/// Connections the kernel queues before the agent accepts them (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default). A burst of connections beyond the queue has the
+/// kernel drop their handshakes' last packet, and they reach the agent, to be refused or timed
+/// out, only seconds later: tokio's default of 1024 let a burst of 10,000 from one pod stay
+/// open up to 11 s.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// How long to wait before accepting again when accept fails (out of file descriptors):
 /// retrying at once would spin a core.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Listens on `address` with a queue of [`LISTEN_BACKLOG`] connections.
+pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted agent binds while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Serves `app` on `listener` until the runtime stops.
 pub async fn serve(listener: TcpListener, app: Router, rejected: RejectedConnections) {
