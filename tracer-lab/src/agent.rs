@@ -19,6 +19,8 @@ use crate::{
 
 /// Where the agent listens inside the node namespace (loopback: nothing leaves the lab).
 pub const METRICS_ADDR: &str = "127.0.0.1:9477";
+/// The port of [`METRICS_ADDR`], for an agent listening on every address of the lab node.
+pub const METRICS_PORT: u16 = 9477;
 /// Short so that tests and the demo see their traffic within a fraction of a second.
 pub const POLL_INTERVAL: &str = "200ms";
 /// Shorter than the default 5 s, so an endpoint-mode switch shows within a second.
@@ -223,7 +225,16 @@ impl LabAgent {
 
     /// Starts `tracer agent --metrics-addr METRICS_ADDR` with `flags`.
     pub fn start_with(lab: &Lab, tracer: &Path, flags: Vec<String>) -> anyhow::Result<Self> {
-        Self::launch(lab, tracer, flags, None)
+        Self::launch(lab, tracer, METRICS_ADDR, flags, None)
+    }
+
+    /// Like `start`, listening on every address of the node as the DaemonSet does (port
+    /// [`METRICS_PORT`]): for tests whose clients are pods. It is still scraped on loopback.
+    pub fn start_on_every_address(lab: &Lab, tracer: &Path) -> anyhow::Result<Self> {
+        let mut flags = quick_flags();
+        flags.extend(context_flags(lab));
+        let every_address = SocketAddr::from(([0, 0, 0, 0], METRICS_PORT));
+        Self::launch(lab, tracer, &every_address.to_string(), flags, None)
     }
 
     /// Like `start`, run as the DaemonSet runs the agent (see [`Confinement`]), with `extra`
@@ -237,12 +248,13 @@ impl LabAgent {
         let mut flags = quick_flags();
         flags.extend(context_flags(lab));
         flags.extend(extra);
-        Self::launch(lab, tracer, flags, Some(confinement))
+        Self::launch(lab, tracer, METRICS_ADDR, flags, Some(confinement))
     }
 
     fn launch(
         lab: &Lab,
         tracer: &Path,
+        listen: &str,
         flags: Vec<String>,
         confinement: Option<&Confinement>,
     ) -> anyhow::Result<Self> {
@@ -252,8 +264,7 @@ impl LabAgent {
                 tracer.display()
             );
         }
-        let mut args: Vec<String> =
-            vec!["agent".into(), "--metrics-addr".into(), METRICS_ADDR.into()];
+        let mut args: Vec<String> = vec!["agent".into(), "--metrics-addr".into(), listen.into()];
         args.extend(flags);
         let log = std::env::temp_dir().join(format!("tracer-agent-{}.log", lab.id()));
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;

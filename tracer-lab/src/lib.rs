@@ -7,6 +7,7 @@ pub mod churn;
 pub mod dashboards;
 pub mod deploy;
 pub mod figures;
+pub mod hostile;
 pub mod lab;
 pub mod prometheus;
 pub mod run;

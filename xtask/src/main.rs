@@ -92,6 +92,17 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// 10,000 slow, then 10,000 garbage connections, then 10,000 requests from a lab pod: the
+    /// agent's RSS, scrape latency and time to close hostile connections.
+    Hostile {
+        /// Exit non-zero when a goal is missed (RSS ≤ 64 MiB, scrapes within 1 s, hostile
+        /// connections closed within 6 s).
+        #[arg(long)]
+        check: bool,
+        /// Also write the results as JSON.
+        #[arg(long, value_name = "PATH")]
+        json: Option<std::path::PathBuf>,
+    },
     /// iperf3 between two lab pods, no program vs the agent attached (tcx), interleaved rounds.
     Veth {
         /// Exit non-zero when the UDP packet-rate loss exceeds the goal (10 %).
@@ -143,6 +154,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             which: Bench::Churn { args },
         } => xtask::bench::churn(&args),
+        Command::Bench {
+            which: Bench::Hostile { check, json },
+        } => xtask::bench::hostile(check, json.as_deref()),
         Command::Bench {
             which: Bench::Veth { check, json },
         } => xtask::bench::veth(check, json.as_deref()),

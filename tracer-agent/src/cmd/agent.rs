@@ -4,7 +4,6 @@ use std::{sync::Arc, time::Instant};
 
 use anyhow::Context as _;
 use tokio::{
-    net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
@@ -43,18 +42,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             .map_err(AgentError::Runtime)?;
         pipeline.follow_cluster(facts);
     }
-    let listener = TcpListener::bind(args.metrics_addr)
-        .await
+    let listener = serve::listener::bind(args.metrics_addr)
         .with_context(|| format!("cannot listen on --metrics-addr {}", args.metrics_addr))
         .map_err(AgentError::Config)?;
     let (snapshots, latest) = watch::channel(pipeline.snapshot());
     let metrics = Metrics::new(args.max_series as usize);
     let app = serve::router(latest, metrics.clone());
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            warn!("metrics server stopped: {error}");
-        }
-    });
+    tokio::spawn(serve::listener::serve(
+        listener,
+        app,
+        metrics.rejected_connections().clone(),
+    ));
     info!(
         address = %args.metrics_addr,
         "serving /metrics, /api/v1/paths, /api/v1/flows, /healthz, /readyz"

@@ -20,6 +20,7 @@ use crate::{
     pipeline::readiness::Reason,
     pipeline::snapshot::Snapshot,
     serve::api::{Histogram, PathRow},
+    serve::listener::RejectedConnections,
     serve::process,
 };
 
@@ -33,6 +34,7 @@ pub const DEFAULT_MAX_SERIES: u32 = 10_000;
 #[derive(Clone)]
 pub struct Metrics {
     workload_bytes: CappedCounters<WorkloadSeries>,
+    rejected_connections: RejectedConnections,
     /// Length of the last exposition: the next one reserves about as much at once rather than
     /// growing (and copying) its buffer step by step.
     last_length: Arc<AtomicUsize>,
@@ -43,6 +45,7 @@ impl Metrics {
     pub fn new(max_series: usize) -> Self {
         Self {
             workload_bytes: CappedCounters::new(max_series),
+            rejected_connections: RejectedConnections::default(),
             last_length: Arc::default(),
         }
     }
@@ -51,6 +54,11 @@ impl Metrics {
     /// fed from each poll's snapshot.
     pub fn workload_bytes(&self) -> &CappedCounters<WorkloadSeries> {
         &self.workload_bytes
+    }
+
+    /// `tracer_http_connections_rejected_total{reason}`, counted by the server's accept loop.
+    pub fn rejected_connections(&self) -> &RejectedConnections {
+        &self.rejected_connections
     }
 
     /// Takes the per-workload totals of a poll (counters: they only grow).
@@ -79,6 +87,18 @@ impl Metrics {
             "L3 bytes by workload and path (opt-in; at most --max-series series)",
         );
         drop(workloads);
+        out.family(
+            "tracer_http_connections_rejected_total",
+            "counter",
+            "Connections to this endpoint the agent refused (too many open) or closed before the client did (too slow, malformed, too large, too old)",
+        );
+        for (reason, count) in self.rejected_connections.totals() {
+            out.sample(
+                "tracer_http_connections_rejected_total",
+                &[("reason", reason.as_str())],
+                count,
+            );
+        }
         out.family(
             "tracer_build_info",
             "gauge",

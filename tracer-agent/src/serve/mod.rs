@@ -2,6 +2,7 @@
 //! `/api/v1/flows`), `/healthz` and `/readyz`, all answered from the latest snapshot.
 pub mod api;
 pub mod export;
+pub mod listener;
 pub(crate) mod process;
 use std::sync::Arc;
 

@@ -11,6 +11,7 @@ mod dashboards;
 mod explain_lab;
 mod hotplug_lab;
 mod lab_smoke;
+mod listener_lab;
 mod restart_lab;
 mod support;
 mod table_full_lab;

@@ -5,9 +5,11 @@ use tracer_lab::{build::workspace_root, run::require_success};
 
 mod attach;
 mod footprint;
+mod hostile;
 mod veth;
 pub use attach::attach;
 pub use footprint::footprint;
+pub use hostile::hostile;
 pub use veth::veth;
 
 /// The ns per packet the kernel classifier adds over an empty one (BPF_PROG_TEST_RUN, needs

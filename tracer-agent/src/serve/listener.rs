@@ -1,0 +1,325 @@
+//! The accept loop of `--metrics-addr`: every connection is bounded in time, in size and in
+//! number, so that no client (a hostile pod included) can hold the agent's memory or keep a
+//! scrape from being answered. Each connection the agent refuses or cuts short is counted in
+//! `tracer_http_connections_rejected_total{reason}`.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, warn};
+
+/// How long a client has to send a request's head once the agent waits for it. hyper starts
+/// the same timer when a kept-alive connection waits for its next request, so this is the idle
+/// keep-alive timeout too. A scrape sends its head in one packet at once: 5 s leaves room for
+/// a slow network and still frees a connection that sends half a request within seconds.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a connection lives before the agent closes it after the request in flight: a
+/// client that asks for `/metrics` and never reads the answer would otherwise hold the answer
+/// in memory forever. Prometheus reconnects at its next scrape; a minute is many scrapes.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// How long the request in flight has to finish after [`CONNECTION_LIFETIME`] before the
+/// connection is cut: a large exposition over a slow link takes well under a second.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The most a connection buffers of a request, head included (hyper's smallest allowed
+/// value). The API only answers GETs with short paths and no body: a legitimate request head
+/// is a few hundred bytes, and a larger one is answered 431 and closed.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+
+/// Connections served at once, all clients together; beyond it a connection is accepted and
+/// closed at once. About 10 kB each while open (docs/performance.md): 512 bound the server to a
+/// few MiB, far above what a node needs (a Prometheus or two, `tracer top`, a port-forward).
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// Connections served at once to one client address: one pod opening thousands of
+/// connections is refused beyond this, and leaves room under [`MAX_CONNECTIONS`] for the
+/// others (Prometheus among them). A scraper needs one or two.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 32;
+
+/// Connections the kernel queues before the agent accepts them (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default). A burst of connections beyond the queue has the
+/// kernel drop their handshakes' last packet, and they reach the agent, to be refused or timed
+/// out, only seconds later: tokio's default of 1024 let a burst of 10,000 from one pod stay
+/// open up to 11 s.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// How long to wait before accepting again when accept fails (out of file descriptors):
+/// retrying at once would spin a core.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Listens on `address` with a queue of [`LISTEN_BACKLOG`] connections.
+pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted agent binds while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Serves `app` on `listener` until the runtime stops.
+pub async fn serve(listener: TcpListener, app: Router, rejected: RejectedConnections) {
+    let open = OpenConnections::default();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BYTES);
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!("cannot accept a connection on the metrics address: {error}");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        match open.admit(client.ip()) {
+            Ok(admitted) => {
+                let connection = Connection {
+                    builder: builder.clone(),
+                    app: app.clone(),
+                    rejected: rejected.clone(),
+                    client,
+                };
+                tokio::spawn(connection.serve(stream, admitted));
+            }
+            Err(reason) => {
+                debug!(%client, reason = reason.as_str(), "connection refused");
+                rejected.count(reason);
+                drop(stream);
+            }
+        }
+    }
+}
+
+/// One accepted connection and what serving it needs.
+struct Connection {
+    builder: http1::Builder,
+    app: Router,
+    rejected: RejectedConnections,
+    client: SocketAddr,
+}
+
+impl Connection {
+    /// Serves requests until the client closes, a limit closes the connection, or its
+    /// lifetime ends; `_admitted` frees the connection's place when it goes.
+    async fn serve(self, stream: TcpStream, _admitted: Admitted) {
+        let service = TowerToHyperService::new(self.app);
+        let connection = self.builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(connection);
+        let outcome = tokio::select! {
+            outcome = connection.as_mut() => Ended::Closed(outcome),
+            () = tokio::time::sleep(CONNECTION_LIFETIME) => Ended::Aged,
+        };
+        let outcome = match outcome {
+            Ended::Closed(outcome) => outcome,
+            Ended::Aged => {
+                self.rejected.count(Rejection::Lifetime);
+                connection.as_mut().graceful_shutdown();
+                match tokio::time::timeout(SHUTDOWN_GRACE, connection).await {
+                    Ok(outcome) => outcome,
+                    Err(_elapsed) => return,
+                }
+            }
+        };
+        if let Err(error) = outcome {
+            debug!(client = %self.client, "connection closed: {error}");
+            if let Some(reason) = Rejection::of(&error) {
+                self.rejected.count(reason);
+            }
+        }
+    }
+}
+
+/// How serving a connection ended.
+enum Ended {
+    /// The connection closed by itself (client, error or limit).
+    Closed(hyper::Result<()>),
+    /// It reached [`CONNECTION_LIFETIME`].
+    Aged,
+}
+
+/// Why the agent refused a connection or closed it before the client did: the `reason` label
+/// of `tracer_http_connections_rejected_total` (a fixed set, so the family stays small).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// [`MAX_CONNECTIONS`] were open.
+    ConnectionLimit,
+    /// [`MAX_CONNECTIONS_PER_CLIENT`] were open from the same address.
+    ClientLimit,
+    /// No whole request head within [`HEADER_READ_TIMEOUT`] (or idle that long).
+    HeaderTimeout,
+    /// Not HTTP/1 (answered 400).
+    Malformed,
+    /// A request head over [`MAX_REQUEST_BYTES`] (answered 431).
+    TooLarge,
+    /// Open for [`CONNECTION_LIFETIME`].
+    Lifetime,
+}
+
+impl Rejection {
+    pub const ALL: [Self; 6] = [
+        Self::ConnectionLimit,
+        Self::ClientLimit,
+        Self::HeaderTimeout,
+        Self::Malformed,
+        Self::TooLarge,
+        Self::Lifetime,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConnectionLimit => "connection_limit",
+            Self::ClientLimit => "client_limit",
+            Self::HeaderTimeout => "header_timeout",
+            Self::Malformed => "malformed",
+            Self::TooLarge => "too_large",
+            Self::Lifetime => "lifetime",
+        }
+    }
+
+    /// The reason a connection closed with `error`, when it is one the agent counts.
+    fn of(error: &hyper::Error) -> Option<Self> {
+        if error.is_timeout() {
+            Some(Self::HeaderTimeout)
+        } else if error.is_parse_too_large() {
+            Some(Self::TooLarge)
+        } else if error.is_parse() {
+            Some(Self::Malformed)
+        } else {
+            None
+        }
+    }
+}
+
+/// The connections refused or closed early, by [`Rejection`]: cheap to clone (one shared
+/// array), read by `/metrics`.
+#[derive(Clone, Default)]
+pub struct RejectedConnections {
+    counts: Arc<[AtomicU64; Rejection::ALL.len()]>,
+}
+
+impl RejectedConnections {
+    fn count(&self, reason: Rejection) {
+        self.counts[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Each reason with its count, in [`Rejection::ALL`]'s order.
+    pub fn totals(&self) -> impl Iterator<Item = (Rejection, u64)> + '_ {
+        Rejection::ALL
+            .into_iter()
+            .map(|reason| (reason, self.counts[reason as usize].load(Ordering::Relaxed)))
+    }
+}
+
+/// The connections open now, in all and by client address.
+#[derive(Clone, Default)]
+struct OpenConnections {
+    counts: Arc<Mutex<Counts>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    by_client: HashMap<IpAddr, usize>,
+}
+
+impl OpenConnections {
+    /// Takes a place for a connection from `client`, or says which limit refuses it.
+    fn admit(&self, client: IpAddr) -> Result<Admitted, Rejection> {
+        let mut counts = self.lock();
+        let of_client = counts.by_client.get(&client).copied().unwrap_or(0);
+        if counts.total >= MAX_CONNECTIONS {
+            return Err(Rejection::ConnectionLimit);
+        }
+        if of_client >= MAX_CONNECTIONS_PER_CLIENT {
+            return Err(Rejection::ClientLimit);
+        }
+        counts.total += 1;
+        counts.by_client.insert(client, of_client + 1);
+        Ok(Admitted {
+            open: self.clone(),
+            client,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Counts> {
+        // The counts stay consistent whatever panicked while holding the lock.
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A connection's place under the limits, given back when it drops.
+struct Admitted {
+    open: OpenConnections,
+    client: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock();
+        counts.total -= 1;
+        if let Some(of_client) = counts.by_client.get_mut(&self.client) {
+            *of_client -= 1;
+            if *of_client == 0 {
+                counts.by_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_client_is_refused_beyond_its_share_and_others_still_get_in() {
+        let open = OpenConnections::default();
+        let hostile = IpAddr::from([10, 0, 1, 101]);
+        let admitted: Vec<Admitted> = (0..MAX_CONNECTIONS_PER_CLIENT)
+            .map(|_| open.admit(hostile).expect("under the per-client limit"))
+            .collect();
+        assert!(matches!(open.admit(hostile), Err(Rejection::ClientLimit)));
+        let scraper = open.admit(IpAddr::from([127, 0, 0, 1]));
+        assert!(scraper.is_ok());
+        drop(admitted);
+        assert!(open.admit(hostile).is_ok());
+    }
+
+    #[test]
+    fn every_client_is_refused_beyond_the_total() {
+        let open = OpenConnections::default();
+        let admitted: Vec<Admitted> = (0..MAX_CONNECTIONS)
+            .map(|n| {
+                let client = IpAddr::from([10, 1, (n / 256) as u8, (n % 256) as u8]);
+                open.admit(client).expect("under the total")
+            })
+            .collect();
+        let late = open.admit(IpAddr::from([127, 0, 0, 1]));
+        assert!(matches!(late, Err(Rejection::ConnectionLimit)));
+        drop(admitted);
+        assert_eq!(open.lock().total, 0);
+        assert!(open.lock().by_client.is_empty());
+    }
+}
