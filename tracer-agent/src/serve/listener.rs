@@ -7,18 +7,22 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use axum::Router;
-use hyper::server::conn::http1;
+use hyper::{
+    server::conn::http1,
+    service::{Service as _, service_fn},
+};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracer_common::label_enum;
 use tracing::{debug, warn};
 
 /// How long a client has to send a request's head once the agent waits for it. hyper starts
@@ -123,7 +127,17 @@ impl Connection {
     /// Serves requests until the client closes, a limit closes the connection, or its
     /// lifetime ends; `_admitted` frees the connection's place when it goes.
     async fn serve(self, stream: TcpStream, _admitted: Admitted) {
-        let service = TowerToHyperService::new(self.app);
+        // Whether a request came: a timeout after one is a kept-alive connection left idle (a
+        // scraper between two scrapes), not a client that never sent a whole request.
+        let served = Arc::new(AtomicBool::new(false));
+        let service = {
+            let served = Arc::clone(&served);
+            let app = TowerToHyperService::new(self.app);
+            service_fn(move |request| {
+                served.store(true, Ordering::Relaxed);
+                app.call(request)
+            })
+        };
         let connection = self.builder.serve_connection(TokioIo::new(stream), service);
         tokio::pin!(connection);
         let outcome = tokio::select! {
@@ -132,18 +146,22 @@ impl Connection {
         };
         let outcome = match outcome {
             Ended::Closed(outcome) => outcome,
+            // An aged connection that ends within the grace was idle or finishing: closed, not
+            // refused. One still stuck then (an answer its client never reads) is cut.
             Ended::Aged => {
-                self.rejected.count(Rejection::Lifetime);
                 connection.as_mut().graceful_shutdown();
                 match tokio::time::timeout(SHUTDOWN_GRACE, connection).await {
                     Ok(outcome) => outcome,
-                    Err(_elapsed) => return,
+                    Err(_elapsed) => {
+                        self.rejected.count(Rejection::Lifetime);
+                        return;
+                    }
                 }
             }
         };
         if let Err(error) = outcome {
             debug!(client = %self.client, "connection closed: {error}");
-            if let Some(reason) = Rejection::of(&error) {
+            if let Some(reason) = Rejection::of(&error, served.load(Ordering::Relaxed)) {
                 self.rejected.count(reason);
             }
         }
@@ -158,49 +176,31 @@ enum Ended {
     Aged,
 }
 
-/// Why the agent refused a connection or closed it before the client did: the `reason` label
-/// of `tracer_http_connections_rejected_total` (a fixed set, so the family stays small).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rejection {
-    /// [`MAX_CONNECTIONS`] were open.
-    ConnectionLimit,
-    /// [`MAX_CONNECTIONS_PER_CLIENT`] were open from the same address.
-    ClientLimit,
-    /// No whole request head within [`HEADER_READ_TIMEOUT`] (or idle that long).
-    HeaderTimeout,
-    /// Not HTTP/1 (answered 400).
-    Malformed,
-    /// A request head over [`MAX_REQUEST_BYTES`] (answered 431).
-    TooLarge,
-    /// Open for [`CONNECTION_LIFETIME`].
-    Lifetime,
-}
+label_enum!(
+    /// Why the agent refused a connection or closed it before the client did: the `reason`
+    /// label of `tracer_http_connections_rejected_total` (a fixed set, so the family stays small).
+    Rejection {
+        /// [`MAX_CONNECTIONS`] were open.
+        ConnectionLimit => "connection_limit",
+        /// [`MAX_CONNECTIONS_PER_CLIENT`] were open from the same address.
+        ClientLimit => "client_limit",
+        /// No whole request head within [`HEADER_READ_TIMEOUT`] of the connection's start.
+        HeaderTimeout => "header_timeout",
+        /// Not HTTP/1 (answered 400).
+        Malformed => "malformed",
+        /// A request head over [`MAX_REQUEST_BYTES`] (answered 431).
+        TooLarge => "too_large",
+        /// An answer still not taken [`SHUTDOWN_GRACE`] after [`CONNECTION_LIFETIME`].
+        Lifetime => "lifetime",
+    }
+);
 
 impl Rejection {
-    pub const ALL: [Self; 6] = [
-        Self::ConnectionLimit,
-        Self::ClientLimit,
-        Self::HeaderTimeout,
-        Self::Malformed,
-        Self::TooLarge,
-        Self::Lifetime,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ConnectionLimit => "connection_limit",
-            Self::ClientLimit => "client_limit",
-            Self::HeaderTimeout => "header_timeout",
-            Self::Malformed => "malformed",
-            Self::TooLarge => "too_large",
-            Self::Lifetime => "lifetime",
-        }
-    }
-
     /// The reason a connection closed with `error`, when it is one the agent counts.
-    fn of(error: &hyper::Error) -> Option<Self> {
+    /// `served`: whether the connection had a request (then a timeout is an idle close).
+    fn of(error: &hyper::Error, served: bool) -> Option<Self> {
         if error.is_timeout() {
-            Some(Self::HeaderTimeout)
+            (!served).then_some(Self::HeaderTimeout)
         } else if error.is_parse_too_large() {
             Some(Self::TooLarge)
         } else if error.is_parse() {
@@ -321,5 +321,47 @@ mod tests {
         drop(admitted);
         assert_eq!(open.lock().total, 0);
         assert!(open.lock().by_client.is_empty());
+    }
+
+    /// A client that never sends a whole request is counted when the header timeout closes it;
+    /// a kept-alive connection left idle after a request (a scraper between scrapes) is closed
+    /// by the same timer without counting. Real sockets on loopback, real time (~5 s).
+    #[tokio::test]
+    async fn only_a_connection_that_never_sent_a_request_counts_as_a_header_timeout() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind loopback");
+        let address = listener.local_addr().expect("local address");
+        let rejected = RejectedConnections::default();
+        let app = Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve(listener, app, rejected.clone()));
+
+        let mut silent = TcpStream::connect(address).await.expect("connect");
+        silent.write_all(b"GET /hea").await.expect("half a request");
+        let mut idle = TcpStream::connect(address).await.expect("connect");
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\n\r\n")
+            .await
+            .expect("a request");
+        let mut answer = [0; 17];
+        idle.read_exact(&mut answer).await.expect("an answer");
+        assert_eq!(&answer, b"HTTP/1.1 200 OK\r\n");
+
+        // Both are closed by the agent once the timeout passes: reading gives end of stream.
+        let closed = |mut stream: TcpStream| async move {
+            let mut rest = Vec::new();
+            tokio::time::timeout(HEADER_READ_TIMEOUT * 2, stream.read_to_end(&mut rest))
+                .await
+                .is_ok()
+        };
+        let (silent_closed, idle_closed) = tokio::join!(closed(silent), closed(idle));
+        assert!(
+            silent_closed && idle_closed,
+            "the header timeout closes both"
+        );
+        let timeouts = rejected
+            .totals()
+            .find(|(reason, _)| *reason == Rejection::HeaderTimeout)
+            .map(|(_, count)| count);
+        assert_eq!(timeouts, Some(1), "only the silent connection counts");
     }
 }
