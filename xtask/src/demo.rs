@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use tracer_lab::{
     agent::LabAgent,
     build,
-    lab::{self, EndpointMode, Lab, LabOptions},
+    lab::{self, EndpointMode, Lab},
     run,
     scrape::{self, Sample},
     tmux::Tmux,
@@ -26,11 +26,7 @@ pub struct DemoArgs {
 pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     setup::setup()?;
     let tracer = build::agent()?;
-    let mut lab = Lab::up(&LabOptions {
-        mode: args.mode,
-        external_snat: false,
-        helper_exe: std::env::current_exe()?,
-    })?;
+    let mut lab = crate::lab_in(args.mode)?;
     let mut agent = LabAgent::start(&lab, &tracer)?;
     agent.wait_ready(Duration::from_secs(15))?;
     eprintln!(

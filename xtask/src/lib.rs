@@ -4,3 +4,15 @@ pub mod bench;
 pub mod demo;
 pub mod setup;
 pub mod test;
+
+use tracer_lab::lab::{EndpointMode, Lab, LabOptions};
+
+/// The lab the demo and the benchmarks run in: the node SNATing pod egress (the VPC CNI's
+/// default), this binary serving the lab's clients and servers.
+pub fn lab_in(mode: EndpointMode) -> anyhow::Result<Lab> {
+    Lab::up(&LabOptions {
+        mode,
+        external_snat: false,
+        helper_exe: std::env::current_exe()?,
+    })
+}

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tracer_lab::{
     agent::{self, LabAgent},
     build, churn,
-    lab::{Bpffs, EndpointMode, Lab, LabOptions, exec},
+    lab::{Bpffs, EndpointMode, Lab, exec},
 };
 
 const STARTUP_PODS: u32 = 250;
@@ -61,11 +61,7 @@ struct ChurnReport {
 
 pub fn attach(check: bool, json: Option<&std::path::Path>) -> anyhow::Result<()> {
     let tracer = build::agent()?;
-    let lab = Lab::up(&LabOptions {
-        mode: EndpointMode::Public,
-        external_snat: false,
-        helper_exe: std::env::current_exe()?,
-    })?;
+    let lab = crate::lab_in(EndpointMode::Public)?;
     let bpffs = Bpffs::mount(&lab)?;
     eprintln!("bench attach: plumbing {STARTUP_PODS} pods before the agent starts");
     for n in 0..STARTUP_PODS {

@@ -21,7 +21,7 @@ use serde::Serialize;
 use tracer_lab::{
     agent::{self, LabAgent, context_flags},
     build,
-    lab::{Bpffs, EndpointMode, Lab, LabOptions, exec},
+    lab::{Bpffs, EndpointMode, exec},
     scrape,
 };
 
@@ -84,11 +84,7 @@ pub fn footprint(
         .iter()
         .filter(|state| only.is_empty() || only.contains(&state.flows));
     let tracer = build::agent_release()?;
-    let lab = Lab::up(&LabOptions {
-        mode: EndpointMode::Public,
-        external_snat: false,
-        helper_exe: std::env::current_exe()?,
-    })?;
+    let lab = crate::lab_in(EndpointMode::Public)?;
     let bpffs = pinned.then(|| Bpffs::mount(&lab)).transpose()?;
     let facts = lab.facts();
     let from = IpAddr::from(facts.pod_ips["pod-a"]);

@@ -14,7 +14,7 @@ use tracer_lab::{
     agent::{LabAgent, METRICS_PORT},
     build,
     hostile::{self, Closing},
-    lab::{EndpointMode, Lab, LabOptions},
+    lab::EndpointMode,
 };
 
 /// Connections of each hostile kind, and requests of the flood.
@@ -46,11 +46,7 @@ struct Report {
 
 pub fn hostile(check: bool, json: Option<&std::path::Path>) -> anyhow::Result<()> {
     let tracer = build::agent_release()?;
-    let lab = Lab::up(&LabOptions {
-        mode: EndpointMode::Public,
-        external_snat: false,
-        helper_exe: std::env::current_exe()?,
-    })?;
+    let lab = crate::lab_in(EndpointMode::Public)?;
     let mut agent = LabAgent::start_on_every_address(&lab, &tracer)?;
     agent.wait_ready(Duration::from_secs(15))?;
     let target = SocketAddr::from((lab.facts().node_ip, METRICS_PORT));

@@ -13,7 +13,7 @@ use serde::Serialize;
 use tracer_lab::{
     agent::{LabAgent, context_flags},
     build,
-    lab::{EndpointMode, Lab, LabOptions},
+    lab::{EndpointMode, Lab},
     run::command_output,
 };
 
@@ -52,12 +52,7 @@ pub fn veth(check: bool, json: Option<&std::path::Path>) -> anyhow::Result<()> {
     // The release agent at its default poll interval: its own CPU competes with iperf3 on a
     // small machine, as it would on a node.
     let tracer = build::agent_release()?;
-    let helper_exe = std::env::current_exe()?;
-    let lab = Lab::up(&LabOptions {
-        mode: EndpointMode::Public,
-        external_snat: false,
-        helper_exe,
-    })?;
+    let lab = crate::lab_in(EndpointMode::Public)?;
     let server = lab.facts().pod_ips["pod-b"].to_string();
     lab.spawn_in(
         "pod-b",
