@@ -5,7 +5,7 @@ use std::{net::IpAddr, net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::context::cidr::Cidr;
+use crate::{context::cidr::Cidr, serve::access::MetricsAuth};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -108,10 +108,48 @@ pub struct AgentArgs {
     pub max_series: u32,
 
     #[command(flatten)]
+    pub access: AccessArgs,
+
+    #[command(flatten)]
     pub restart: RestartArgs,
 
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+}
+
+/// Who may read what the agent serves. Clients on the node's loopback (`tracer top`, `kubectl
+/// port-forward`, `kubectl exec`) read everything over plain HTTP; /healthz and /readyz are open
+/// to all; everything else is answered to other clients only over HTTPS (same port) with a
+/// bearer token the API server authenticates and authorizes (RBAC `get` on the URL).
+#[derive(Args, Debug, Clone)]
+pub struct AccessArgs {
+    /// Who may read /metrics from outside the node's loopback: `token` (HTTPS and a bearer
+    /// token allowed to get /metrics: what a Prometheus scraping with its service account
+    /// does) or `none` (anyone who reaches the port, over HTTP or HTTPS; /api/v1/* still needs
+    /// a token).
+    #[arg(long, value_enum, env = "TRACER_METRICS_AUTH", default_value_t = MetricsAuth::Token)]
+    pub metrics_auth: MetricsAuth,
+
+    /// The certificate (PEM, chain first to last) of the HTTPS side of --metrics-addr, e.g. a
+    /// mounted cert-manager or kubernetes.io/tls secret's tls.crt. Read again every 30 s: a
+    /// renewal is served without a restart. Without it, a self-signed certificate is made at
+    /// start. Needs --tls-key-file.
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert-file.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+}
+
+impl AccessArgs {
+    /// The certificate files, when both are given (clap requires one with the other).
+    pub fn certificate_files(&self) -> Option<crate::serve::tls::CertificateFiles> {
+        Some(crate::serve::tls::CertificateFiles {
+            cert: self.tls_cert_file.clone()?,
+            key: self.tls_key_file.clone()?,
+        })
+    }
 }
 
 /// Surviving a kill: without both flags, a restart is a counter reset (Prometheus' `rate()`

@@ -17,8 +17,13 @@ use crate::{
     error::AgentError,
     pipeline::Pipeline,
     pipeline::snapshot::Snapshot,
-    serve,
-    serve::export::Metrics,
+    serve::{
+        self,
+        access::{Access, MetricsAuth},
+        export::Metrics,
+        review::Reviewer,
+        tls::ServerTls,
+    },
 };
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
@@ -35,7 +40,19 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         kubernetes.as_ref().map(|connection| &connection.config),
         args.restart.pod(),
     );
+    let tls = ServerTls::load(args.access.certificate_files(), &certificate_names(&args))
+        .context("the HTTPS certificate (--tls-cert-file, --tls-key-file)")
+        .map_err(AgentError::Config)?;
     let mut pipeline = Pipeline::start_resumable(&args.pipeline, &args.restart)?;
+    let reviewer = match &kubernetes {
+        Some(connection) => Some(
+            kube::Client::try_from(connection.config.clone())
+                .map(Reviewer::new)
+                .context("a Kubernetes client to check bearer tokens")
+                .map_err(AgentError::Runtime)?,
+        ),
+        None => None,
+    };
     if let Some(connection) = kubernetes {
         let facts = kubernetes::start(connection)
             .context("connecting to the Kubernetes API")
@@ -47,16 +64,23 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         .map_err(AgentError::Config)?;
     let (snapshots, latest) = watch::channel(pipeline.snapshot());
     let metrics = Metrics::new(args.max_series as usize);
-    let app = serve::router(latest, metrics.clone());
+    log_access(&args, &tls, reviewer.is_some());
+    let access = Arc::new(Access {
+        metrics_auth: args.access.metrics_auth,
+        reviewer,
+    });
+    let app = serve::router(latest, metrics.clone(), access);
+    let acceptor = tls
+        .acceptor()
+        .context("the HTTPS configuration")
+        .map_err(AgentError::Config)?;
     tokio::spawn(serve::listener::serve(
         listener,
         app,
+        acceptor,
         metrics.rejected_connections().clone(),
     ));
-    info!(
-        address = %args.metrics_addr,
-        "serving /metrics, /api/v1/paths, /api/v1/flows, /healthz, /readyz"
-    );
+    tokio::spawn(tls.follow_files(serve::tls::RELOAD_PERIOD));
     let signal = poll_until_signal(&mut pipeline, &snapshots, &metrics)
         .await
         .map_err(AgentError::Runtime)?;
@@ -74,6 +98,45 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+/// The names the self-signed certificate carries: loopback, the node's name and the listen
+/// address when it is a single one. Scrapers of a self-signed certificate skip verification
+/// anyway; the names make it readable in a TLS client's output.
+fn certificate_names(args: &AgentArgs) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    names.extend(args.pipeline.node_name.clone());
+    let ip = args.metrics_addr.ip();
+    if !ip.is_unspecified() && !ip.is_loopback() {
+        names.push(ip.to_string());
+    }
+    names
+}
+
+/// Says at start who may read what, and what a scraper needs.
+fn log_access(args: &AgentArgs, tls: &ServerTls, can_review: bool) {
+    let metrics = match args.access.metrics_auth {
+        MetricsAuth::Token => "/metrics and /api/v1/* need HTTPS and a bearer token",
+        MetricsAuth::None => "/metrics is open, /api/v1/* needs HTTPS and a bearer token",
+    };
+    info!(
+        address = %args.metrics_addr,
+        "serving /metrics, /api/v1/paths, /api/v1/flows, /healthz, /readyz: everything to the \
+         node's loopback, /healthz and /readyz to all; from elsewhere {metrics}"
+    );
+    if tls.is_self_signed() {
+        info!(
+            fingerprint = %tls.fingerprint(),
+            "no --tls-cert-file: HTTPS serves a self-signed certificate made at start; scrapers \
+             skip verification (insecure_skip_verify) or are given a certificate to trust"
+        );
+    }
+    if !can_review {
+        warn!(
+            "no Kubernetes context: bearer tokens cannot be checked, so what needs one is \
+             answered on the node's loopback only (--metrics-auth none opens /metrics)"
+        );
+    }
 }
 
 /// The signal that ends the agent.

@@ -2,6 +2,13 @@
 //! number, so that no client (a hostile pod included) can hold the agent's memory or keep a
 //! scrape from being answered. Each connection the agent refuses or cuts short is counted in
 //! `tracer_http_connections_rejected_total{reason}`.
+//!
+//! One port serves both HTTP and HTTPS: a connection whose first byte opens a TLS handshake
+//! is served over TLS, any other as plain HTTP, and every request carries a [`Peer`] saying
+//! which, and whether the client is on the node's loopback — what [`access`] decides by.
+//! The kubelet's probes and `tracer top` stay plain; scrapers with a token use HTTPS.
+//!
+//! [`access`]: super::access
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -21,14 +28,21 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+use tokio_rustls::TlsAcceptor;
 use tracer_common::label_enum;
 use tracing::{debug, warn};
+
+use crate::serve::access::Peer;
 
 /// How long a client has to send a request's head once the agent waits for it. hyper starts
 /// the same timer when a kept-alive connection waits for its next request, so this is the idle
 /// keep-alive timeout too. A scrape sends its head in one packet at once: 5 s leaves room for
 /// a slow network and still frees a connection that sends half a request within seconds.
+/// A new connection has as long again for its first byte and, over TLS, its handshake.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest a connection lives before the agent closes it after the request in flight: a
@@ -79,8 +93,17 @@ pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Serves `app` on `listener` until the runtime stops.
-pub async fn serve(listener: TcpListener, app: Router, rejected: RejectedConnections) {
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Serves `app` on `listener`, over TLS with `tls` to clients that open with a handshake,
+/// until the runtime stops.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: TlsAcceptor,
+    rejected: RejectedConnections,
+) {
     let open = OpenConnections::default();
     let mut builder = http1::Builder::new();
     builder
@@ -101,6 +124,7 @@ pub async fn serve(listener: TcpListener, app: Router, rejected: RejectedConnect
                 let connection = Connection {
                     builder: builder.clone(),
                     app: app.clone(),
+                    tls: tls.clone(),
                     rejected: rejected.clone(),
                     client,
                 };
@@ -119,6 +143,7 @@ pub async fn serve(listener: TcpListener, app: Router, rejected: RejectedConnect
 struct Connection {
     builder: http1::Builder,
     app: Router,
+    tls: TlsAcceptor,
     rejected: RejectedConnections,
     client: SocketAddr,
 }
@@ -127,13 +152,59 @@ impl Connection {
     /// Serves requests until the client closes, a limit closes the connection, or its
     /// lifetime ends; `_admitted` frees the connection's place when it goes.
     async fn serve(self, stream: TcpStream, _admitted: Admitted) {
+        let loopback = self.client.ip().to_canonical().is_loopback();
+        let opening = tokio::time::timeout(HEADER_READ_TIMEOUT, self.open(stream)).await;
+        match opening {
+            Ok(Ok(Some(Opened::Plain(stream)))) => {
+                let peer = Peer {
+                    loopback,
+                    tls: false,
+                };
+                self.serve_http(stream, peer).await;
+            }
+            Ok(Ok(Some(Opened::Tls(stream)))) => {
+                let peer = Peer {
+                    loopback,
+                    tls: true,
+                };
+                self.serve_http(*stream, peer).await;
+            }
+            // Closed before its first byte.
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => {
+                debug!(client = %self.client, "TLS handshake failed: {error}");
+                self.rejected.count(Rejection::TlsHandshake);
+            }
+            Err(_elapsed) => self.rejected.count(Rejection::HeaderTimeout),
+        }
+    }
+
+    /// Waits for the first byte, and makes the TLS handshake when it opens one.
+    async fn open(&self, stream: TcpStream) -> std::io::Result<Option<Opened>> {
+        let mut first = [0];
+        if stream.peek(&mut first).await? == 0 {
+            return Ok(None);
+        }
+        if first[0] != TLS_HANDSHAKE {
+            return Ok(Some(Opened::Plain(stream)));
+        }
+        let stream = self.tls.accept(stream).await?;
+        Ok(Some(Opened::Tls(Box::new(stream))))
+    }
+
+    /// Serves HTTP/1 on an opened connection, each request marked with `peer`.
+    async fn serve_http<S>(self, stream: S, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         // Whether a request came: a timeout after one is a kept-alive connection left idle (a
         // scraper between two scrapes), not a client that never sent a whole request.
         let served = Arc::new(AtomicBool::new(false));
         let service = {
             let served = Arc::clone(&served);
             let app = TowerToHyperService::new(self.app);
-            service_fn(move |request| {
+            service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(peer);
                 served.store(true, Ordering::Relaxed);
                 app.call(request)
             })
@@ -168,6 +239,13 @@ impl Connection {
     }
 }
 
+/// A connection once its first byte said how to serve it.
+enum Opened {
+    Plain(TcpStream),
+    /// Boxed: a TLS session's buffers are many times a socket's size.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
 /// How serving a connection ended.
 enum Ended {
     /// The connection closed by itself (client, error or limit).
@@ -184,8 +262,12 @@ label_enum!(
         ConnectionLimit => "connection_limit",
         /// [`MAX_CONNECTIONS_PER_CLIENT`] were open from the same address.
         ClientLimit => "client_limit",
-        /// No whole request head within [`HEADER_READ_TIMEOUT`] of the connection's start.
+        /// No whole request head within [`HEADER_READ_TIMEOUT`] of the connection's start
+        /// (nor a first byte, nor a finished TLS handshake).
         HeaderTimeout => "header_timeout",
+        /// A TLS handshake that failed: not TLS after all, or a client that does not trust
+        /// the agent's certificate.
+        TlsHandshake => "tls_handshake",
         /// Not HTTP/1 (answered 400).
         Malformed => "malformed",
         /// A request head over [`MAX_REQUEST_BYTES`] (answered 431).
@@ -292,6 +374,7 @@ impl Drop for Admitted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve::tls::{ServerTls, testing};
 
     #[test]
     fn one_client_is_refused_beyond_its_share_and_others_still_get_in() {
@@ -334,7 +417,8 @@ mod tests {
         let address = listener.local_addr().expect("local address");
         let rejected = RejectedConnections::default();
         let app = Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
-        tokio::spawn(serve(listener, app, rejected.clone()));
+        let tls = ServerTls::load(None, &[]).unwrap().acceptor().unwrap();
+        tokio::spawn(serve(listener, app, tls, rejected.clone()));
 
         let mut silent = TcpStream::connect(address).await.expect("connect");
         silent.write_all(b"GET /hea").await.expect("half a request");
@@ -363,5 +447,61 @@ mod tests {
             .find(|(reason, _)| *reason == Rejection::HeaderTimeout)
             .map(|(_, count)| count);
         assert_eq!(timeouts, Some(1), "only the silent connection counts");
+    }
+
+    /// Plain HTTP and HTTPS on the same port, each request marked with how it came: real
+    /// sockets on loopback, a real TLS handshake.
+    #[tokio::test]
+    async fn one_port_serves_http_and_https_and_each_request_knows_which() {
+        use axum::Extension;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio_rustls::rustls::pki_types::ServerName;
+
+        let dir = std::env::temp_dir().join(format!("tracer-listener-{}", std::process::id()));
+        let pair = testing::pem_pair();
+        let tls = ServerTls::load(Some(testing::write(&dir, &pair)), &[]).unwrap();
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind loopback");
+        let address = listener.local_addr().expect("local address");
+        let app = Router::new().route(
+            "/peer",
+            axum::routing::get(|Extension(peer): Extension<Peer>| async move {
+                format!("loopback={} tls={}", peer.loopback, peer.tls)
+            }),
+        );
+        let rejected = RejectedConnections::default();
+        tokio::spawn(serve(listener, app, tls.acceptor().unwrap(), rejected.clone()));
+
+        let request = b"GET /peer HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n";
+        let mut plain = TcpStream::connect(address).await.unwrap();
+        plain.write_all(request).await.unwrap();
+        let mut answer = String::new();
+        plain.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.ends_with("loopback=true tls=false"), "{answer}");
+
+        let stream = TcpStream::connect(address).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut secure = testing::client(&pair.0).connect(name, stream).await.unwrap();
+        secure.write_all(request).await.unwrap();
+        let mut answer = String::new();
+        secure.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.ends_with("loopback=true tls=true"), "{answer}");
+
+        // A client that does not trust the certificate fails its handshake, and is counted.
+        let stream = TcpStream::connect(address).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let stranger = testing::client(&testing::pem_pair().0);
+        assert!(stranger.connect(name, stream).await.is_err());
+        let handshakes = || {
+            rejected
+                .totals()
+                .find(|(reason, _)| *reason == Rejection::TlsHandshake)
+                .map(|(_, count)| count)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while handshakes() != Some(1) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(handshakes(), Some(1));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,22 +1,30 @@
 //! The HTTP endpoints on `--metrics-addr`: `/metrics`, the JSON API (`/api/v1/paths`,
-//! `/api/v1/flows`), `/healthz` and `/readyz`, all answered from the latest snapshot.
+//! `/api/v1/flows`), `/healthz` and `/readyz`, all answered from the latest snapshot, behind
+//! the access policy of [`access`].
+pub mod access;
 pub mod api;
 pub mod export;
 pub mod listener;
 pub(crate) mod process;
+pub mod review;
+pub mod tls;
 use std::sync::Arc;
 
 use axum::{
     Router,
     extract::{RawQuery, State},
     http::{StatusCode, header},
+    middleware,
     response::{IntoResponse, Response},
     routing::get,
 };
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{pipeline::snapshot::Snapshot, serve::api::ErrorResponse, serve::export::Metrics};
+use crate::{
+    pipeline::snapshot::Snapshot,
+    serve::{access::Access, api::ErrorResponse, export::Metrics},
+};
 
 #[derive(Clone)]
 struct AppState {
@@ -30,14 +38,19 @@ impl AppState {
     }
 }
 
-/// The routes, reading each poll's snapshot from `snapshots`.
-pub fn router(snapshots: watch::Receiver<Arc<Snapshot>>, metrics: Metrics) -> Router {
+/// The routes, reading each poll's snapshot from `snapshots`, each request let in by `access`.
+pub fn router(
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    metrics: Metrics,
+    access: Arc<Access>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route(api::PATHS, get(paths_handler))
         .route(api::FLOWS, get(flows_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz_handler))
+        .layer(middleware::from_fn_with_state(access, access::guard))
         .with_state(AppState { snapshots, metrics })
 }
 
