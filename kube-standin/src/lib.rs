@@ -4,12 +4,15 @@
 //! the API's JSON shapes, with one resourceVersion counter for every write, a history that
 //! watches resume from, bookmarks every 100 ms to watches that ask for them, field and label
 //! selectors of the `key=value` form — and, on demand, 410 Gone, dropped watch connections,
-//! garbage answers and a server that is down.
+//! garbage answers and a server that is down. It also answers TokenReview and
+//! SubjectAccessReview for the tokens and non-resource grants a test registers
+//! ([`StandIn::add_token`], [`StandIn::grant`]).
 //!
 //! The agent's tests run it on loopback; the lab serves it inside a lab namespace, for the real
 //! agent to watch through a kubeconfig ([`StandIn::start_with`]). [`objects`] builds the objects
 //! it serves.
 pub mod objects;
+mod reviews;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -25,7 +28,7 @@ use axum::{
     extract::{Path, State},
     http::{StatusCode, Uri, header},
     response::{IntoResponse as _, Response},
-    routing::get,
+    routing::{get, post},
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -104,6 +107,7 @@ struct Store {
     garbage: bool,
     requests: Vec<Request>,
     bookmarks: Vec<(Kind, u64)>,
+    identities: reviews::Identities,
 }
 
 struct Shared {
@@ -268,6 +272,22 @@ impl StandIn {
             .collect()
     }
 
+    /// TokenReview says `token` is `user`'s; any other token is no one's.
+    pub fn add_token(&self, token: &str, user: &str) {
+        self.shared.store().identities.add_token(token, user);
+    }
+
+    /// SubjectAccessReview lets `user` get the non-resource URLs `pattern` names: one URL, or
+    /// every URL with a prefix when it ends in `*` (as an RBAC rule's `nonResourceURLs`).
+    pub fn grant(&self, user: &str, pattern: &str) {
+        self.shared.store().identities.grant(user, pattern);
+    }
+
+    /// TokenReviews and SubjectAccessReviews answered so far.
+    pub fn reviews(&self) -> u64 {
+        self.shared.store().identities.reviews
+    }
+
     pub fn resource_version(&self) -> u64 {
         self.shared.store().resource_version
     }
@@ -325,6 +345,14 @@ impl StandIn {
                 get(|state, Path(namespace), uri| {
                     answer(state, Kind::EndpointSlices, Some(namespace), uri)
                 }),
+            )
+            .route(
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                post(reviews::token_review),
+            )
+            .route(
+                "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+                post(reviews::subject_access_review),
             )
             .with_state(Arc::clone(&self.shared));
         let (shutdown, stopped) = oneshot::channel();

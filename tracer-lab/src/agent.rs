@@ -229,10 +229,16 @@ impl LabAgent {
     }
 
     /// Like `start`, listening on every address of the node as the DaemonSet does (port
-    /// [`METRICS_PORT`]): for tests whose clients are pods. It is still scraped on loopback.
-    pub fn start_on_every_address(lab: &Lab, tracer: &Path) -> anyhow::Result<Self> {
+    /// [`METRICS_PORT`]), with `extra` flags: for tests whose clients are pods. It is still
+    /// scraped on loopback.
+    pub fn start_on_every_address(
+        lab: &Lab,
+        tracer: &Path,
+        extra: Vec<String>,
+    ) -> anyhow::Result<Self> {
         let mut flags = quick_flags();
         flags.extend(context_flags(lab));
+        flags.extend(extra);
         let every_address = SocketAddr::from(([0, 0, 0, 0], METRICS_PORT));
         Self::launch(lab, tracer, &every_address.to_string(), flags, None)
     }

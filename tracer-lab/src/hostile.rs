@@ -2,6 +2,7 @@
 //! while they run (its memory, how long a scrape from the node takes): what the listener test
 //! and `cargo xtask bench hostile` share.
 use std::{
+    collections::BTreeMap,
     io::{ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     sync::atomic::{AtomicBool, Ordering},
@@ -19,8 +20,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Half a request head: the blank line that would end it never comes.
 const HALF_REQUEST: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: agent\r\n";
 
-/// Bytes no HTTP server can parse.
-const GARBAGE: &[u8] = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03 not http \xff\xfe\r\n\r\n";
+/// Bytes no HTTP server can parse. Not a TLS handshake either (those start with 0x16 and go to
+/// the TLS side, under the same timeout).
+const GARBAGE: &[u8] = b"\x00\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03 not http \xff\xfe\r\n\r\n";
 
 /// Connections opened from a pod, each having sent what it sends.
 pub struct Opened {
@@ -131,14 +133,15 @@ fn wait_eof(stream: &mut TcpStream, deadline: Instant) -> anyhow::Result<bool> {
     }
 }
 
-/// Sends `requests` whole `GET /metrics` requests from namespace `ns`, each on a connection
-/// of its own, from `clients` threads at once; returns how many were answered 200.
+/// Sends `requests` whole `GET /metrics` requests over plain HTTP from namespace `ns`, each
+/// on a connection of its own, from `clients` threads at once; returns how many got each
+/// status (0: no answer). A pod without a token is answered 403 by default.
 pub fn flood(
     ns: &str,
     agent: SocketAddr,
     clients: usize,
     requests: usize,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<BTreeMap<u16, usize>> {
     let per_client = requests.div_ceil(clients);
     thread::scope(|scope| {
         // Every client started before any is waited for: they send at once.
@@ -146,21 +149,22 @@ pub fn flood(
         for _ in 0..clients {
             workers.push(scope.spawn(move || {
                 exec::within(ns, move || {
-                    let mut answered = 0;
-                    for _ in 0..per_client {
-                        answered += usize::from(get_metrics(agent)? == 200);
-                    }
-                    Ok(answered)
+                    (0..per_client)
+                        .map(|_| get_metrics(agent))
+                        .collect::<anyhow::Result<Vec<u16>>>()
                 })
             }));
         }
-        workers
-            .into_iter()
-            .map(|worker| match worker.join() {
-                Ok(answered) => answered,
-                Err(_) => anyhow::bail!("a flood client panicked"),
-            })
-            .sum()
+        let mut statuses = BTreeMap::new();
+        for worker in workers {
+            let Ok(answers) = worker.join() else {
+                anyhow::bail!("a flood client panicked");
+            };
+            for status in answers? {
+                *statuses.entry(status).or_default() += 1;
+            }
+        }
+        Ok(statuses)
     })
 }
 

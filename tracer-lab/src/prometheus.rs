@@ -26,6 +26,17 @@ pub struct ScrapeTarget<'a> {
     pub job: &'a str,
     pub address: &'a str,
     pub labels: &'a [(&'a str, &'a str)],
+    /// Over HTTPS with a bearer token, as a Prometheus in the cluster scrapes the agent from
+    /// another pod; plain HTTP without.
+    pub secure: Option<SecureScrape<'a>>,
+}
+
+/// What an HTTPS scrape with a token needs.
+pub struct SecureScrape<'a> {
+    /// The certificate Prometheus trusts for the target.
+    pub ca_file: &'a Path,
+    /// The file holding the bearer token (a service account's token, in a cluster).
+    pub token_file: &'a Path,
 }
 
 /// What to run: how often, whom to scrape, which rule files to evaluate.
@@ -51,10 +62,17 @@ impl Config<'_> {
             .iter()
             .map(|file| format!("  - {:?}\n", file.display().to_string()))
             .collect();
+        let secure = self.target.secure.as_ref().map_or_else(String::new, |secure| {
+            format!(
+                "    scheme: https\n    tls_config:\n      ca_file: {:?}\n    authorization:\n      credentials_file: {:?}\n",
+                secure.ca_file.display().to_string(),
+                secure.token_file.display().to_string(),
+            )
+        });
         format!(
             "global:\n  scrape_interval: {interval}\n  scrape_timeout: {interval}\n  evaluation_interval: {interval}\n\
              rule_files:\n{rule_files}\
-             scrape_configs:\n  - job_name: {job:?}\n    static_configs:\n      - targets: [{address:?}]\n        labels:\n{labels}",
+             scrape_configs:\n  - job_name: {job:?}\n{secure}    static_configs:\n      - targets: [{address:?}]\n        labels:\n{labels}",
             job = self.target.job,
             address = self.target.address,
         )
@@ -327,6 +345,7 @@ mod tests {
         let config = Config {
             interval: Duration::from_secs(1),
             target: ScrapeTarget {
+                secure: None,
                 job: "tracer",
                 address: "127.0.0.1:9477",
                 labels: &[("cluster", "lab"), ("node", "ip-10-0-1-10")],

@@ -104,7 +104,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 /// address when it is a single one. Scrapers of a self-signed certificate skip verification
 /// anyway; the names make it readable in a TLS client's output.
 fn certificate_names(args: &AgentArgs) -> Vec<String> {
-    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     names.extend(args.pipeline.node_name.clone());
     let ip = args.metrics_addr.ip();
     if !ip.is_unspecified() && !ip.is_loopback() {

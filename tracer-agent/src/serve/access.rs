@@ -128,7 +128,11 @@ pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Ne
 
 /// The token of an `Authorization: Bearer …` header.
 fn bearer(request: &Request) -> Option<&str> {
-    let value = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
@@ -169,7 +173,12 @@ mod tests {
         let cases = [
             // (path, --metrics-auth, peer, gate)
             ("/api/v1/flows", MetricsAuth::Token, LOOPBACK, Gate::Serve),
-            ("/api/v1/flows", MetricsAuth::None, REMOTE_PLAIN, Gate::NeedsTls),
+            (
+                "/api/v1/flows",
+                MetricsAuth::None,
+                REMOTE_PLAIN,
+                Gate::NeedsTls,
+            ),
             ("/api/v1/paths", MetricsAuth::None, REMOTE_TLS, Gate::Review),
             ("/metrics", MetricsAuth::Token, LOOPBACK, Gate::Serve),
             ("/metrics", MetricsAuth::Token, REMOTE_PLAIN, Gate::NeedsTls),

@@ -469,7 +469,12 @@ mod tests {
             }),
         );
         let rejected = RejectedConnections::default();
-        tokio::spawn(serve(listener, app, tls.acceptor().unwrap(), rejected.clone()));
+        tokio::spawn(serve(
+            listener,
+            app,
+            tls.acceptor().unwrap(),
+            rejected.clone(),
+        ));
 
         let request = b"GET /peer HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n";
         let mut plain = TcpStream::connect(address).await.unwrap();
@@ -480,7 +485,10 @@ mod tests {
 
         let stream = TcpStream::connect(address).await.unwrap();
         let name = ServerName::try_from("localhost").unwrap();
-        let mut secure = testing::client(&pair.0).connect(name, stream).await.unwrap();
+        let mut secure = testing::client(&pair.0)
+            .connect(name, stream)
+            .await
+            .unwrap();
         secure.write_all(request).await.unwrap();
         let mut answer = String::new();
         secure.read_to_string(&mut answer).await.unwrap();

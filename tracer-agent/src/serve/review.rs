@@ -59,7 +59,12 @@ impl Reviewer {
     }
 
     /// Whether the holder of `token` may `verb` (lower-case HTTP method) `path`.
-    pub async fn decide(&self, token: &str, path: &str, verb: &str) -> Result<Decision, ReviewError> {
+    pub async fn decide(
+        &self,
+        token: &str,
+        path: &str,
+        verb: &str,
+    ) -> Result<Decision, ReviewError> {
         let key = Key::new(token, path, verb);
         if let Some(decision) = self.cache().get(&key, Instant::now()) {
             return Ok(decision);
@@ -106,7 +111,9 @@ impl Reviewer {
                 user: user.username,
                 uid: user.uid,
                 groups: user.groups,
-                extra: user.extra.map(|extra| extra.into_iter().collect::<BTreeMap<_, _>>()),
+                extra: user
+                    .extra
+                    .map(|extra| extra.into_iter().collect::<BTreeMap<_, _>>()),
                 non_resource_attributes: Some(NonResourceAttributes {
                     path: Some(path.to_owned()),
                     verb: Some(verb.to_owned()),
@@ -209,7 +216,10 @@ mod tests {
         let mut cache = Cache::default();
         let now = Instant::now();
         cache.insert(Key::new("token", "/metrics", "get"), allowed(), now);
-        assert_eq!(cache.get(&Key::new("token", "/api/v1/flows", "get"), now), None);
+        assert_eq!(
+            cache.get(&Key::new("token", "/api/v1/flows", "get"), now),
+            None
+        );
         assert_eq!(cache.get(&Key::new("token", "/metrics", "post"), now), None);
         assert_eq!(cache.get(&Key::new("token2", "/metrics", "get"), now), None);
     }

@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::{
     self, ServerConfig,
     crypto::{CryptoProvider, ring},
@@ -14,7 +15,6 @@ use tokio_rustls::rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 /// How often the certificate files are read again. A mounted secret changes by an atomic swap
@@ -82,7 +82,10 @@ impl ServerTls {
     /// compares with what a scraper saw.
     pub fn fingerprint(&self) -> String {
         let key = self.current.get();
-        let der = key.end_entity_cert().map(|cert| cert.as_ref()).unwrap_or(&[]);
+        let der = key
+            .end_entity_cert()
+            .map(|cert| cert.as_ref())
+            .unwrap_or(&[]);
         ::ring::digest::digest(&::ring::digest::SHA256, der)
             .as_ref()
             .iter()
@@ -182,7 +185,10 @@ fn certified(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, TlsError> 
 fn self_signed(names: &[String]) -> Result<CertifiedKey, TlsError> {
     let rcgen::CertifiedKey { cert, signing_key } =
         rcgen::generate_simple_self_signed(names.to_vec())?;
-    certified(cert.pem().as_bytes(), signing_key.serialize_pem().as_bytes())
+    certified(
+        cert.pem().as_bytes(),
+        signing_key.serialize_pem().as_bytes(),
+    )
 }
 
 /// The certificate served now, swapped whole when the files change.

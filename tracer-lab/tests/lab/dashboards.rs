@@ -171,6 +171,7 @@ impl Observed {
             &Config {
                 interval: INTERVAL,
                 target: ScrapeTarget {
+                    secure: None,
                     job: JOB,
                     address: agent::METRICS_ADDR,
                     labels: &[("cluster", CLUSTER), ("node", &node)],
