@@ -177,6 +177,19 @@ const BAD_CONFIGURATION: &[Case] = &[
         &["--controlplane-ip", "invalid"],
     ),
     flags("agent --metrics-addr 9477", &["--metrics-addr", "invalid"]),
+    // Who may read the agent, and its certificate.
+    flags(
+        "agent --metrics-auth maybe",
+        &["--metrics-auth", "token", "none"],
+    ),
+    flags(
+        "agent --tls-cert-file /nonexistent/tls.crt",
+        &["--tls-key-file"],
+    ),
+    flags(
+        "agent --tls-cert-file /nonexistent/tls.crt --tls-key-file /nonexistent/tls.key",
+        &["--tls-cert-file", "/nonexistent/tls.crt", "No such file"],
+    ),
     flags(
         "agent --metrics-addr 127.0.0.1:99999",
         &["--metrics-addr", "invalid"],

@@ -103,6 +103,10 @@ fn the_chart_lints_and_every_option_renders_valid_manifests() {
         "image.repository=registry.example/tracer,image.tag=1.2.3",
         "--set",
         "pinPath=/sys/fs/bpf/tracer",
+        "--set",
+        "metrics.tlsSecret=tracer-tls",
+        "--set",
+        "metrics.readers[0].name=prometheus,metrics.readers[0].namespace=monitoring",
     ])
     .expect("helm template");
     for version in KUBERNETES_VERSIONS {
@@ -144,7 +148,32 @@ fn the_chart_lints_and_every_option_renders_valid_manifests() {
         ]
     );
     let mounts = |container: &Value| container["volumeMounts"].clone();
-    assert_eq!(mounts(prepare), mounts(container));
+    assert_eq!(mounts(prepare)[0], mounts(container)[0]);
+    assert_eq!(mounts(prepare)[1], mounts(container)[1]);
+    // The HTTPS certificate from the secret, read by the agent where its flags say.
+    assert!(
+        args.contains(&"--tls-cert-file=/etc/tracer/tls/tls.crt"),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--tls-key-file=/etc/tracer/tls/tls.key"),
+        "{args:?}"
+    );
+    assert_eq!(volumes[2]["secret"]["secretName"], "tracer-tls");
+    let tls_mount = &mounts(container)[2];
+    assert_eq!(tls_mount["name"], volumes[2]["name"]);
+    assert_eq!(tls_mount["mountPath"], "/etc/tracer/tls");
+    assert_eq!(tls_mount["readOnly"], true);
+    let monitor = deploy::find(&objects, "PodMonitor", "tracer-agent").unwrap();
+    let tls_config = &monitor["spec"]["podMetricsEndpoints"][0]["tlsConfig"];
+    assert_eq!(tls_config["ca"]["secret"]["name"], "tracer-tls");
+    assert_eq!(tls_config["serverName"], "tracer-agent.tracer.svc");
+    let readers = deploy::find(&objects, "ClusterRoleBinding", "tracer-metrics-reader").unwrap();
+    assert_eq!(readers["roleRef"]["name"], "tracer-metrics-reader");
+    assert_eq!(
+        readers["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "prometheus", "namespace": "monitoring"}])
+    );
     let security = &prepare["securityContext"];
     assert_eq!(security["runAsUser"], 0);
     assert_eq!(security["allowPrivilegeEscalation"], false);
@@ -286,6 +315,63 @@ fn the_cluster_role_only_reads() {
     assert_eq!(
         resources,
         BTreeSet::from(["endpointslices", "nodes", "pods", "services"])
+    );
+}
+
+/// Who may read the agents: the agent checks tokens through the API server (and may do
+/// nothing else with that binding), readers get `get` on the agent's URLs and nothing else,
+/// /metrics needs a token by default, and the PodMonitor scrapes over HTTPS with the token of
+/// an identity bound to the reader role.
+#[test]
+fn tokens_are_checked_and_readers_bound_as_the_agent_expects() {
+    let (_, objects) = rendered("overlays/prometheus-operator");
+    let pod = daemonset_pod(&objects);
+    let args = strings(&pod["containers"][0]["args"]);
+    assert!(args.contains(&"--metrics-auth=token"), "{args:?}");
+    let namespace =
+        &deploy::find(&objects, "DaemonSet", "tracer-agent").unwrap()["metadata"]["namespace"];
+
+    let delegator = deploy::find(
+        &objects,
+        "ClusterRoleBinding",
+        "tracer-agent-auth-delegator",
+    )
+    .unwrap();
+    assert_eq!(delegator["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(delegator["roleRef"]["name"], "system:auth-delegator");
+    assert_eq!(
+        delegator["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+            "namespace": namespace}])
+    );
+
+    let reader = deploy::find(&objects, "ClusterRole", "tracer-metrics-reader").unwrap();
+    assert_eq!(
+        reader["rules"],
+        serde_json::json!([{"nonResourceURLs": ["/metrics", "/api/v1/*"], "verbs": ["get"]}])
+    );
+
+    let endpoint = &deploy::find(&objects, "PodMonitor", "tracer-agent").unwrap()["spec"]["podMetricsEndpoints"]
+        [0];
+    assert_eq!(endpoint["scheme"], "https");
+    assert_eq!(endpoint["tlsConfig"]["insecureSkipVerify"], true);
+    let credentials = &endpoint["authorization"]["credentials"];
+    let secret_name = credentials["name"].as_str().expect("a secret name");
+    let secret = deploy::find(&objects, "Secret", secret_name).unwrap();
+    assert_eq!(secret["type"], "kubernetes.io/service-account-token");
+    assert_eq!(credentials["key"], "token");
+    let scraper = &secret["metadata"]["annotations"]["kubernetes.io/service-account.name"];
+    deploy::find(&objects, "ServiceAccount", scraper.as_str().unwrap()).unwrap();
+    let binding = deploy::find(
+        &objects,
+        "ClusterRoleBinding",
+        "tracer-metrics-reader-podmonitor",
+    )
+    .unwrap();
+    assert_eq!(binding["roleRef"]["name"], reader["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": scraper, "namespace": namespace}])
     );
 }
 

@@ -42,7 +42,7 @@ pub enum Decision {
 /// Why the API server gave no decision.
 #[derive(Debug, thiserror::Error)]
 #[error("asking the API server: {0}")]
-pub struct ReviewError(#[from] kube::Error);
+pub struct ReviewError(kube::Error);
 
 /// Asks the API server and remembers its answers.
 pub struct Reviewer {
@@ -95,7 +95,8 @@ impl Reviewer {
         };
         let answer = Api::<TokenReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
-            .await?;
+            .await
+            .map_err(ReviewError)?;
         let status = answer.status.unwrap_or_default();
         Ok(status
             .authenticated
@@ -124,7 +125,8 @@ impl Reviewer {
         };
         let answer = Api::<SubjectAccessReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
-            .await?;
+            .await
+            .map_err(ReviewError)?;
         Ok(answer.status.is_some_and(|status| status.allowed))
     }
 

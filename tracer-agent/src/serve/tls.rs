@@ -25,7 +25,7 @@ pub const RELOAD_PERIOD: Duration = Duration::from_secs(30);
 /// Why a certificate cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {}: {source}", path.display())]
+    #[error("reading {}", path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -34,11 +34,11 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("{}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1)", path.display())]
     NoKey { path: PathBuf },
-    #[error("the key does not fit the certificate or is of a kind rustls cannot sign with: {0}")]
+    #[error("the key does not fit the certificate or is of a kind rustls cannot sign with")]
     Key(#[source] rustls::Error),
-    #[error("making a self-signed certificate: {0}")]
+    #[error("making a self-signed certificate")]
     SelfSigned(#[from] rcgen::Error),
-    #[error("building the TLS configuration: {0}")]
+    #[error("building the TLS configuration")]
     Config(#[source] rustls::Error),
 }
 
@@ -130,7 +130,8 @@ impl ServerTls {
                     info!(cert = %files.cert.display(), "serving the renewed TLS certificate");
                 }
                 Err(error) => {
-                    warn!("keeping the TLS certificate served so far: {error}");
+                    let error = anyhow::Error::new(error);
+                    warn!("keeping the TLS certificate served so far: {error:#}");
                     // Tried again at the next tick, whatever it holds then.
                     served = None;
                 }
