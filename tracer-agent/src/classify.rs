@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use tracer_common::label_enum;
 pub use tracer_common::labels::{Endpoint, Nat, Path};
 
-use crate::context::{IMDS_ADDR, NODELOCAL_DNS_ADDR, NodeContext, Side, kubernetes::ZoneLabel};
+use crate::context::{NODELOCAL_DNS_ADDR, NodeContext, Side, is_imds, kubernetes::ZoneLabel};
 
 const KUBELET_PORT: u16 = 10250;
 const DNS_PORT: u16 = 53;
@@ -53,7 +53,9 @@ label_enum!(
 impl Rule {
     pub fn describe(self) -> &'static str {
         match self {
-            Self::Imds => "the responder is the instance metadata service",
+            Self::Imds => {
+                "the responder is the instance metadata service (169.254.169.254, fd00:ec2::254)"
+            }
             Self::Kubelet => {
                 "an EKS-owned control-plane ENI calling this node's kubelet port 10250 is controlplane_to_kubelet"
             }
@@ -107,8 +109,8 @@ pub fn decide(connection: &Connection, context: &NodeContext) -> (Classification
         && (to != LinkLocal || responder.ip() == NODELOCAL_DNS_ADDR);
     let vpc_dns = responder.port() == DNS_PORT && context.is_vpc_resolver(responder.ip());
     let (path, endpoint, rule) = match (from, to) {
-        (LocalPod, _) if responder.ip() == IMDS_ADDR => (Path::PodToImds, None, Rule::Imds),
-        (Node, _) if responder.ip() == IMDS_ADDR => (Path::NodeToImds, None, Rule::Imds),
+        (LocalPod, _) if is_imds(responder.ip()) => (Path::PodToImds, None, Rule::Imds),
+        (Node, _) if is_imds(responder.ip()) => (Path::NodeToImds, None, Rule::Imds),
         (Vpc, Node)
             if responder.port() == KUBELET_PORT
                 && context.controlplane_ips.contains(&initiator.ip()) =>
@@ -592,6 +594,17 @@ mod tests {
             ..connection
         };
         assert_eq!(classify(&outside, &context).path, Path::PodToExternal);
+        // IMDS and the VPC resolver at their IPv6 addresses, outside every VPC block.
+        for (responder, path) in [
+            ("[fd00:ec2::254]:80", Path::PodToImds),
+            ("[fd00:ec2::253]:53", Path::PodToVpcDns),
+        ] {
+            let asked = Connection {
+                responder: end(responder),
+                ..connection
+            };
+            assert_eq!(classify(&asked, &context).path, path, "{responder}");
+        }
     }
 
     #[test]

@@ -21,6 +21,15 @@ use cidr::Cidr;
 /// Where the instance metadata service lives, on every EC2 instance.
 pub const IMDS_ADDR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 169, 254));
 
+/// IMDS's IPv6 address, on Nitro instances (IPv6 clusters' pods and nodes use it).
+pub const IMDS_ADDR_V6: IpAddr =
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254));
+
+/// Whether `addr` is the instance metadata service, over IPv4 or IPv6.
+pub fn is_imds(addr: IpAddr) -> bool {
+    addr == IMDS_ADDR || addr == IMDS_ADDR_V6
+}
+
 /// The Amazon-provided VPC resolver's link-local addresses, answering in every VPC (besides
 /// the base + 2 address of each IPv4 VPC CIDR block, see [`NodeContext::is_vpc_resolver`]).
 pub const VPC_RESOLVER_LINK_LOCAL: [IpAddr; 2] = [
@@ -153,7 +162,7 @@ impl NodeContext {
     pub fn facts_about(&self, addr: IpAddr) -> Vec<String> {
         let mut facts = Vec::new();
         let mut fact = |text: String| facts.push(format!("{addr} {text}"));
-        if addr == IMDS_ADDR {
+        if is_imds(addr) {
             fact("is the instance metadata service (IMDS)".to_owned());
         }
         match self.side(addr) {
