@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use tracer_common::label_enum;
 pub use tracer_common::labels::{Endpoint, Nat, Path};
 
-use crate::context::{IMDS_ADDR, NodeContext, Side, kubernetes::ZoneLabel};
+use crate::context::{NODELOCAL_DNS_ADDR, NodeContext, Side, is_imds, kubernetes::ZoneLabel};
 
 const KUBELET_PORT: u16 = 10250;
 const DNS_PORT: u16 = 53;
@@ -41,6 +41,7 @@ label_enum!(
         Kubelet => "kubelet",
         ApiServer => "apiserver",
         Dns => "dns",
+        VpcDns => "vpc_dns",
         Dnat => "dnat",
         UntranslatedClusterIp => "untranslated_cluster_ip",
         KubernetesService => "kubernetes_service",
@@ -52,7 +53,9 @@ label_enum!(
 impl Rule {
     pub fn describe(self) -> &'static str {
         match self {
-            Self::Imds => "the responder is the instance metadata service",
+            Self::Imds => {
+                "the responder is the instance metadata service (169.254.169.254, fd00:ec2::254)"
+            }
             Self::Kubelet => {
                 "an EKS-owned control-plane ENI calling this node's kubelet port 10250 is controlplane_to_kubelet"
             }
@@ -60,7 +63,10 @@ impl Rule {
                 "an API server address is the responder: endpoint private if it lies in a VPC CIDR, public otherwise"
             }
             Self::Dns => {
-                "port 53 of the cluster DNS service, or of a pod or VPC address asked directly, is pod_to_dns"
+                "port 53 of a service (kube-dns, or the kube-dns-upstream NodeLocal DNSCache forwards to), of NodeLocal DNSCache (169.254.20.10), or of a pod or VPC address asked directly, is pod_to_dns from a pod and node_to_dns from the node"
+            }
+            Self::VpcDns => {
+                "port 53 of the Amazon-provided VPC resolver (base + 2 of a VPC CIDR block, 169.254.169.253, fd00:ec2::253) is pod_to_vpc_dns or node_to_vpc_dns: its own limit, 1024 packets/s per ENI"
             }
             Self::Dnat => {
                 "the node's DNAT (a ClusterIP or NodePort) rewrote the destination to a backend of no more specific class"
@@ -95,10 +101,16 @@ pub fn decide(connection: &Connection, context: &NodeContext) -> (Classification
     let to = context.side(responder.ip());
     let endpoint = |addr| Some(context.endpoint_of(addr));
     let by_ends = |path| (path, None, Rule::Ends);
-    let asked_dns = |end: SocketAddr| Some(end.ip()) == context.cluster_dns;
+    // Port 53 asked directly, or through a service on port 53 (kube-dns, or the
+    // kube-dns-upstream service NodeLocal DNSCache forwards to); of link-local addresses only
+    // NodeLocal DNSCache's listener.
+    let dns = responder.port() == DNS_PORT
+        && requested.is_none_or(|asked| asked.port() == DNS_PORT)
+        && (to != LinkLocal || responder.ip() == NODELOCAL_DNS_ADDR);
+    let vpc_dns = responder.port() == DNS_PORT && context.is_vpc_resolver(responder.ip());
     let (path, endpoint, rule) = match (from, to) {
-        (LocalPod, _) if responder.ip() == IMDS_ADDR => (Path::PodToImds, None, Rule::Imds),
-        (Node, _) if responder.ip() == IMDS_ADDR => (Path::NodeToImds, None, Rule::Imds),
+        (LocalPod, _) if is_imds(responder.ip()) => (Path::PodToImds, None, Rule::Imds),
+        (Node, _) if is_imds(responder.ip()) => (Path::NodeToImds, None, Rule::Imds),
         (Vpc, Node)
             if responder.port() == KUBELET_PORT
                 && context.controlplane_ips.contains(&initiator.ip()) =>
@@ -115,12 +127,12 @@ pub fn decide(connection: &Connection, context: &NodeContext) -> (Classification
             endpoint(responder.ip()),
             Rule::ApiServer,
         ),
-        (LocalPod, LocalPod | Vpc | Service)
-            if responder.port() == DNS_PORT
-                && (requested.is_none_or(asked_dns) || asked_dns(responder)) =>
-        {
+        (LocalPod, _) if vpc_dns => (Path::PodToVpcDns, None, Rule::VpcDns),
+        (Node, _) if vpc_dns => (Path::NodeToVpcDns, None, Rule::VpcDns),
+        (LocalPod, LocalPod | Vpc | Service | LinkLocal) if dns => {
             (Path::PodToDns, None, Rule::Dns)
         }
+        (Node, LocalPod | Vpc | Service | LinkLocal) if dns => (Path::NodeToDns, None, Rule::Dns),
         (LocalPod, _) if nat == Nat::Dnat => (Path::PodToService, None, Rule::Dnat),
         (LocalPod, Service) if context.is_kubernetes_service(responder) => (
             Path::PodToApiserver,
@@ -129,6 +141,8 @@ pub fn decide(connection: &Connection, context: &NodeContext) -> (Classification
         ),
         (LocalPod, Service) => (Path::PodToService, None, Rule::UntranslatedClusterIp),
         (LocalPod, LocalPod) => by_ends(Path::PodToPodLocal),
+        (LocalPod, Node) => by_ends(Path::PodToNode),
+        (Node, LocalPod) => by_ends(Path::NodeToPod),
         (LocalPod, Vpc) => by_ends(Path::PodToPodRemote),
         (LocalPod, External) => by_ends(Path::PodToExternal),
         (Node, External) => by_ends(Path::NodeToExternal),
@@ -464,14 +478,85 @@ mod tests {
                 (PodToApiserver, Some(Private)),
                 Rule::KubernetesService,
             ),
-            // Pod → the VPC resolver directly (dnsPolicy: Default).
+            // A pod → the VPC resolver directly (dnsPolicy: Default, or CoreDNS forwarding).
             (
                 "10.0.1.101:40000",
                 "10.0.0.2:53",
                 Nat::None,
                 None,
+                (PodToVpcDns, None),
+                Rule::VpcDns,
+            ),
+            // … at base + 2 of the secondary CIDR block, and at its link-local addresses.
+            (
+                "10.0.1.101:40000",
+                "100.64.0.2:53",
+                Nat::None,
+                None,
+                (PodToVpcDns, None),
+                Rule::VpcDns,
+            ),
+            (
+                "10.0.1.10:40000",
+                "169.254.169.253:53",
+                Nat::None,
+                None,
+                (NodeToVpcDns, None),
+                Rule::VpcDns,
+            ),
+            (
+                "10.0.1.10:40000",
+                "10.0.0.2:53",
+                Nat::None,
+                None,
+                (NodeToVpcDns, None),
+                Rule::VpcDns,
+            ),
+            // NodeLocal DNSCache (host network: the node) forwarding through the
+            // kube-dns-upstream service to a CoreDNS pod of another node.
+            (
+                "10.0.1.10:40000",
+                "10.0.2.103:53",
+                Dnat,
+                Some("10.100.0.11:53"),
+                (NodeToDns, None),
+                Rule::Dns,
+            ),
+            // The node (kubelet, NodeLocal DNSCache) → the cluster DNS, DNATed to CoreDNS.
+            (
+                "10.0.1.10:40000",
+                "10.0.2.103:53",
+                Dnat,
+                Some("10.100.0.10:53"),
+                (NodeToDns, None),
+                Rule::Dns,
+            ),
+            // A pod → NodeLocal DNSCache's link-local listener.
+            (
+                "10.0.1.101:40000",
+                "169.254.20.10:53",
+                Nat::None,
+                None,
                 (PodToDns, None),
                 Rule::Dns,
+            ),
+            // The kubelet probing a pod of its node; a host-network pod calling one.
+            (
+                "10.0.1.10:40000",
+                "10.0.1.101:8080",
+                Nat::None,
+                None,
+                (NodeToPod, None),
+                Rule::Ends,
+            ),
+            // A pod calling a host-network daemon of its node (node-exporter, kube-proxy).
+            (
+                "10.0.1.101:40000",
+                "10.0.1.10:10256",
+                Nat::None,
+                None,
+                (PodToNode, None),
+                Rule::Ends,
             ),
         ];
         for (from, to, nat, requested, expected, rule) in cases {
@@ -509,6 +594,17 @@ mod tests {
             ..connection
         };
         assert_eq!(classify(&outside, &context).path, Path::PodToExternal);
+        // IMDS and the VPC resolver at their IPv6 addresses, outside every VPC block.
+        for (responder, path) in [
+            ("[fd00:ec2::254]:80", Path::PodToImds),
+            ("[fd00:ec2::253]:53", Path::PodToVpcDns),
+        ] {
+            let asked = Connection {
+                responder: end(responder),
+                ..connection
+            };
+            assert_eq!(classify(&asked, &context).path, path, "{responder}");
+        }
     }
 
     #[test]

@@ -62,9 +62,17 @@ fn dumps_see_a_pod_veth_its_addresses_and_host_routes() {
             };
             assert!(routes.contains(&route), "{text}: {routes:?}");
         }
+        // A branch-ENI pod's host route lives in its VLAN's table (security groups for pods).
+        let in_table_1000 = Route {
+            dst: addr("10.0.8.5"),
+            prefix_len: 32,
+            oif: index,
+        };
+        assert!(routes.contains(&in_table_1000), "{routes:?}");
+        // The local table's routes (the node's own addresses) are not routes to anywhere.
         assert!(
-            !routes.iter().any(|route| route.dst == addr("10.0.8.5")),
-            "a route of table 1000: {routes:?}"
+            !routes.iter().any(|route| route.dst == addr("10.0.9.1")),
+            "a route of the local table: {routes:?}"
         );
     });
 }

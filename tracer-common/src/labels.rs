@@ -36,11 +36,16 @@ label_enum!(
     Path {
         PodToPodLocal => "pod_to_pod_local",
         PodToPodRemote => "pod_to_pod_remote",
+        NodeToPod => "node_to_pod",
+        PodToNode => "pod_to_node",
         PodToService => "pod_to_service",
         PodToApiserver => "pod_to_apiserver",
         NodeToApiserver => "node_to_apiserver",
         ControlplaneToKubelet => "controlplane_to_kubelet",
         PodToDns => "pod_to_dns",
+        NodeToDns => "node_to_dns",
+        PodToVpcDns => "pod_to_vpc_dns",
+        NodeToVpcDns => "node_to_vpc_dns",
         PodToExternal => "pod_to_external",
         NodeToExternal => "node_to_external",
         PodToImds => "pod_to_imds",
@@ -75,9 +80,9 @@ mod tests {
 
     #[test]
     fn all_lists_every_variant_once_in_declaration_order() {
-        assert_eq!(Path::ALL.len(), 15);
+        assert_eq!(Path::ALL.len(), 20);
         assert_eq!(Path::ALL[0], Path::PodToPodLocal);
-        assert_eq!(Path::ALL[14], Path::Unknown);
+        assert_eq!(Path::ALL[19], Path::Unknown);
         assert!(Path::ALL.windows(2).all(|pair| pair[0] < pair[1]));
         assert_eq!(Endpoint::ALL, [Endpoint::Public, Endpoint::Private]);
         assert_eq!(Nat::ALL, [Nat::None, Nat::Snat, Nat::Dnat]);

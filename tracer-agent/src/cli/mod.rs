@@ -295,13 +295,17 @@ pub struct ContextArgs {
     #[arg(long = "service-cidr", value_name = "CIDR")]
     pub service_cidrs: Vec<Cidr>,
 
-    /// Name pattern of pod interfaces (repeatable; `*` is a wildcard). VPC CNI: eni*, vlan*.
+    /// Name pattern of pod interfaces (repeatable; `*` is a wildcard). VPC CNI: eni* (pods),
+    /// vlan* (branch-ENI pods, security groups for pods). A name matching a pod and a node
+    /// pattern is what the more specific pattern (more characters besides `*`) says.
     #[arg(long = "pod-iface", value_name = "PATTERN", default_values = ["eni*", "vlan*"],
           value_parser = parse_pattern)]
     pub pod_ifaces: Vec<String>,
 
-    /// Name pattern of the node's ENIs (repeatable). AL2: eth*; AL2023: ens*.
-    #[arg(long = "node-iface", value_name = "PATTERN", default_values = ["eth*", "ens*"],
+    /// Name pattern of the node's ENIs (repeatable). AL2: eth*; AL2023: ens*; security groups
+    /// for pods: vlan.eth.* (the trunk ENI's VLAN sub-interfaces, which vlan* would take for
+    /// pods').
+    #[arg(long = "node-iface", value_name = "PATTERN", default_values = ["eth*", "ens*", "vlan.eth.*"],
           value_parser = parse_pattern)]
     pub node_ifaces: Vec<String>,
 

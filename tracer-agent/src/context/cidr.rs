@@ -25,9 +25,14 @@ impl Cidr {
     /// The block's first address after the network address: in a service CIDR, the
     /// `kubernetes` service's ClusterIP.
     pub fn first_host(&self) -> IpAddr {
+        self.host(1)
+    }
+
+    /// The block's `n`th address after the network address (base + n).
+    pub fn host(&self, n: u8) -> IpAddr {
         match self.addr {
-            IpAddr::V4(v4) => IpAddr::V4((u32::from(v4).wrapping_add(1)).into()),
-            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6).wrapping_add(1)).into()),
+            IpAddr::V4(v4) => IpAddr::V4((u32::from(v4).wrapping_add(n.into())).into()),
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6).wrapping_add(n.into())).into()),
         }
     }
 

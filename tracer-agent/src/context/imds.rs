@@ -215,12 +215,19 @@ impl Session<'_> {
         })
     }
 
-    /// The VPC's CIDR blocks, at least one: a VPC without any is not an answer.
+    /// The VPC's CIDR blocks: its IPv4 blocks (at least one: a VPC without any is not an
+    /// answer), then its IPv6 blocks, which a dual-stack VPC (every IPv6 EKS cluster's) has
+    /// and IMDS answers 404 for where there are none.
     fn vpc_cidrs(&self, primary_mac: &str) -> Result<Vec<Cidr>, ImdsError> {
         let document = eni_document(primary_mac, "vpc-ipv4-cidr-blocks");
-        let cidrs = self.parse_lines(&document)?;
+        let mut cidrs = self.parse_lines(&document)?;
         if cidrs.is_empty() {
             return Err(malformed(&metadata_path(&document), "no CIDR block"));
+        }
+        match self.parse_lines::<Cidr>(&eni_document(primary_mac, "vpc-ipv6-cidr-blocks")) {
+            Ok(ipv6) => cidrs.extend(ipv6),
+            Err(ImdsError::Http { status: 404, .. }) => {}
+            Err(error) => return Err(error),
         }
         Ok(cidrs)
     }
@@ -674,6 +681,22 @@ mod tests {
             "{error}"
         );
         assert_eq!(error.to_string(), "HTTP status 500 for /latest/api/token");
+    }
+
+    /// A dual-stack VPC (an IPv6 cluster's): its IPv6 blocks follow the IPv4 ones.
+    #[test]
+    fn ipv6_blocks_are_read_where_the_vpc_has_them() {
+        let mut documents = documents();
+        documents.insert(
+            eni(MAC0, "vpc-ipv6-cidr-blocks"),
+            "2600:1f14:abc:de00::/56\n".to_owned(),
+        );
+        let (addr, _) = serve(TokenMode::Required, documents);
+        let mut expected = expected();
+        expected
+            .vpc_cidrs
+            .push("2600:1f14:abc:de00::/56".parse().unwrap());
+        assert_eq!(client(addr).fetch().unwrap(), expected);
     }
 
     #[test]

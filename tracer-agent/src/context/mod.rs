@@ -20,6 +20,26 @@ use cidr::Cidr;
 
 /// Where the instance metadata service lives, on every EC2 instance.
 pub const IMDS_ADDR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 169, 254));
+
+/// IMDS's IPv6 address, on Nitro instances (IPv6 clusters' pods and nodes use it).
+pub const IMDS_ADDR_V6: IpAddr =
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254));
+
+/// Whether `addr` is the instance metadata service, over IPv4 or IPv6.
+pub fn is_imds(addr: IpAddr) -> bool {
+    addr == IMDS_ADDR || addr == IMDS_ADDR_V6
+}
+
+/// The Amazon-provided VPC resolver's link-local addresses, answering in every VPC (besides
+/// the base + 2 address of each IPv4 VPC CIDR block, see [`NodeContext::is_vpc_resolver`]).
+pub const VPC_RESOLVER_LINK_LOCAL: [IpAddr; 2] = [
+    IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 169, 253)),
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x253)),
+];
+
+/// NodeLocal DNSCache's listener on every node: pods that use it send their queries here
+/// instead of to the cluster DNS service.
+pub const NODELOCAL_DNS_ADDR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 20, 10));
 /// The API server's port, on the NLB and on the EKS-owned ENIs alike.
 pub(crate) const APISERVER_PORT: u16 = 443;
 
@@ -130,11 +150,19 @@ impl NodeContext {
         }
     }
 
+    /// Whether `addr` is the Amazon-provided VPC resolver: the base + 2 address of an IPv4 VPC
+    /// CIDR block, 169.254.169.253 or fd00:ec2::253. Its queries have a limit of their own
+    /// (1024 packets/s per ENI), so they are a path of their own.
+    pub fn is_vpc_resolver(&self, addr: IpAddr) -> bool {
+        VPC_RESOLVER_LINK_LOCAL.contains(&addr)
+            || (addr.is_ipv4() && self.vpc_cidrs.iter().any(|cidr| cidr.host(2) == addr))
+    }
+
     /// What the context knows about an address, in words: the facts `tracer explain` prints.
     pub fn facts_about(&self, addr: IpAddr) -> Vec<String> {
         let mut facts = Vec::new();
         let mut fact = |text: String| facts.push(format!("{addr} {text}"));
-        if addr == IMDS_ADDR {
+        if is_imds(addr) {
             fact("is the instance metadata service (IMDS)".to_owned());
         }
         match self.side(addr) {
@@ -155,6 +183,12 @@ impl NodeContext {
         }
         if self.cluster_dns == Some(addr) {
             fact("is the cluster DNS service (kube-dns)".to_owned());
+        }
+        if addr == NODELOCAL_DNS_ADDR {
+            fact("is NodeLocal DNSCache's listener on every node".to_owned());
+        }
+        if self.is_vpc_resolver(addr) {
+            fact("is the Amazon-provided VPC resolver (1024 packets/s per ENI)".to_owned());
         }
         if let Some(cidr) = self.service_cidr_of(addr) {
             fact(format!("is a ClusterIP (service CIDR {cidr})"));

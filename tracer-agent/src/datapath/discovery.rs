@@ -35,14 +35,23 @@ pub struct InterfacePatterns {
 }
 
 impl InterfacePatterns {
-    /// The kind of interface `name` is, pod patterns first (they are the more specific).
+    /// The kind of interface `name` is. When it matches a pod and a node pattern, the more
+    /// specific pattern (more characters besides `*`) decides, and a tie makes it a pod's:
+    /// with security groups for pods, `vlan.eth.*` (the trunk ENI's VLAN sub-interfaces, the
+    /// node's) wins over `vlan*` (branch-ENI pods' veths).
     pub fn kind_of(&self, name: &str) -> Option<InterfaceKind> {
-        if self.pod.iter().any(|pattern| glob_match(pattern, name)) {
-            Some(InterfaceKind::Pod)
-        } else if self.node.iter().any(|pattern| glob_match(pattern, name)) {
-            Some(InterfaceKind::Node)
-        } else {
-            None
+        let specificity = |patterns: &[String]| {
+            patterns
+                .iter()
+                .filter(|pattern| glob_match(pattern, name))
+                .map(|pattern| pattern.chars().filter(|c| *c != '*').count())
+                .max()
+        };
+        match (specificity(&self.pod), specificity(&self.node)) {
+            (Some(pod), Some(node)) if node > pod => Some(InterfaceKind::Node),
+            (Some(_), _) => Some(InterfaceKind::Pod),
+            (None, Some(_)) => Some(InterfaceKind::Node),
+            (None, None) => None,
         }
     }
 }
@@ -216,13 +225,25 @@ mod tests {
     }
 
     #[test]
-    fn pod_patterns_win_over_node_patterns() {
+    fn the_more_specific_pattern_decides() {
         let patterns = InterfacePatterns {
             pod: vec!["eni*".into(), "vlan*".into()],
-            node: vec!["e*".into()],
+            node: vec!["e*".into(), "vlan.eth.*".into()],
         };
         assert_eq!(patterns.kind_of("eni123"), Some(InterfaceKind::Pod));
         assert_eq!(patterns.kind_of("eth0"), Some(InterfaceKind::Node));
         assert_eq!(patterns.kind_of("lo"), None);
+        // Security groups for pods: a branch-ENI pod's veth, and the trunk's VLAN 3.
+        assert_eq!(
+            patterns.kind_of("vlan0a1b2c3d4e5"),
+            Some(InterfaceKind::Pod)
+        );
+        assert_eq!(patterns.kind_of("vlan.eth.3"), Some(InterfaceKind::Node));
+        // A tie is a pod's: the more common mistake to survive is a pod counted as the node.
+        let tie = InterfacePatterns {
+            pod: vec!["x*".into()],
+            node: vec!["*x".into()],
+        };
+        assert_eq!(tie.kind_of("xx"), Some(InterfaceKind::Pod));
     }
 }

@@ -272,8 +272,9 @@ fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 
-/// The main routing table's id (`RT_TABLE_MAIN`).
-const RT_TABLE_MAIN: u32 = 254;
+/// The `local` routing table's id (`RT_TABLE_LOCAL`): the node's own addresses and
+/// broadcasts, no route to anywhere else.
+const RT_TABLE_LOCAL: u32 = 255;
 /// The families of [`addresses`] and [`routes`], dumped one at a time.
 const IP_FAMILIES: [AddressFamily; 2] = [AddressFamily::Inet, AddressFamily::Inet6];
 
@@ -300,7 +301,7 @@ pub struct Address {
     pub addr: IpAddr,
 }
 
-/// A route of the main table with a destination prefix and an output interface.
+/// A route with a destination prefix and an output interface, of any table but `local`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub dst: IpAddr,
@@ -325,7 +326,8 @@ pub fn addresses() -> Result<Vec<Address>, NetlinkError> {
     )
 }
 
-/// The routes of the main table, read from a dump of every table: a route's table id can be
+/// The routes of every table but `local`: the VPC CNI puts a branch-ENI pod's host route
+/// (security groups for pods) in its VLAN's table, not the main one. A route's table id can be
 /// above 255, which only its `RTA_TABLE` tells.
 pub fn routes() -> Result<Vec<Route>, NetlinkError> {
     ip_dumps(
@@ -408,8 +410,8 @@ fn address_of(message: RouteNetlinkMessage, family: AddressFamily) -> Option<Add
     })
 }
 
-/// The route of an `RTM_NEWROUTE` of `family`; None unless it is a route of the main table
-/// with a destination and a single output interface.
+/// The route of an `RTM_NEWROUTE` of `family`; None unless it has a destination and a single
+/// output interface and is not in the `local` table.
 fn route_of(message: RouteNetlinkMessage, family: AddressFamily) -> Option<Route> {
     let RouteNetlinkMessage::NewRoute(route) = message else {
         return None;
@@ -430,7 +432,7 @@ fn route_of(message: RouteNetlinkMessage, family: AddressFamily) -> Option<Route
         }
     }
     match (dst, oif) {
-        (Some(dst), Some(oif)) if table == RT_TABLE_MAIN => Some(Route {
+        (Some(dst), Some(oif)) if table != RT_TABLE_LOCAL => Some(Route {
             dst,
             prefix_len: route.header.destination_prefix_length,
             oif,
@@ -633,14 +635,14 @@ mod tests {
     }
 
     #[test]
-    fn routes_of_the_main_table_with_an_interface() {
+    fn routes_of_every_table_but_local_with_an_interface() {
         let main = RouteHeader::RT_TABLE_MAIN;
         let dst = |text: &str| RouteAttribute::Destination(ip(text).into());
         let pod = route_message(
             main,
             32,
             vec![
-                RouteAttribute::Table(RT_TABLE_MAIN),
+                RouteAttribute::Table(u32::from(main)),
                 dst("10.0.1.5"),
                 RouteAttribute::Oif(9),
             ],
@@ -654,8 +656,9 @@ mod tests {
             ],
         );
         let local_table = route_message(255, 32, vec![dst("10.0.0.10"), RouteAttribute::Oif(2)]);
-        // RTA_TABLE overrides rtm_table, which cannot hold ids above 255.
-        let big_table = route_message(
+        // RTA_TABLE overrides rtm_table, which cannot hold ids above 255: a branch-ENI pod's
+        // host route in its VLAN's table, and a local route the header calls main.
+        let vlan_table = route_message(
             main,
             32,
             vec![
@@ -664,18 +667,25 @@ mod tests {
                 RouteAttribute::Oif(9),
             ],
         );
-        let routes: Vec<Route> = [pod, default, local_table, big_table]
+        let local_by_attribute = route_message(
+            main,
+            32,
+            vec![
+                RouteAttribute::Table(RT_TABLE_LOCAL),
+                dst("10.0.0.11"),
+                RouteAttribute::Oif(2),
+            ],
+        );
+        let routes: Vec<Route> = [pod, default, local_table, vlan_table, local_by_attribute]
             .into_iter()
             .filter_map(|route| route_of(RouteNetlinkMessage::NewRoute(route), AddressFamily::Inet))
             .collect();
-        assert_eq!(
-            routes,
-            vec![Route {
-                dst: ip("10.0.1.5"),
-                prefix_len: 32,
-                oif: 9
-            }]
-        );
+        let host = |text: &str| Route {
+            dst: ip(text),
+            prefix_len: 32,
+            oif: 9,
+        };
+        assert_eq!(routes, vec![host("10.0.1.5"), host("10.0.1.6")]);
     }
 
     #[test]

@@ -197,6 +197,8 @@ pub fn scenarios(mode: EndpointMode) -> Vec<Scenario> {
         Scenario::new(Path::PodToPodRemote, Sink, "pod-a", to(pod_r, 8080), 3, 220_000),
         Scenario::new(Path::PodToPodRemote, Sink, "pod-c", to(pod_r, 8080), 2, 230_000)
             .named("pod_to_pod_remote_secondary_eni"),
+        Scenario::new(Path::NodeToPod, Sink, "node", to(pod_b, 8080), 2, 335_000),
+        Scenario::new(Path::PodToNode, Sink, "pod-a", to(NODE_IP, 8081), 2, 340_000),
         Scenario::new(Path::PodToService, Sink, "pod-a", to(BACKEND_SERVICE_IP, 80), 3, 240_000)
             .nat(Nat::Dnat),
         Scenario::new(Path::PodToApiserver, Sink, "pod-a", to(KUBERNETES_SERVICE_IP, 443), 2, 250_000)
@@ -205,6 +207,9 @@ pub fn scenarios(mode: EndpointMode) -> Vec<Scenario> {
             .endpoint(node_endpoint),
         Scenario::new(Path::ControlplaneToKubelet, Sink, "cp", to(NODE_IP, 10250), 2, 270_000),
         Scenario::new(Path::PodToDns, Dns, "pod-a", to(CLUSTER_DNS, 53), 20, 0).nat(Nat::Dnat),
+        Scenario::new(Path::NodeToDns, Dns, "node", to(CLUSTER_DNS, 53), 18, 0).nat(Nat::Dnat),
+        Scenario::new(Path::PodToVpcDns, Dns, "pod-a", to(RESOLVER, 53), 16, 0),
+        Scenario::new(Path::NodeToVpcDns, Dns, "node", to(RESOLVER, 53), 14, 0),
         Scenario::new(Path::PodToExternal, Http, "pod-a", to(EXTERNAL_HOST, 80), 3, 280_000)
             .nat(Nat::Snat),
         Scenario::new(Path::NodeToExternal, Sink, "node", to(EXTERNAL_HOST, 9000), 2, 290_000),
@@ -441,7 +446,7 @@ mod tests {
         );
         totals.sort_unstable();
         totals.dedup();
-        assert_eq!(totals.len(), 12, "sizes must differ between scenarios");
+        assert_eq!(totals.len(), 14, "sizes must differ between scenarios");
         // Every path but `Unknown`, which no traffic is meant to take.
         for path in Path::ALL.into_iter().filter(|path| *path != Path::Unknown) {
             assert!(

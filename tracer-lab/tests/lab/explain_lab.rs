@@ -131,11 +131,57 @@ fn explain_uses_the_live_context_of_the_node() {
             "tcp",
             "node_to_apiserver private none",
         ),
+        // The node and its own pods, both ways (kubelet probes, host-network daemons).
+        (
+            node.clone(),
+            format!("{pod_b}:8080"),
+            "tcp",
+            "node_to_pod - none",
+        ),
+        (
+            pod_a.clone(),
+            format!("{node}:10256"),
+            "tcp",
+            "pod_to_node - none",
+        ),
+        // DNS from the node, and at the Amazon-provided resolver (VPC base + 2).
+        (
+            node.clone(),
+            format!("{}:53", facts.cluster_dns),
+            "udp",
+            "node_to_dns - none",
+        ),
+        (
+            pod_a.clone(),
+            format!("{}:53", facts.resolver),
+            "udp",
+            "pod_to_vpc_dns - none",
+        ),
+        (
+            node.clone(),
+            format!("{}:53", facts.resolver),
+            "udp",
+            "node_to_vpc_dns - none",
+        ),
     ];
     for (source, destination, proto, expected) in &cases {
         let (got, json) = classify(&lab, source.clone(), destination.clone(), proto);
         assert_eq!(&got, expected, "{source} → {destination}: {json:#}");
     }
+    // The fact that decided the resolver's class is said.
+    let (_, json) = classify(&lab, pod_a.clone(), format!("{}:53", facts.resolver), "udp");
+    assert!(
+        json["rule"]
+            .to_string()
+            .contains("Amazon-provided VPC resolver"),
+        "{json:#}"
+    );
+    assert!(
+        json["facts"]
+            .to_string()
+            .contains("is the Amazon-provided VPC resolver"),
+        "{json:#}"
+    );
 
     // The same question in public mode: the cluster endpoint now resolves to the NLB.
     lab.set_mode(EndpointMode::Public)
