@@ -13,7 +13,10 @@ use crate::{
     cli::AgentArgs,
     cmd::handover::{Asker, CleanStop, Stop},
     context::kubernetes,
-    datapath::discovery::{self, ChangeWatch, Changes},
+    datapath::{
+        AttachMode,
+        discovery::{self, ChangeWatch, Changes},
+    },
     error::AgentError,
     pipeline::Pipeline,
     pipeline::snapshot::Snapshot,
@@ -106,7 +109,8 @@ async fn poll_until_signal(
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut ticker = tokio::time::interval(pipeline.poll_interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let changes = match discovery::watch_changes() {
+    let filters = pipeline.attach_mode() == AttachMode::Clsact;
+    let changes = match discovery::watch_changes(filters) {
         Ok(changes) => Some(changes),
         Err(error) => {
             warn!("{error}: new interfaces are found at each poll instead");

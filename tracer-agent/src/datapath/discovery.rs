@@ -7,7 +7,12 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::datapath::netlink::{self, LinkChange, NetlinkError, Protocol, Socket};
+use aya::programs::TcAttachType;
+
+use crate::datapath::{
+    Datapath,
+    netlink::{self, Change, NetlinkError, Protocol, Socket},
+};
 
 /// The role an interface plays on an EKS node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -112,29 +117,44 @@ pub fn scan(patterns: &InterfacePatterns) -> Result<Scan, NetlinkError> {
     })
 }
 
-/// Links announced by netlink since the agent last took them.
+/// Links and tc filters announced by netlink since the agent last took them.
 #[derive(Debug, Default)]
 pub struct Changes {
     /// New or changed links: index → latest name.
     pub links: BTreeMap<u32, String>,
+    /// clsact hooks (interface index, hook) where another program's filter was added ahead
+    /// of the agent's, each once.
+    pub overtaken: Vec<(u32, TcAttachType)>,
     /// Notifications were lost: only a full scan tells what changed.
     pub lost: bool,
 }
 
 impl Changes {
-    fn add(&mut self, change: LinkChange) {
+    fn add(&mut self, change: Change) {
         match change {
-            LinkChange::New(link) => {
+            Change::Link(link) => {
                 self.links.insert(link.index, link.name);
             }
-            LinkChange::Lost => self.lost = true,
+            Change::Filter(filter) => {
+                let hook = (filter.index, filter.hook);
+                if Datapath::overtakes(&filter) && !self.overtaken.contains(&hook) {
+                    self.overtaken.push(hook);
+                }
+            }
+            Change::Lost => self.lost = true,
         }
+    }
+
+    /// Whether there is anything for the agent to do.
+    fn is_empty(&self) -> bool {
+        self.links.is_empty() && self.overtaken.is_empty() && !self.lost
     }
 }
 
-/// New links as netlink announces them, gathered by a thread of its own until the agent takes
-/// them: a burst of pods is attached in one pass, and no netlink dump (which waits for the
-/// RTNL lock, as attaching does) stands between a new veth and its attachment.
+/// New links (and, in clsact mode, tc filters) as netlink announces them, gathered by a
+/// thread of its own until the agent takes them: a burst of pods is attached in one pass,
+/// and no netlink dump (which waits for the RTNL lock, as attaching does) stands between a
+/// new veth and its attachment.
 pub struct ChangeWatch {
     pending: Mutex<Changes>,
     wake: Notify,
@@ -148,12 +168,19 @@ impl ChangeWatch {
     }
 }
 
-/// Watches this namespace's links over netlink (`RTMGRP_LINK`), in a thread of its own that
-/// ends when the agent drops the returned watch. Links that vanish, addresses and routes are
-/// left to the next poll's scan: until then they change nothing the agent shows.
-pub fn watch_changes() -> Result<Arc<ChangeWatch>, NetlinkError> {
+/// Watches this namespace's links over netlink (`RTMGRP_LINK`), and with `filters` its tc
+/// filters too (`RTMGRP_TC`: clsact mode, where a filter added later at the agent's priority
+/// runs before the agent's), in a thread of its own that ends when the agent drops the
+/// returned watch. Links that vanish, addresses and routes are left to the next poll's scan:
+/// until then they change nothing the agent shows.
+pub fn watch_changes(filters: bool) -> Result<Arc<ChangeWatch>, NetlinkError> {
     let mut socket = Socket::open(Protocol::Route)?;
-    socket.subscribe(libc::RTMGRP_LINK as u32)?;
+    let groups = if filters {
+        libc::RTMGRP_LINK | libc::RTMGRP_TC
+    } else {
+        libc::RTMGRP_LINK
+    };
+    socket.subscribe(groups as u32)?;
     let watch = Arc::new(ChangeWatch {
         pending: Mutex::new(Changes::default()),
         wake: Notify::new(),
@@ -161,17 +188,20 @@ pub fn watch_changes() -> Result<Arc<ChangeWatch>, NetlinkError> {
     let weak = Arc::downgrade(&watch);
     std::thread::spawn(move || {
         loop {
-            let result = socket.link_changes();
+            let result = socket.changes();
             let Some(watch) = weak.upgrade() else {
                 return;
             };
             match result {
-                Ok(changes) if changes.is_empty() => {}
                 Ok(changes) => {
                     let mut pending = watch.pending.lock().unwrap_or_else(PoisonError::into_inner);
                     changes.into_iter().for_each(|change| pending.add(change));
+                    // The agent's own filters wake nobody.
+                    let wake = !pending.is_empty();
                     drop(pending);
-                    watch.wake.notify_one();
+                    if wake {
+                        watch.wake.notify_one();
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(

@@ -74,6 +74,8 @@ pub struct Pipeline {
     carried_workloads: Option<WorkloadTallies>,
     /// How long each attach to an interface took (both hooks).
     attach_times: LatencyHistogram,
+    /// Times the clsact filters were moved back in front of another program's.
+    attach_reorders: u64,
     attached: AttachedInterfaces,
     flow_table: FlowTableStats,
     /// The datapath's counters as last read.
@@ -120,8 +122,8 @@ impl Pipeline {
             )));
         }
         let mode = match args.attach_mode {
-            AttachModeArg::Auto => AttachMode::for_running_kernel(),
-            AttachModeArg::Tcx => AttachMode::Tcx,
+            AttachModeArg::Auto => AttachMode::for_running_kernel(args.tcx_order),
+            AttachModeArg::Tcx => AttachMode::Tcx(args.tcx_order),
             AttachModeArg::Clsact => AttachMode::Clsact,
         };
         let pins = restart
@@ -184,6 +186,7 @@ impl Pipeline {
             workloads: None,
             carried_workloads: None,
             attach_times: LatencyHistogram::default(),
+            attach_reorders: 0,
             attached: AttachedInterfaces::default(),
             flow_table: FlowTableStats {
                 capacity: u64::from(args.flow_table_size),
@@ -236,6 +239,11 @@ impl Pipeline {
     /// The latest snapshot; before the first poll, an empty one that is not ready.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         Arc::clone(&self.latest)
+    }
+
+    /// How the datapath is attached.
+    pub fn attach_mode(&self) -> AttachMode {
+        self.datapath.mode()
     }
 
     /// How often `poll` is meant to run (`--poll-interval`).
@@ -296,10 +304,18 @@ impl Pipeline {
         }
     }
 
-    /// Attaches to the new links netlink announced, at once rather than at the next poll (a
-    /// new pod's first packets must be counted); after lost notifications, scans again.
-    /// Failures are left to the next poll, whose scan tries again and reports them.
+    /// Moves the agent's clsact filters back in front of those another program added ahead
+    /// of them, and attaches to the new links netlink announced, at once rather than at the
+    /// next poll (a new pod's first packets must be counted); after lost notifications,
+    /// scans again. Failures are left to the next poll, whose scan tries again and reports
+    /// them.
     pub fn apply_changes(&mut self, changes: Changes) {
+        for (index, hook) in changes.overtaken {
+            match self.datapath.move_to_front(index, hook) {
+                Ok(moved) => self.attach_reorders += u64::from(moved),
+                Err(error) => warn!("{error}: another program's filter runs first there"),
+            }
+        }
         if changes.lost {
             self.rescan();
             return;
@@ -505,6 +521,7 @@ impl Pipeline {
                 events_lost: self.unread.lost(),
                 problems,
                 attach_times: self.attach_times.to_api(),
+                attach_reorders: self.attach_reorders,
             },
             workloads: self
                 .workloads
