@@ -56,6 +56,8 @@ pub enum NetlinkError {
 
 /// Large enough for any datagram of a dump (the kernel fills at most ~32 KiB per datagram).
 const RECV_BUFFER: usize = 64 * 1024;
+/// The receive buffer of a subscribed socket: some 10,000 notifications.
+const NOTIFICATION_BUFFER: usize = 4 << 20;
 /// The kernel answers at once; this only keeps a wedged kernel from hanging the agent's poll.
 const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -144,8 +146,27 @@ impl Socket {
     }
 
     /// Joins multicast `groups` (`RTMGRP_*` bits): the kernel then sends a message on every
-    /// change of what they cover, which [`Socket::changes`] reads.
+    /// change of what they cover, which [`Socket::changes`] reads. The receive buffer grows
+    /// to `NOTIFICATION_BUFFER` first (with CAP_NET_ADMIN, past `net.core.rmem_max`): a
+    /// burst — the agent's own filters at start-up, a CNI plumbing many pods — must not
+    /// overflow it, since what is lost is known only by a full scan.
     pub fn subscribe(&mut self, groups: u32) -> Result<(), NetlinkError> {
+        let size = NOTIFICATION_BUFFER as libc::c_int;
+        for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: the option value is a valid int of the given size.
+            let set = unsafe {
+                libc::setsockopt(
+                    self.socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&raw const size).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if set == 0 {
+                break;
+            }
+        }
         self.socket
             .bind(&SocketAddr::new(0, groups))
             .map_err(NetlinkError::Subscribe)
