@@ -13,10 +13,7 @@ use crate::{
     cli::AgentArgs,
     cmd::handover::{Asker, CleanStop, Stop},
     context::kubernetes,
-    datapath::{
-        AttachMode,
-        discovery::{self, ChangeWatch, Changes},
-    },
+    datapath::discovery::{self, ChangeWatch, Changes},
     error::AgentError,
     pipeline::Pipeline,
     pipeline::snapshot::Snapshot,
@@ -109,8 +106,7 @@ async fn poll_until_signal(
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut ticker = tokio::time::interval(pipeline.poll_interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let filters = pipeline.attach_mode() == AttachMode::Clsact;
-    let changes = match discovery::watch_changes(filters) {
+    let changes = match discovery::watch_changes(pipeline.clsact_datapath()) {
         Ok(changes) => Some(changes),
         Err(error) => {
             warn!("{error}: new interfaces are found at each poll instead");

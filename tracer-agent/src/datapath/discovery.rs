@@ -7,11 +7,9 @@ use std::{
 
 use tokio::sync::Notify;
 
-use aya::programs::TcAttachType;
-
 use crate::datapath::{
     Datapath,
-    netlink::{self, Change, NetlinkError, Protocol, Socket},
+    netlink::{self, Change, FilterAdded, NetlinkError, Protocol, Socket},
 };
 
 /// The role an interface plays on an EKS node.
@@ -117,44 +115,25 @@ pub fn scan(patterns: &InterfacePatterns) -> Result<Scan, NetlinkError> {
     })
 }
 
-/// Links and tc filters announced by netlink since the agent last took them.
+/// Links announced by netlink since the agent last took them.
 #[derive(Debug, Default)]
 pub struct Changes {
     /// New or changed links: index → latest name.
     pub links: BTreeMap<u32, String>,
-    /// clsact hooks (interface index, hook) where another program's filter was added ahead
-    /// of the agent's, each once.
-    pub overtaken: Vec<(u32, TcAttachType)>,
     /// Notifications were lost: only a full scan tells what changed.
     pub lost: bool,
 }
 
 impl Changes {
-    fn add(&mut self, change: Change) {
-        match change {
-            Change::Link(link) => {
-                self.links.insert(link.index, link.name);
-            }
-            Change::Filter(filter) => {
-                let hook = (filter.index, filter.hook);
-                if Datapath::overtakes(&filter) && !self.overtaken.contains(&hook) {
-                    self.overtaken.push(hook);
-                }
-            }
-            Change::Lost => self.lost = true,
-        }
-    }
-
     /// Whether there is anything for the agent to do.
     fn is_empty(&self) -> bool {
-        self.links.is_empty() && self.overtaken.is_empty() && !self.lost
+        self.links.is_empty() && !self.lost
     }
 }
 
-/// New links (and, in clsact mode, tc filters) as netlink announces them, gathered by a
-/// thread of its own until the agent takes them: a burst of pods is attached in one pass,
-/// and no netlink dump (which waits for the RTNL lock, as attaching does) stands between a
-/// new veth and its attachment.
+/// New links as netlink announces them, gathered by a thread of its own until the agent
+/// takes them: a burst of pods is attached in one pass, and no netlink dump (which waits for
+/// the RTNL lock, as attaching does) stands between a new veth and its attachment.
 pub struct ChangeWatch {
     pending: Mutex<Changes>,
     wake: Notify,
@@ -168,14 +147,20 @@ impl ChangeWatch {
     }
 }
 
-/// Watches this namespace's links over netlink (`RTMGRP_LINK`), and with `filters` its tc
-/// filters too (`RTMGRP_TC`: clsact mode, where a filter added later at the agent's priority
-/// runs before the agent's), in a thread of its own that ends when the agent drops the
-/// returned watch. Links that vanish, addresses and routes are left to the next poll's scan:
-/// until then they change nothing the agent shows.
-pub fn watch_changes(filters: bool) -> Result<Arc<ChangeWatch>, NetlinkError> {
+/// Watches this namespace's links over netlink (`RTMGRP_LINK`), in a thread of its own that
+/// ends when the agent drops the returned watch. Links that vanish, addresses and routes are
+/// left to the next poll's scan: until then they change nothing the agent shows.
+///
+/// With `keep_first` (a datapath in clsact mode, where a filter added later at the agent's
+/// priority runs before the agent's), it watches the tc filters too (`RTMGRP_TC`) and moves
+/// the agent's filter back in front itself, at once: the agent's loop would do it only after
+/// a poll under way, tens of milliseconds on a busy node, while the other filter hides the
+/// packets.
+pub fn watch_changes(
+    keep_first: Option<Arc<Mutex<Datapath>>>,
+) -> Result<Arc<ChangeWatch>, NetlinkError> {
     let mut socket = Socket::open(Protocol::Route)?;
-    let groups = if filters {
+    let groups = if keep_first.is_some() {
         libc::RTMGRP_LINK | libc::RTMGRP_TC
     } else {
         libc::RTMGRP_LINK
@@ -195,7 +180,19 @@ pub fn watch_changes(filters: bool) -> Result<Arc<ChangeWatch>, NetlinkError> {
             match result {
                 Ok(changes) => {
                     let mut pending = watch.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                    changes.into_iter().for_each(|change| pending.add(change));
+                    for change in changes {
+                        match change {
+                            Change::Link(link) => {
+                                pending.links.insert(link.index, link.name);
+                            }
+                            Change::Lost => pending.lost = true,
+                            Change::Filter(filter) => {
+                                if let Some(datapath) = &keep_first {
+                                    keep_in_front(datapath, &filter);
+                                }
+                            }
+                        }
+                    }
                     // The agent's own filters wake nobody.
                     let wake = !pending.is_empty();
                     drop(pending);
@@ -213,6 +210,20 @@ pub fn watch_changes(filters: bool) -> Result<Arc<ChangeWatch>, NetlinkError> {
         }
     });
     Ok(watch)
+}
+
+/// Moves the agent's filter back in front when `filter` was added ahead of it.
+fn keep_in_front(datapath: &Mutex<Datapath>, filter: &FilterAdded) {
+    if !Datapath::overtakes(filter) {
+        return;
+    }
+    let moved = datapath
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .move_to_front(filter.index, filter.hook);
+    if let Err(error) = moved {
+        tracing::warn!("{error}: another program's filter runs before the agent's there");
+    }
 }
 
 /// Shell-style matching with `*` only: what interface patterns need, nothing more.

@@ -368,6 +368,8 @@ pub struct Datapath {
     flow_table_capacity: u32,
     /// Whether link pins of a predecessor may remain for interfaces that are gone.
     stale_pins: bool,
+    /// Times a clsact filter was moved back in front (`tracer_attach_reorders_total`).
+    reorders: u64,
 }
 
 impl Datapath {
@@ -416,6 +418,7 @@ impl Datapath {
             resumed,
             flow_table_id: flow_table.id(),
             flow_table_capacity: flow_table.max_entries(),
+            reorders: 0,
         })
     }
 
@@ -448,16 +451,16 @@ impl Datapath {
             None => {}
         }
         let started = Instant::now();
-        if self.mode == AttachMode::Clsact {
-            // An agent killed before it could detach (SIGKILL, OOM) leaves its clsact filters
-            // behind, still running on every packet: remove them, or each restart adds one more
-            // program per hook (tcx links die with their process). One datapath runs per node,
-            // so a tracer filter found here is a dead one's.
+        // An agent killed before it could detach (SIGKILL, OOM) leaves its clsact filters
+        // behind, still running on every packet: remove them, or each restart adds one more
+        // program per hook (tcx links die with their process). One datapath runs per node, so
+        // a tracer filter found here is a dead one's. A qdisc added just now holds none: the
+        // two dumps that look for them (each waiting for the RTNL lock) are spared on a new
+        // pod's veth. Already present is fine: another tool (or the CNI) may have added it.
+        if self.mode == AttachMode::Clsact && tc::qdisc_add_clsact(interface).is_err() {
             for (program, hook) in HOOKS {
                 let _ = tc::qdisc_detach_program(interface, hook, program);
             }
-            // Already present is fine: another tool (or the CNI) may have added it.
-            let _ = tc::qdisc_add_clsact(interface);
         }
         let handle = CLSACT_HANDLES[0];
         let ingress = self.attach_one(interface, index, HOOKS[0], handle)?;
@@ -482,22 +485,27 @@ impl Datapath {
         filter.priority <= CLSACT_PRIORITY && !CLSACT_HANDLES.contains(&filter.handle)
     }
 
+    /// Times a clsact filter was moved back in front of another program's.
+    pub fn reorders(&self) -> u64 {
+        self.reorders
+    }
+
     /// Puts the agent's clsact filter on `hook` of the interface `index` back in front: adds
     /// it anew under its other handle (the newest runs first), then removes the old one.
-    /// False when there was nothing to move (not clsact mode, or an interface not held).
-    pub fn move_to_front(&mut self, index: u32, hook: TcAttachType) -> Result<bool, DatapathError> {
+    /// Nothing to do outside clsact mode or on an interface not held.
+    pub fn move_to_front(&mut self, index: u32, hook: TcAttachType) -> Result<(), DatapathError> {
         if self.mode != AttachMode::Clsact {
-            return Ok(false);
+            return Ok(());
         }
         let Some(slot) = HOOKS.iter().position(|(_, held)| *held == hook) else {
-            return Ok(false);
+            return Ok(());
         };
         let Some((interface, attachment)) = self
             .attached
             .iter()
             .find(|(_, attachment)| attachment.index == index)
         else {
-            return Ok(false);
+            return Ok(());
         };
         let handle = if attachment.handles[slot] == CLSACT_HANDLES[0] {
             CLSACT_HANDLES[1]
@@ -511,7 +519,8 @@ impl Datapath {
             attachment.links[slot] = link;
             attachment.handles[slot] = handle;
         }
-        Ok(true)
+        self.reorders += 1;
+        Ok(())
     }
 
     /// One hook: a pinned link of a predecessor moved to this agent's program, else a new

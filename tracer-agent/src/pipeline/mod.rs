@@ -26,7 +26,7 @@ pub mod snapshot;
 use std::{
     collections::{BTreeSet, HashSet},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -62,7 +62,9 @@ const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 pub struct Pipeline {
     args: PipelineArgs,
     patterns: InterfacePatterns,
-    datapath: Datapath,
+    /// Shared with the change watch in clsact mode, which moves the filters back in front
+    /// without waiting for a poll (`discovery::watch_changes`).
+    datapath: Arc<Mutex<Datapath>>,
     /// The node's context and the sources that keep it current.
     feed: ContextFeed,
     aggregator: Aggregator,
@@ -74,8 +76,6 @@ pub struct Pipeline {
     carried_workloads: Option<WorkloadTallies>,
     /// How long each attach to an interface took (both hooks).
     attach_times: LatencyHistogram,
-    /// Times the clsact filters were moved back in front of another program's.
-    attach_reorders: u64,
     attached: AttachedInterfaces,
     flow_table: FlowTableStats,
     /// The datapath's counters as last read.
@@ -178,7 +178,7 @@ impl Pipeline {
         let mut pipeline = Self {
             args: args.clone(),
             patterns,
-            datapath,
+            datapath: Arc::new(Mutex::new(datapath)),
             feed,
             aggregator: Aggregator::new(args.syn_timeout),
             history: History::default(),
@@ -186,7 +186,6 @@ impl Pipeline {
             workloads: None,
             carried_workloads: None,
             attach_times: LatencyHistogram::default(),
-            attach_reorders: 0,
             attached: AttachedInterfaces::default(),
             flow_table: FlowTableStats {
                 capacity: u64::from(args.flow_table_size),
@@ -201,7 +200,7 @@ impl Pipeline {
             latest: Arc::default(),
         };
         match saved {
-            Some(saved) if pipeline.datapath.resumed() => pipeline.carry_on(saved),
+            Some(saved) if pipeline.datapath().resumed() => pipeline.carry_on(saved),
             Some(_) => warn!("the saved state is another flow table's: counting from zero"),
             None => {}
         }
@@ -241,9 +240,13 @@ impl Pipeline {
         Arc::clone(&self.latest)
     }
 
-    /// How the datapath is attached.
-    pub fn attach_mode(&self) -> AttachMode {
-        self.datapath.mode()
+    fn datapath(&self) -> MutexGuard<'_, Datapath> {
+        self.datapath.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The datapath, for the change watch to keep its filters first, in clsact mode.
+    pub fn clsact_datapath(&self) -> Option<Arc<Mutex<Datapath>>> {
+        (self.datapath().mode() == AttachMode::Clsact).then(|| Arc::clone(&self.datapath))
     }
 
     /// How often `poll` is meant to run (`--poll-interval`).
@@ -258,14 +261,15 @@ impl Pipeline {
         // Counters before the flow table, so that every entry the count includes is either in
         // the table read next or gone unread; the table before the context, so that a pod
         // whose first packets are in it is known as a pod (its route came before them).
-        match self.datapath.counters() {
+        let counters = self.datapath().counters();
+        match counters {
             Ok(counters) => self.datapath_counters = counters,
             Err(error) => self.problem(
                 Reason::FlowTable,
                 format!("reading datapath counters: {error}"),
             ),
         }
-        let flows = self.datapath.flows();
+        let flows = self.datapath().flows();
         self.rescan();
         self.problems.extend(self.feed.refresh());
         match flows {
@@ -292,7 +296,7 @@ impl Pipeline {
             attach_times: &self.attach_times,
         };
         let saved = state.save(
-            self.datapath.flow_table_id(),
+            self.datapath().flow_table_id(),
             totals,
             self.aggregator.carried(),
         );
@@ -304,18 +308,10 @@ impl Pipeline {
         }
     }
 
-    /// Moves the agent's clsact filters back in front of those another program added ahead
-    /// of them, and attaches to the new links netlink announced, at once rather than at the
-    /// next poll (a new pod's first packets must be counted); after lost notifications,
-    /// scans again. Failures are left to the next poll, whose scan tries again and reports
-    /// them.
+    /// Attaches to the new links netlink announced, at once rather than at the next poll (a
+    /// new pod's first packets must be counted); after lost notifications, scans again.
+    /// Failures are left to the next poll, whose scan tries again and reports them.
     pub fn apply_changes(&mut self, changes: Changes) {
-        for (index, hook) in changes.overtaken {
-            match self.datapath.move_to_front(index, hook) {
-                Ok(moved) => self.attach_reorders += u64::from(moved),
-                Err(error) => warn!("{error}: another program's filter runs first there"),
-            }
-        }
         if changes.lost {
             self.rescan();
             return;
@@ -331,7 +327,8 @@ impl Pipeline {
 
     /// Attaches to an interface (nothing when it already is), timing the attach.
     fn attach(&mut self, name: &str, index: u32) -> Result<(), DatapathError> {
-        if let Some(took) = self.datapath.attach(name, index)? {
+        let took = self.datapath().attach(name, index)?;
+        if let Some(took) = took {
             self.attach_times.observe(took);
         }
         Ok(())
@@ -348,12 +345,12 @@ impl Pipeline {
     /// Detaches from every interface and removes what a successor would have carried on:
     /// a clean stop leaves nothing behind. (Dropping the pipeline detaches, but leaves the
     /// pins and the state file.)
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
         info!(
-            interfaces = self.datapath.attached().count(),
+            interfaces = self.datapath().attached().count(),
             "detaching from the interfaces"
         );
-        self.datapath.detach_all();
+        self.datapath().detach_all();
         if let Some(state) = &self.state {
             state.remove();
         }
@@ -363,7 +360,7 @@ impl Pipeline {
     /// saved the counts (see `kubernetes::handover`). `daemonset` is the successor's owner.
     pub fn hand_over(mut self, daemonset: &str) {
         self.poll();
-        match self.datapath.pinned() {
+        match self.datapath().pinned() {
             Some((dir, linked)) => info!(
                 daemonset = %daemonset,
                 interfaces = linked,
@@ -401,7 +398,8 @@ impl Pipeline {
         self.flow_table.entries = flows.len() as u64;
         self.flow_table.evictions = self.evictions.update(created, flows.len());
         self.unread.update(created, &result);
-        match self.datapath.forget(&result.idle) {
+        let forgotten = self.datapath().forget(&result.idle);
+        match forgotten {
             Ok(removed) => self.evictions.removed(removed),
             Err(error) => self.problem(
                 Reason::FlowTable,
@@ -419,14 +417,14 @@ impl Pipeline {
         } = scan;
         let present: BTreeSet<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
         let vanished: Vec<String> = self
-            .datapath
+            .datapath()
             .attached()
             .filter(|name| !present.contains(name))
             .map(str::to_owned)
             .collect();
         for name in vanished {
             info!(interface = %name, "interface gone");
-            self.datapath.detach(&name);
+            self.datapath().detach(&name);
         }
         let mut attached = AttachedInterfaces::default();
         for interface in &interfaces {
@@ -438,7 +436,7 @@ impl Pipeline {
                 Err(error) => self.problem(Reason::Interfaces, format!("{error}")),
             }
         }
-        self.datapath.forget_stale_pins();
+        self.datapath().forget_stale_pins();
         if attached.pod + attached.node == 0 {
             self.problem(Reason::Interfaces, "attached to no interface".to_owned());
         }
@@ -521,7 +519,7 @@ impl Pipeline {
                 events_lost: self.unread.lost(),
                 problems,
                 attach_times: self.attach_times.to_api(),
-                attach_reorders: self.attach_reorders,
+                attach_reorders: self.datapath().reorders(),
             },
             workloads: self
                 .workloads
