@@ -20,7 +20,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use test_run::{median, run};
-use tracer_agent::datapath::{AttachMode, Datapath};
+use tracer_agent::datapath::{AttachMode, Datapath, TcxOrder};
 use tracer_common::{
     DEFAULT_FLOW_TABLE_SIZE, DatapathCounter, PROGRAM_BASELINE, PROGRAM_INGRESS,
     test_support::craft::Frame,
@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Fills the table, measures every band, then prints and reports the results.
 fn measure(options: report::Options) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load(TABLE_SIZE, AttachMode::Tcx)
+    let mut datapath = Datapath::load(TABLE_SIZE, AttachMode::Tcx(TcxOrder::First))
         .context("loading the datapath (the benchmark needs root: CAP_BPF, CAP_NET_ADMIN)")?;
     eprintln!(
         "churn benchmark: a new connection per packet, {TABLE_SIZE}-entry table, \

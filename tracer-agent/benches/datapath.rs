@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use test_run::{median, run};
-use tracer_agent::datapath::{AttachMode, Datapath};
+use tracer_agent::datapath::{AttachMode, Datapath, TcxOrder};
 use tracer_common::{
     DatapathCounter, PROGRAM_BASELINE, PROGRAM_INGRESS, TCP_ACK, test_support::craft::Frame,
 };
@@ -122,7 +122,7 @@ fn measure_state(
     packets: &[(&'static str, Vec<u8>)],
     options: &report::Options,
 ) -> anyhow::Result<Vec<Row>> {
-    let mut datapath = Datapath::load(state.table_size, AttachMode::Tcx)
+    let mut datapath = Datapath::load(state.table_size, AttachMode::Tcx(TcxOrder::First))
         .context("loading the datapath (the benchmark needs root: CAP_BPF, CAP_NET_ADMIN)")?;
     for n in 0..state.fill {
         let source = SocketAddr::new(Ipv4Addr::from(0x0a80_0000 + n).into(), 40000);

@@ -1,8 +1,16 @@
-//! The rtnetlink dumps and link notifications against the real kernel, in a fresh network
-//! namespace: a veth with addresses and host routes, as the VPC CNI wires a pod. They need root.
+//! The rtnetlink dumps and link and tc filter notifications against the real kernel, in a
+//! fresh network namespace: a veth with addresses and host routes, as the VPC CNI wires a
+//! pod. They need root.
 use std::net::IpAddr;
 
-use tracer_agent::datapath::netlink::{self, Address, Link, LinkChange, Protocol, Route, Socket};
+use aya::programs::{
+    SchedClassifier, TcAttachType,
+    tc::{self, NlOptions, TcAttachOptions},
+};
+use tracer_agent::datapath::{
+    Datapath, POLICY_STANDIN_OBJECT, POLICY_STANDIN_PROGRAM,
+    netlink::{self, Address, Change, FilterAdded, Link, Protocol, Route, Socket},
+};
 use tracer_common::test_support::netns::{self, Netns};
 
 fn addr(text: &str) -> IpAddr {
@@ -89,7 +97,7 @@ fn notifications_announce_a_new_link() {
         let mut announced = Vec::new();
         let mut quiet = false;
         for _ in 0..10 {
-            let changes = socket.link_changes().expect("link changes");
+            let changes = socket.changes().expect("link changes");
             // Once everything is read, a wait ends empty at the receive timeout: it never hangs.
             quiet = changes.is_empty();
             announced.extend(changes);
@@ -101,8 +109,79 @@ fn notifications_announce_a_new_link() {
         assert!(
             announced
                 .iter()
-                .any(|change| matches!(change, LinkChange::New(link) if link.name == "eni9")),
+                .any(|change| matches!(change, Change::Link(link) if link.name == "eni9")),
             "eni9 was never announced: {announced:?}"
         );
+    });
+}
+
+/// What the clsact mode relies on, checked on this kernel: within one priority the filter
+/// added last is listed (and runs) first, and its `RTM_NEWTFILTER` names its hook, priority
+/// and handle, so that a filter added at priority 1 after the agent's is known to overtake
+/// it.
+#[test]
+fn a_filter_added_later_at_the_same_priority_goes_first_and_is_announced() {
+    in_fresh_netns(|| {
+        ip(&["link", "add", "eni7", "type", "veth", "peer", "name", "p7"]);
+        let mut socket = Socket::open(Protocol::Route).expect("socket");
+        socket.subscribe(libc::RTMGRP_TC as u32).expect("subscribe");
+        let mut ebpf = aya::Ebpf::load(POLICY_STANDIN_OBJECT).expect("the stand-in loads");
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(POLICY_STANDIN_PROGRAM)
+            .expect("the stand-in's program")
+            .try_into()
+            .expect("a classifier");
+        program.load().expect("load");
+        tc::qdisc_add_clsact("eni7").expect("clsact");
+        for handle in [1, 2] {
+            let options = TcAttachOptions::Netlink(NlOptions {
+                priority: 1,
+                handle: handle.into(),
+                ..NlOptions::default()
+            });
+            program
+                .attach_with_options("eni7", TcAttachType::Ingress, options)
+                .expect("attach");
+        }
+        // From this thread, so in its namespace.
+        let shown = std::process::Command::new("tc")
+            .args(["filter", "show", "dev", "eni7", "ingress"])
+            .output()
+            .expect("tc filter show");
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        let handles: Vec<&str> = shown
+            .split_whitespace()
+            .skip_while(|word| *word != "handle")
+            .filter(|word| word.starts_with("0x"))
+            .collect();
+        assert_eq!(handles, ["0x2", "0x1"], "newest first:\n{shown}");
+
+        // One datagram per notification, the new filter chain's among them (stepped over).
+        let mut announced = Vec::new();
+        for _ in 0..10 {
+            announced.extend(socket.changes().expect("tc notifications"));
+            if announced.len() >= 2 {
+                break;
+            }
+        }
+        // SAFETY: a NUL-terminated name; if_nametoindex reads nothing else.
+        let index = unsafe { libc::if_nametoindex(c"eni7".as_ptr()) };
+        let added = |handle| FilterAdded {
+            index,
+            hook: TcAttachType::Ingress,
+            priority: 1,
+            handle,
+        };
+        assert_eq!(
+            announced,
+            [Change::Filter(added(1)), Change::Filter(added(2))],
+            "the two filters' notifications"
+        );
+        assert!(Datapath::overtakes(&added(2)));
+        let behind = FilterAdded {
+            priority: 2,
+            ..added(2)
+        };
+        assert!(!Datapath::overtakes(&behind));
     });
 }

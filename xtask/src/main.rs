@@ -57,11 +57,13 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// 250 pod veths attached at start-up, again after a kill over the pins, then 200 pods churned
-    /// at 20/s and 200 at 10/s: attach times against the RCU grace period.
+    /// 256 pod veths attached at start-up with tcx, again after a kill over the pins, 200 pods
+    /// churned at 10/s; then with clsact: start-up, 200 pods at 20/s, and the filter moved back
+    /// in front of 200 foreign ones. Attach times against the RCU grace period.
     Attach {
-        /// Exit non-zero when a goal is missed (≤ 2 s at start-up and restart, p99 ≤ 100 ms in
-        /// churn at 20/s).
+        /// Exit non-zero when a goal is missed (tcx: start-up ≤ 1.3 × links × grace period,
+        /// restart ≤ 2 s, hot-plug p99 ≤ 100 ms at 10/s; clsact: start-up ≤ 1 s, hot-plug p99
+        /// ≤ 50 ms at 20/s, back in front p99 ≤ 10 ms).
         #[arg(long)]
         check: bool,
         /// Also write the results as JSON.

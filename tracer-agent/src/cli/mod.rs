@@ -5,7 +5,7 @@ use std::{net::IpAddr, net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{context::cidr::Cidr, serve::access::MetricsAuth};
+use crate::{context::cidr::Cidr, datapath::TcxOrder, serve::access::MetricsAuth};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -239,6 +239,13 @@ pub struct PipelineArgs {
     /// the kernel offers.
     #[arg(long, value_enum, default_value_t = AttachModeArg::Auto)]
     pub attach_mode: AttachModeArg,
+
+    /// With tcx links, where the agent's programs go on each hook's chain. Another tcx
+    /// program that drops or redirects a packet (a network-policy agent's) hides it from the
+    /// programs after it: `first` counts every packet, the dropped ones included; `last`
+    /// counts only what the others let through. (In clsact mode the agent is always first.)
+    #[arg(long, value_enum, default_value_t = TcxOrder::First)]
+    pub tcx_order: TcxOrder,
 
     /// This node's name, for logs, the JSON API and to select its pods in the Kubernetes API
     /// (Kubernetes sets it through the downward API).

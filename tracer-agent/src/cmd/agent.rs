@@ -173,7 +173,7 @@ async fn poll_until_signal(
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut ticker = tokio::time::interval(pipeline.poll_interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let changes = match discovery::watch_changes() {
+    let changes = match discovery::watch_changes(pipeline.clsact_datapath()) {
         Ok(changes) => Some(changes),
         Err(error) => {
             warn!("{error}: new interfaces are found at each poll instead");

@@ -7,7 +7,10 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::datapath::netlink::{self, LinkChange, NetlinkError, Protocol, Socket};
+use crate::datapath::{
+    Datapath,
+    netlink::{self, Change, FilterAdded, NetlinkError, Protocol, Socket},
+};
 
 /// The role an interface plays on an EKS node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -131,19 +134,15 @@ pub struct Changes {
 }
 
 impl Changes {
-    fn add(&mut self, change: LinkChange) {
-        match change {
-            LinkChange::New(link) => {
-                self.links.insert(link.index, link.name);
-            }
-            LinkChange::Lost => self.lost = true,
-        }
+    /// Whether there is anything for the agent to do.
+    fn is_empty(&self) -> bool {
+        self.links.is_empty() && !self.lost
     }
 }
 
-/// New links as netlink announces them, gathered by a thread of its own until the agent takes
-/// them: a burst of pods is attached in one pass, and no netlink dump (which waits for the
-/// RTNL lock, as attaching does) stands between a new veth and its attachment.
+/// New links as netlink announces them, gathered by a thread of its own until the agent
+/// takes them: a burst of pods is attached in one pass, and no netlink dump (which waits for
+/// the RTNL lock, as attaching does) stands between a new veth and its attachment.
 pub struct ChangeWatch {
     pending: Mutex<Changes>,
     wake: Notify,
@@ -160,9 +159,22 @@ impl ChangeWatch {
 /// Watches this namespace's links over netlink (`RTMGRP_LINK`), in a thread of its own that
 /// ends when the agent drops the returned watch. Links that vanish, addresses and routes are
 /// left to the next poll's scan: until then they change nothing the agent shows.
-pub fn watch_changes() -> Result<Arc<ChangeWatch>, NetlinkError> {
+///
+/// With `keep_first` (a datapath in clsact mode, where a filter added later at the agent's
+/// priority runs before the agent's), it watches the tc filters too (`RTMGRP_TC`) and moves
+/// the agent's filter back in front itself, at once: the agent's loop would do it only after
+/// a poll under way, tens of milliseconds on a busy node, while the other filter hides the
+/// packets.
+pub fn watch_changes(
+    keep_first: Option<Arc<Mutex<Datapath>>>,
+) -> Result<Arc<ChangeWatch>, NetlinkError> {
     let mut socket = Socket::open(Protocol::Route)?;
-    socket.subscribe(libc::RTMGRP_LINK as u32)?;
+    let groups = if keep_first.is_some() {
+        libc::RTMGRP_LINK | libc::RTMGRP_TC
+    } else {
+        libc::RTMGRP_LINK
+    };
+    socket.subscribe(groups as u32)?;
     let watch = Arc::new(ChangeWatch {
         pending: Mutex::new(Changes::default()),
         wake: Notify::new(),
@@ -170,17 +182,32 @@ pub fn watch_changes() -> Result<Arc<ChangeWatch>, NetlinkError> {
     let weak = Arc::downgrade(&watch);
     std::thread::spawn(move || {
         loop {
-            let result = socket.link_changes();
+            let result = socket.changes();
             let Some(watch) = weak.upgrade() else {
                 return;
             };
             match result {
-                Ok(changes) if changes.is_empty() => {}
                 Ok(changes) => {
                     let mut pending = watch.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                    changes.into_iter().for_each(|change| pending.add(change));
+                    for change in changes {
+                        match change {
+                            Change::Link(link) => {
+                                pending.links.insert(link.index, link.name);
+                            }
+                            Change::Lost => pending.lost = true,
+                            Change::Filter(filter) => {
+                                if let Some(datapath) = &keep_first {
+                                    keep_in_front(datapath, &filter);
+                                }
+                            }
+                        }
+                    }
+                    // The agent's own filters wake nobody.
+                    let wake = !pending.is_empty();
                     drop(pending);
-                    watch.wake.notify_one();
+                    if wake {
+                        watch.wake.notify_one();
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(
@@ -192,6 +219,20 @@ pub fn watch_changes() -> Result<Arc<ChangeWatch>, NetlinkError> {
         }
     });
     Ok(watch)
+}
+
+/// Moves the agent's filter back in front when `filter` was added ahead of it.
+fn keep_in_front(datapath: &Mutex<Datapath>, filter: &FilterAdded) {
+    if !Datapath::overtakes(filter) {
+        return;
+    }
+    let moved = datapath
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .move_to_front(filter.index, filter.hook);
+    if let Err(error) = moved {
+        tracing::warn!("{error}: another program's filter runs before the agent's there");
+    }
 }
 
 /// Shell-style matching with `*` only: what interface patterns need, nothing more.

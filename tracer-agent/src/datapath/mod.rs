@@ -16,10 +16,11 @@ use aya::{
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
     util::KernelVersion,
 };
+use netlink::FilterAdded;
 use tracer_common::{
     COUNTERS_MAP, DatapathCounter, FLOWS_MAP, FRAGMENT_TABLE_SIZE, FRAGMENTS_MAP, FlowKey,
     FlowStats, FragmentKey, FragmentPorts, PROGRAM_BASELINE, PROGRAM_EGRESS, PROGRAM_INGRESS,
@@ -69,27 +70,58 @@ pub enum DatapathError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
     /// tcx links (kernel ≥ 6.6): owned by the agent's file descriptors, gone when it exits.
-    Tcx,
-    /// Legacy clsact qdisc with direct-action filters, for older kernels.
+    Tcx(TcxOrder),
+    /// Legacy clsact qdisc with direct-action filters, for older kernels: at priority 1,
+    /// kept ahead of every other filter (see `Datapath::overtakes`).
     Clsact,
 }
 
 impl AttachMode {
     /// tcx where the kernel has it, clsact before 6.6.
-    pub fn for_running_kernel() -> Self {
+    pub fn for_running_kernel(order: TcxOrder) -> Self {
         match KernelVersion::current() {
-            Ok(version) if version >= KernelVersion::new(6, 6, 0) => Self::Tcx,
+            Ok(version) if version >= KernelVersion::new(6, 6, 0) => Self::Tcx(order),
             _ => Self::Clsact,
         }
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Tcx => "tcx",
+            Self::Tcx(_) => "tcx",
             Self::Clsact => "clsact",
         }
     }
 }
+
+/// Where on a hook's tcx chain the agent's programs go. A program that drops or redirects a
+/// packet (a network-policy agent's, for one) hides it from every program after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcxOrder {
+    /// Ahead of every program already there: the agent sees every packet, those another
+    /// program then drops included (a denied connection's SYNs are counted).
+    First,
+    /// Behind every program already there: the agent sees only what the others pass on.
+    Last,
+}
+
+impl TcxOrder {
+    fn link_order(self) -> LinkOrder {
+        match self {
+            Self::First => LinkOrder::first(),
+            Self::Last => LinkOrder::last(),
+        }
+    }
+}
+
+/// The clsact priority of the agent's filters: the first there is. Within one priority the
+/// newest filter runs first, so the agent moves its filter back in front whenever another
+/// lands at this priority after it.
+const CLSACT_PRIORITY: u16 = 1;
+/// The agent's two filter handles ("trc" 1 and 2), used in turn: to move ahead of another
+/// filter the agent adds its filter anew under the other handle, then removes the old one,
+/// so that no packet passes unseen in between. Handle 1 is the VPC CNI's network-policy
+/// agent's, which finds its filter by it.
+const CLSACT_HANDLES: [u32; 2] = [0x7472_6301, 0x7472_6302];
 
 /// `BPF_MAP_LOOKUP_BATCH`, the `bpf(2)` command aya 0.14 does not wrap.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -180,9 +212,10 @@ struct Attachment {
     /// The interface's index: a pod deleted and re-created between two scans keeps its name
     /// but not its index, and needs attaching again.
     index: u32,
-    /// Ingress, then egress.
-    #[expect(dead_code, reason = "held for their drop, which detaches")]
+    /// Ingress, then egress, held for their drop, which detaches.
     links: [HeldLink; 2],
+    /// In clsact mode, the handle each hook's filter has (one of `CLSACT_HANDLES`).
+    handles: [u32; 2],
 }
 
 /// One hook's link, held for its drop, which detaches (a pinned one once unpinned too).
@@ -335,6 +368,8 @@ pub struct Datapath {
     flow_table_capacity: u32,
     /// Whether link pins of a predecessor may remain for interfaces that are gone.
     stale_pins: bool,
+    /// Times a clsact filter was moved back in front (`tracer_attach_reorders_total`).
+    reorders: u64,
 }
 
 impl Datapath {
@@ -383,7 +418,12 @@ impl Datapath {
             resumed,
             flow_table_id: flow_table.id(),
             flow_table_capacity: flow_table.max_entries(),
+            reorders: 0,
         })
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.mode
     }
 
     /// Whether the maps were carried over from a predecessor (their counts go on).
@@ -396,8 +436,9 @@ impl Datapath {
         self.flow_table_id
     }
 
-    /// Attaches the ingress and egress programs to `interface`, after whatever is already
-    /// there (they hand every packet on, so order does not change other programs' verdicts).
+    /// Attaches the ingress and egress programs to `interface`: in clsact mode ahead of every
+    /// filter already there, in tcx mode where `TcxOrder` says. They hand every packet on, so
+    /// going first changes no other program's verdict, and sees what those drop.
     /// How long it took when it attached anew; `None` when it already was.
     pub fn attach(
         &mut self,
@@ -410,28 +451,76 @@ impl Datapath {
             None => {}
         }
         let started = Instant::now();
-        if self.mode == AttachMode::Clsact {
-            // An agent killed before it could detach (SIGKILL, OOM) leaves its clsact filters
-            // behind, still running on every packet: remove them, or each restart adds one more
-            // program per hook (tcx links die with their process). One datapath runs per node,
-            // so a tracer filter found here is a dead one's.
+        // An agent killed before it could detach (SIGKILL, OOM) leaves its clsact filters
+        // behind, still running on every packet: remove them, or each restart adds one more
+        // program per hook (tcx links die with their process). One datapath runs per node, so
+        // a tracer filter found here is a dead one's. A qdisc added just now holds none: the
+        // two dumps that look for them (each waiting for the RTNL lock) are spared on a new
+        // pod's veth. Already present is fine: another tool (or the CNI) may have added it.
+        if self.mode == AttachMode::Clsact && tc::qdisc_add_clsact(interface).is_err() {
             for (program, hook) in HOOKS {
                 let _ = tc::qdisc_detach_program(interface, hook, program);
             }
-            // Already present is fine: another tool (or the CNI) may have added it.
-            let _ = tc::qdisc_add_clsact(interface);
         }
-        let ingress = self.attach_one(interface, index, HOOKS[0])?;
+        let handle = CLSACT_HANDLES[0];
+        let ingress = self.attach_one(interface, index, HOOKS[0], handle)?;
         // On failure, dropping `ingress` detaches it again.
-        let egress = self.attach_one(interface, index, HOOKS[1])?;
+        let egress = self.attach_one(interface, index, HOOKS[1], handle)?;
         self.attached.insert(
             interface.to_owned(),
             Attachment {
                 index,
                 links: [ingress, egress],
+                handles: [handle; 2],
             },
         );
         Ok(Some(started.elapsed()))
+    }
+
+    /// Whether `filter`, just added, runs before the agent's clsact filter on its hook: it
+    /// is another program's (not under one of the agent's handles) at the agent's priority
+    /// or a lower one. The agent's own additions never count, so moving in front does not
+    /// call for moving again.
+    pub fn overtakes(filter: &FilterAdded) -> bool {
+        filter.priority <= CLSACT_PRIORITY && !CLSACT_HANDLES.contains(&filter.handle)
+    }
+
+    /// Times a clsact filter was moved back in front of another program's.
+    pub fn reorders(&self) -> u64 {
+        self.reorders
+    }
+
+    /// Puts the agent's clsact filter on `hook` of the interface `index` back in front: adds
+    /// it anew under its other handle (the newest runs first), then removes the old one.
+    /// Nothing to do outside clsact mode or on an interface not held.
+    pub fn move_to_front(&mut self, index: u32, hook: TcAttachType) -> Result<(), DatapathError> {
+        if self.mode != AttachMode::Clsact {
+            return Ok(());
+        }
+        let Some(slot) = HOOKS.iter().position(|(_, held)| *held == hook) else {
+            return Ok(());
+        };
+        let Some((interface, attachment)) = self
+            .attached
+            .iter()
+            .find(|(_, attachment)| attachment.index == index)
+        else {
+            return Ok(());
+        };
+        let handle = if attachment.handles[slot] == CLSACT_HANDLES[0] {
+            CLSACT_HANDLES[1]
+        } else {
+            CLSACT_HANDLES[0]
+        };
+        let interface = interface.clone();
+        let link = self.attach_one(&interface, index, HOOKS[slot], handle)?;
+        if let Some(attachment) = self.attached.get_mut(&interface) {
+            // The old filter goes with its link, now that the new one runs first.
+            attachment.links[slot] = link;
+            attachment.handles[slot] = handle;
+        }
+        self.reorders += 1;
+        Ok(())
     }
 
     /// One hook: a pinned link of a predecessor moved to this agent's program, else a new
@@ -441,6 +530,7 @@ impl Datapath {
         interface: &str,
         index: u32,
         (program, hook): (&'static str, TcAttachType),
+        handle: u32,
     ) -> Result<HeldLink, DatapathError> {
         let attach_error = |source| DatapathError::Attach {
             interface: interface.to_owned(),
@@ -448,7 +538,7 @@ impl Datapath {
             source,
         };
         let pin = match (&self.pins, self.mode) {
-            (Some(pins), AttachMode::Tcx) => Some(pins.link(index, program)),
+            (Some(pins), AttachMode::Tcx(_)) => Some(pins.link(index, program)),
             _ => None,
         };
         let classifier = classifier(&mut self.ebpf, program)?;
@@ -469,8 +559,12 @@ impl Datapath {
             }
         }
         let options = match self.mode {
-            AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::last()),
-            AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
+            AttachMode::Tcx(order) => TcAttachOptions::TcxOrder(order.link_order()),
+            AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions {
+                priority: CLSACT_PRIORITY,
+                handle: TcHandle::from(handle),
+                ..NlOptions::default()
+            }),
         };
         let link = classifier
             .attach_with_options(interface, hook, options)
@@ -520,7 +614,7 @@ impl Datapath {
     pub fn pinned(&self) -> Option<(&Path, usize)> {
         let pins = self.pins.as_ref()?;
         let linked = match self.mode {
-            AttachMode::Tcx => self.attached.len(),
+            AttachMode::Tcx(_) => self.attached.len(),
             AttachMode::Clsact => 0,
         };
         Some((pins.dir(), linked))

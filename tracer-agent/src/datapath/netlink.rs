@@ -10,6 +10,7 @@
 //! dump over `NETLINK_NETFILTER` (see `conntrack`).
 use std::{io, net::IpAddr, os::fd::AsRawFd as _, time::Duration};
 
+use aya::programs::TcAttachType;
 use netlink_packet_core::{
     DecodeError, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkDeserializable, NetlinkHeader,
     NetlinkMessage, NetlinkPayload, NetlinkSerializable, Parseable as _,
@@ -19,6 +20,7 @@ use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{LinkAttribute, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage},
+    tc::TcHeader,
 };
 use netlink_sys::{SocketAddr, protocols};
 
@@ -54,6 +56,8 @@ pub enum NetlinkError {
 
 /// Large enough for any datagram of a dump (the kernel fills at most ~32 KiB per datagram).
 const RECV_BUFFER: usize = 64 * 1024;
+/// The receive buffer of a subscribed socket: some 10,000 notifications.
+const NOTIFICATION_BUFFER: usize = 4 << 20;
 /// The kernel answers at once; this only keeps a wedged kernel from hanging the agent's poll.
 const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -142,25 +146,44 @@ impl Socket {
     }
 
     /// Joins multicast `groups` (`RTMGRP_*` bits): the kernel then sends a message on every
-    /// change of what they cover, which [`Socket::link_changes`] reads.
+    /// change of what they cover, which [`Socket::changes`] reads. The receive buffer grows
+    /// to `NOTIFICATION_BUFFER` first (with CAP_NET_ADMIN, past `net.core.rmem_max`): a
+    /// burst — the agent's own filters at start-up, a CNI plumbing many pods — must not
+    /// overflow it, since what is lost is known only by a full scan.
     pub fn subscribe(&mut self, groups: u32) -> Result<(), NetlinkError> {
+        let size = NOTIFICATION_BUFFER as libc::c_int;
+        for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: the option value is a valid int of the given size.
+            let set = unsafe {
+                libc::setsockopt(
+                    self.socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&raw const size).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if set == 0 {
+                break;
+            }
+        }
         self.socket
             .bind(&SocketAddr::new(0, groups))
             .map_err(NetlinkError::Subscribe)
     }
 
     /// Waits up to the receive timeout for notifications of the subscribed groups and returns
-    /// the links they announce (`RTM_NEWLINK`), or `Lost` when the kernel had to drop some
-    /// (ENOBUFS); nothing on timeout. Other messages are stepped over.
-    pub fn link_changes(&mut self) -> Result<Vec<LinkChange>, NetlinkError> {
+    /// the links (`RTM_NEWLINK`) and tc filters (`RTM_NEWTFILTER`) they announce, or `Lost`
+    /// when the kernel had to drop some (ENOBUFS); nothing on timeout. Other messages are
+    /// stepped over.
+    pub fn changes(&mut self) -> Result<Vec<Change>, NetlinkError> {
         let received = match self.recv() {
             Ok(received) => received,
-            Err(NetlinkError::Overrun) => return Ok(vec![LinkChange::Lost]),
+            Err(NetlinkError::Overrun) => return Ok(vec![Change::Lost]),
             Err(NetlinkError::Timeout(_)) => return Ok(Vec::new()),
             Err(error) => return Err(error),
         };
-        let links = announced_links(&self.buffer[..received])?;
-        Ok(links.into_iter().map(LinkChange::New).collect())
+        announced(&self.buffer[..received])
     }
 
     /// Receives one datagram into the buffer and returns its length.
@@ -285,13 +308,64 @@ pub struct Link {
     pub name: String,
 }
 
-/// What a link notification tells.
+/// What a notification tells.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LinkChange {
+pub enum Change {
     /// A link appeared in this namespace, or changed (state, name).
-    New(Link),
+    Link(Link),
+    /// A tc filter was added (or replaced) on a hook of the clsact qdisc.
+    Filter(FilterAdded),
     /// Notifications were lost: only a dump tells what changed.
     Lost,
+}
+
+/// A tc filter added on a clsact hook, as its `RTM_NEWTFILTER` header tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilterAdded {
+    pub index: u32,
+    pub hook: TcAttachType,
+    /// Lower runs first; within one priority, the newest filter runs first.
+    pub priority: u16,
+    pub handle: u32,
+}
+
+/// The `tcm_parent` of clsact's two hooks: `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)` and
+/// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)`.
+const CLSACT_INGRESS: u32 = 0xffff_fff2;
+const CLSACT_EGRESS: u32 = 0xffff_fff3;
+
+/// One notification, read only as far as the agent needs it: of a tc filter, the header
+/// alone (its options, actions and statistics are none of the agent's business, and a kind
+/// the crates do not know must not stop the watch).
+enum Notice {
+    Change(Change),
+    Other,
+}
+
+impl NetlinkDeserializable for Notice {
+    type Error = DecodeError;
+
+    fn deserialize(header: &NetlinkHeader, payload: &[u8]) -> Result<Self, DecodeError> {
+        match header.message_type {
+            libc::RTM_NEWLINK => Ok(link_of(RouteNetlinkMessage::deserialize(header, payload)?)
+                .map_or(Self::Other, |link| Self::Change(Change::Link(link)))),
+            libc::RTM_NEWTFILTER => {
+                let tc = TcHeader::parse(payload)?;
+                let hook = match u32::from(tc.parent) {
+                    CLSACT_INGRESS => TcAttachType::Ingress,
+                    CLSACT_EGRESS => TcAttachType::Egress,
+                    _ => return Ok(Self::Other),
+                };
+                Ok(Self::Change(Change::Filter(FilterAdded {
+                    index: tc.index as u32,
+                    hook,
+                    priority: (tc.info >> 16) as u16,
+                    handle: u32::from(tc.handle),
+                })))
+            }
+            _ => Ok(Self::Other),
+        }
+    }
 }
 
 /// An address configured on an interface.
@@ -359,16 +433,18 @@ fn ip_dumps<T>(
     Ok(items)
 }
 
-/// The links a datagram of notifications announces (`RTM_NEWLINK`); other messages are
+/// The links and tc filters a datagram of notifications announces; other messages are
 /// stepped over. Notifications carry the sequence number of the request that caused them, if
 /// any: none is expected.
-fn announced_links(data: &[u8]) -> Result<Vec<Link>, NetlinkError> {
-    let mut links = Vec::new();
-    parse_datagram(data, None, |message| {
-        links.extend(link_of(message));
+fn announced(data: &[u8]) -> Result<Vec<Change>, NetlinkError> {
+    let mut changes = Vec::new();
+    parse_datagram(data, None, |notice| {
+        if let Notice::Change(change) = notice {
+            changes.push(change);
+        }
         Ok(())
     })?;
-    Ok(links)
+    Ok(changes)
 }
 
 /// The link of an `RTM_NEWLINK`; None for other messages, or without a name.
@@ -558,9 +634,56 @@ mod tests {
         new_link[8..12].copy_from_slice(&99u32.to_ne_bytes());
         let bytes = [message(NLMSG_NOOP, &[]), new_link].concat();
         assert_eq!(
-            announced_links(&bytes).unwrap(),
-            vec![link(12, "eni1a2b3c4d5e6")]
+            announced(&bytes).unwrap(),
+            vec![Change::Link(link(12, "eni1a2b3c4d5e6"))]
         );
+    }
+
+    /// An `RTM_NEWTFILTER` of a bpf filter on interface 12 under `parent`, its options in
+    /// attributes the agent does not read.
+    fn filter_message(parent: u32, priority: u16, handle: u32) -> Vec<u8> {
+        /// `ETH_P_ALL`, in network order as `tcm_info` carries it.
+        const ALL_PROTOCOLS: u32 = 0x0300;
+        let header = [
+            [0u8; 4].as_slice(), // family, padding
+            &12i32.to_ne_bytes(),
+            &handle.to_ne_bytes(),
+            &parent.to_ne_bytes(),
+            &((u32::from(priority) << 16) | ALL_PROTOCOLS).to_ne_bytes(),
+        ]
+        .concat();
+        let kind = attr(1, b"bpf\0"); // TCA_KIND
+        let options = nested(2, &[attr(6, &[0x5a; 12]), attr(0x7f, &[1; 5])]); // TCA_OPTIONS
+        message(libc::RTM_NEWTFILTER, &[header, kind, options].concat())
+    }
+
+    #[test]
+    fn notifications_announce_filters_of_clsact_hooks_by_their_header() {
+        let bytes = [
+            filter_message(CLSACT_INGRESS, 1, 1),
+            filter_message(CLSACT_EGRESS, 49152, 0x7472_6301),
+            // A filter of a classful qdisc's class: not a hook.
+            filter_message(0x0001_0000, 1, 1),
+        ]
+        .concat();
+        let filter = |hook, priority, handle| {
+            Change::Filter(FilterAdded {
+                index: 12,
+                hook,
+                priority,
+                handle,
+            })
+        };
+        assert_eq!(
+            announced(&bytes).unwrap(),
+            vec![
+                filter(TcAttachType::Ingress, 1, 1),
+                filter(TcAttachType::Egress, 49152, 0x7472_6301),
+            ]
+        );
+        // A header cut short is an error, not a guess.
+        let cut = message(libc::RTM_NEWTFILTER, &[0; 12]);
+        assert!(announced(&cut).is_err());
     }
 
     fn address_message(

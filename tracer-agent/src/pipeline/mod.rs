@@ -26,7 +26,7 @@ pub mod snapshot;
 use std::{
     collections::{BTreeSet, HashSet},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -62,7 +62,9 @@ const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 pub struct Pipeline {
     args: PipelineArgs,
     patterns: InterfacePatterns,
-    datapath: Datapath,
+    /// Shared with the change watch in clsact mode, which moves the filters back in front
+    /// without waiting for a poll (`discovery::watch_changes`).
+    datapath: Arc<Mutex<Datapath>>,
     /// The node's context and the sources that keep it current.
     feed: ContextFeed,
     aggregator: Aggregator,
@@ -120,8 +122,8 @@ impl Pipeline {
             )));
         }
         let mode = match args.attach_mode {
-            AttachModeArg::Auto => AttachMode::for_running_kernel(),
-            AttachModeArg::Tcx => AttachMode::Tcx,
+            AttachModeArg::Auto => AttachMode::for_running_kernel(args.tcx_order),
+            AttachModeArg::Tcx => AttachMode::Tcx(args.tcx_order),
             AttachModeArg::Clsact => AttachMode::Clsact,
         };
         let pins = restart
@@ -176,7 +178,7 @@ impl Pipeline {
         let mut pipeline = Self {
             args: args.clone(),
             patterns,
-            datapath,
+            datapath: Arc::new(Mutex::new(datapath)),
             feed,
             aggregator: Aggregator::new(args.syn_timeout),
             history: History::default(),
@@ -198,7 +200,7 @@ impl Pipeline {
             latest: Arc::default(),
         };
         match saved {
-            Some(saved) if pipeline.datapath.resumed() => pipeline.carry_on(saved),
+            Some(saved) if pipeline.datapath().resumed() => pipeline.carry_on(saved),
             Some(_) => warn!("the saved state is another flow table's: counting from zero"),
             None => {}
         }
@@ -238,6 +240,15 @@ impl Pipeline {
         Arc::clone(&self.latest)
     }
 
+    fn datapath(&self) -> MutexGuard<'_, Datapath> {
+        self.datapath.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The datapath, for the change watch to keep its filters first, in clsact mode.
+    pub fn clsact_datapath(&self) -> Option<Arc<Mutex<Datapath>>> {
+        (self.datapath().mode() == AttachMode::Clsact).then(|| Arc::clone(&self.datapath))
+    }
+
     /// How often `poll` is meant to run (`--poll-interval`).
     pub fn poll_interval(&self) -> Duration {
         self.args.poll_interval
@@ -250,14 +261,15 @@ impl Pipeline {
         // Counters before the flow table, so that every entry the count includes is either in
         // the table read next or gone unread; the table before the context, so that a pod
         // whose first packets are in it is known as a pod (its route came before them).
-        match self.datapath.counters() {
+        let counters = self.datapath().counters();
+        match counters {
             Ok(counters) => self.datapath_counters = counters,
             Err(error) => self.problem(
                 Reason::FlowTable,
                 format!("reading datapath counters: {error}"),
             ),
         }
-        let flows = self.datapath.flows();
+        let flows = self.datapath().flows();
         self.rescan();
         self.problems.extend(self.feed.refresh());
         match flows {
@@ -284,7 +296,7 @@ impl Pipeline {
             attach_times: &self.attach_times,
         };
         let saved = state.save(
-            self.datapath.flow_table_id(),
+            self.datapath().flow_table_id(),
             totals,
             self.aggregator.carried(),
         );
@@ -315,7 +327,8 @@ impl Pipeline {
 
     /// Attaches to an interface (nothing when it already is), timing the attach.
     fn attach(&mut self, name: &str, index: u32) -> Result<(), DatapathError> {
-        if let Some(took) = self.datapath.attach(name, index)? {
+        let took = self.datapath().attach(name, index)?;
+        if let Some(took) = took {
             self.attach_times.observe(took);
         }
         Ok(())
@@ -332,12 +345,12 @@ impl Pipeline {
     /// Detaches from every interface and removes what a successor would have carried on:
     /// a clean stop leaves nothing behind. (Dropping the pipeline detaches, but leaves the
     /// pins and the state file.)
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
         info!(
-            interfaces = self.datapath.attached().count(),
+            interfaces = self.datapath().attached().count(),
             "detaching from the interfaces"
         );
-        self.datapath.detach_all();
+        self.datapath().detach_all();
         if let Some(state) = &self.state {
             state.remove();
         }
@@ -347,7 +360,7 @@ impl Pipeline {
     /// saved the counts (see `kubernetes::handover`). `daemonset` is the successor's owner.
     pub fn hand_over(mut self, daemonset: &str) {
         self.poll();
-        match self.datapath.pinned() {
+        match self.datapath().pinned() {
             Some((dir, linked)) => info!(
                 daemonset = %daemonset,
                 interfaces = linked,
@@ -385,7 +398,8 @@ impl Pipeline {
         self.flow_table.entries = flows.len() as u64;
         self.flow_table.evictions = self.evictions.update(created, flows.len());
         self.unread.update(created, &result);
-        match self.datapath.forget(&result.idle) {
+        let forgotten = self.datapath().forget(&result.idle);
+        match forgotten {
             Ok(removed) => self.evictions.removed(removed),
             Err(error) => self.problem(
                 Reason::FlowTable,
@@ -403,14 +417,14 @@ impl Pipeline {
         } = scan;
         let present: BTreeSet<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
         let vanished: Vec<String> = self
-            .datapath
+            .datapath()
             .attached()
             .filter(|name| !present.contains(name))
             .map(str::to_owned)
             .collect();
         for name in vanished {
             info!(interface = %name, "interface gone");
-            self.datapath.detach(&name);
+            self.datapath().detach(&name);
         }
         let mut attached = AttachedInterfaces::default();
         for interface in &interfaces {
@@ -422,7 +436,7 @@ impl Pipeline {
                 Err(error) => self.problem(Reason::Interfaces, format!("{error}")),
             }
         }
-        self.datapath.forget_stale_pins();
+        self.datapath().forget_stale_pins();
         if attached.pod + attached.node == 0 {
             self.problem(Reason::Interfaces, "attached to no interface".to_owned());
         }
@@ -505,6 +519,7 @@ impl Pipeline {
                 events_lost: self.unread.lost(),
                 problems,
                 attach_times: self.attach_times.to_api(),
+                attach_reorders: self.datapath().reorders(),
             },
             workloads: self
                 .workloads

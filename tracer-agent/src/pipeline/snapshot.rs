@@ -154,6 +154,9 @@ pub struct Health {
     pub problems: Vec<Problem>,
     /// How long attaching to each new interface took (`tracer_attach_duration_seconds`).
     pub attach_times: api::Histogram,
+    /// Times the agent moved its clsact filter back in front of another program's
+    /// (`tracer_attach_reorders_total`).
+    pub attach_reorders: u64,
 }
 
 /// One poll's view of everything, shared read-only with the exporters.

@@ -278,6 +278,12 @@ fn render_health(out: &mut Exposition, snapshot: &Snapshot) {
             "Connections the datapath recorded that the agent never read (created and evicted between two polls)",
             health.events_lost,
         ),
+        (
+            "tracer_attach_reorders_total",
+            "counter",
+            "Times the agent moved its clsact filter back in front of a filter another program added ahead of it",
+            health.attach_reorders,
+        ),
     ] {
         out.family(name, kind, help);
         out.sample(name, &[], value);

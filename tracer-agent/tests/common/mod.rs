@@ -10,7 +10,7 @@
 use std::{ffi::CString, net::SocketAddr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use tracer_agent::datapath::{AttachMode, Datapath};
+use tracer_agent::datapath::{AttachMode, Datapath, TcxOrder};
 use tracer_common::{
     DEFAULT_FLOW_TABLE_SIZE, DatapathCounter, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Hook,
     PROGRAM_EGRESS, PROGRAM_INGRESS, TC_NEXT,
@@ -96,7 +96,7 @@ pub(crate) fn on_fresh_node_with_table(
                 unsafe { libc::if_nametoindex(c_name.as_ptr()) }
             })
             .collect();
-        let datapath = Datapath::load(table_size, AttachMode::Tcx)
+        let datapath = Datapath::load(table_size, AttachMode::Tcx(TcxOrder::First))
             .unwrap_or_else(|error| panic!("{NEED_ROOT}: {error}"));
         body(&mut Node {
             datapath,

@@ -1,9 +1,9 @@
 //! Pod churn on the lab node, as a busy EKS node sees it: pods scheduled and deleted at a
 //! steady rate, each talking to the previous one (`pod_to_pod_local`), while an agent runs.
-//! Measures how long each new veth waits for the agent's tcx links. Shared by the hot-plug
-//! test and `cargo xtask bench attach`.
+//! Measures how long each new veth waits for the agent's tcx links or clsact filters. Shared
+//! by the hot-plug test and `cargo xtask bench attach`.
 mod watch;
-pub use watch::{newest_link_id, settled_links_after};
+pub use watch::{FilterSeen, NetlinkWatch, both_hooks, newest_link_id, settled_links_after};
 
 use std::{
     collections::VecDeque,
@@ -18,7 +18,16 @@ use crate::{
     agent::LabAgent,
     lab::{Lab, exec},
 };
-use watch::{AttachWatch, CreationWatch};
+use watch::AttachWatch;
+
+/// What the agent holds on an interface once it is attached, as the agent's `--attach-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Both tcx links (ingress and egress).
+    TcxLinks,
+    /// A clsact filter on both hooks.
+    ClsactFilters,
+}
 
 /// Pods alive at once: at 20 per second, each lives about a second.
 const ALIVE: usize = 20;
@@ -33,8 +42,8 @@ pub struct Churn {
     pub pods: u32,
     /// Pods per second actually scheduled.
     pub rate: f64,
-    /// Per pod, from its veth's appearance to the agent holding both tcx links on it; sorted,
-    /// with None (last) for a pod deleted before the agent attached to it.
+    /// Per pod, from its veth's appearance to the agent holding both hooks of it; sorted, with
+    /// None (last) for a pod deleted before the agent attached to it.
     pub attach_latencies: Vec<Option<Duration>>,
 }
 
@@ -55,7 +64,7 @@ impl Churn {
                 .map_or("never".to_owned(), |latency| format!("{latency:.1?}"))
         };
         format!(
-            "{} pods at {:.1}/s; attach latency (veth created → both tcx links held) p50 {}, p99 {}, max {}; {} never attached",
+            "{} pods at {:.1}/s; attach latency (veth created → both hooks held) p50 {}, p99 {}, max {}; {} never attached",
             self.pods,
             self.rate,
             show(0.5),
@@ -79,7 +88,7 @@ pub fn pod_name(prefix: &str, n: u32) -> String {
 
 /// Schedules `pods` pods (numbered from `first`, so that runs in one lab do not collide) one
 /// every `every`, each sending `DATAGRAMS` × `DATAGRAM_BYTES` to the previous one, deletes them
-/// as they age, and times the attachment of each by `agent`.
+/// as they age, and times the attachment of each by `agent`, which holds them as `hold` says.
 ///
 /// Each pod is plumbed on a thread of its own, started on schedule: as on a node, where the
 /// CNI sets up several pods at once, a pod's plumbing does not wait for the previous one's
@@ -91,9 +100,10 @@ pub fn run(
     first: u32,
     pods: u32,
     every: Duration,
+    hold: Hold,
 ) -> anyhow::Result<Churn> {
-    let creations = CreationWatch::start(&lab.ns("node"))?;
-    let watch = AttachWatch::start(agent);
+    let creations = NetlinkWatch::start(&lab.ns("node"), hold == Hold::ClsactFilters)?;
+    let watch = (hold == Hold::TcxLinks).then(|| AttachWatch::start(agent));
     let started = Instant::now();
     let (plumbed, alive) = std::thread::scope(|scope| {
         let (plugging, plugs) = mpsc::channel();
@@ -121,8 +131,11 @@ pub fn run(
     }
     wait_detached(agent, &plumbed);
     agent.wait_whole_poll(SETTLE)?;
-    let attached = watch.finish()?;
-    let created = creations.finish()?;
+    let (created, filters) = creations.finish()?;
+    let attached = match watch {
+        Some(watch) => watch.finish()?,
+        None => both_hooks(&filters),
+    };
     let mut attach_latencies = plumbed
         .iter()
         .map(|index| {

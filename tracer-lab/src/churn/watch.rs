@@ -1,6 +1,6 @@
-//! The two clocks of a churn run: when each veth appears (netlink) and when the agent holds
-//! both its tcx links (eBPF link ids). Neither takes the RTNL lock on its timing path, so
-//! neither waits behind, nor adds to, the attaches it measures.
+//! The clocks of a churn run: when each veth appears (netlink), and when the agent holds both
+//! its tcx links (eBPF link ids) or both its clsact filters (tc notifications). None takes the
+//! RTNL lock on its timing path, so none waits behind, nor adds to, the attaches it measures.
 use std::{
     collections::{HashMap, HashSet},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -13,31 +13,54 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
-use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{RouteNetlinkMessage, tc::TcHeader};
 
 use crate::{agent::LabAgent, lab::exec};
 
+/// A tc filter added on a hook of a clsact qdisc, as netlink announced it.
+#[derive(Clone, Copy, Debug)]
+pub struct FilterSeen {
+    pub index: u64,
+    pub egress: bool,
+    pub priority: u16,
+    pub handle: u32,
+    /// When the watch read the notification.
+    pub at: Instant,
+}
+
 /// Records when each link of a namespace appears, as netlink announces it: the moment a veth
 /// exists, which the `ip link add` that creates it knows only to within its wait for the RTNL
-/// lock.
-pub(super) struct CreationWatch {
+/// lock. With `filters`, also every tc filter added on a clsact hook there: the moment it runs.
+pub struct NetlinkWatch {
     appeared: Arc<Mutex<HashMap<u64, Instant>>>,
+    filters: Arc<Mutex<Vec<FilterSeen>>>,
     lost: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
 
-impl CreationWatch {
-    pub(super) fn start(ns: &str) -> anyhow::Result<Self> {
+impl NetlinkWatch {
+    pub fn start(ns: &str, filters: bool) -> anyhow::Result<Self> {
         let appeared: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+        let added: Arc<Mutex<Vec<FilterSeen>>> = Arc::default();
         let lost: Arc<AtomicBool> = Arc::default();
         let stop: Arc<AtomicBool> = Arc::default();
-        let watch = (Arc::clone(&appeared), Arc::clone(&lost), Arc::clone(&stop));
+        let watch = (
+            Arc::clone(&appeared),
+            Arc::clone(&added),
+            Arc::clone(&lost),
+            Arc::clone(&stop),
+        );
         let (ready, subscribed) = mpsc::channel();
         let ns = ns.to_owned();
+        let groups = if filters {
+            libc::RTMGRP_LINK | libc::RTMGRP_TC
+        } else {
+            libc::RTMGRP_LINK
+        };
         let thread = std::thread::spawn(move || {
-            let socket = exec::enter(&ns).and_then(|()| link_notifications());
+            let socket = exec::enter(&ns).and_then(|()| notifications(groups as u32));
             let socket = match socket {
                 Ok(socket) => {
                     let _ = ready.send(Ok(()));
@@ -64,50 +87,144 @@ impl CreationWatch {
                         return;
                     }
                 };
+                let datagram = &buffer[..received];
                 let mut appeared = appeared.lock().unwrap_or_else(PoisonError::into_inner);
-                for index in new_links(&buffer[..received]) {
+                for index in new_links(datagram) {
                     appeared.entry(u64::from(index)).or_insert(now);
                 }
+                drop(appeared);
+                added
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(new_filters(datagram, now));
             }
         });
         subscribed
             .recv()
             .map_err(|_| anyhow!("the link watch thread ended"))?
             .context("watching the node's links")?;
-        let (appeared, lost, stop) = watch;
+        let (appeared, filters, lost, stop) = watch;
         Ok(Self {
             appeared,
+            filters,
             lost,
             stop,
             thread,
         })
     }
 
-    /// When each link first appeared.
-    pub(super) fn finish(self) -> anyhow::Result<HashMap<u64, Instant>> {
+    /// The filters added so far, in the order they were announced.
+    pub fn filters(&self) -> Vec<FilterSeen> {
+        self.filters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// When each link first appeared, and every filter added meanwhile.
+    pub fn finish(self) -> anyhow::Result<(HashMap<u64, Instant>, Vec<FilterSeen>)> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .join()
             .map_err(|_| anyhow!("the link watch panicked"))?;
         if self.lost.load(Ordering::Relaxed) {
-            bail!("link notifications were lost: creation times unknown");
+            bail!("netlink notifications were lost: creation and attach times unknown");
         }
-        Ok(self
+        let appeared = self
             .appeared
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone())
+            .clone();
+        let filters = self
+            .filters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Ok((appeared, filters))
     }
 }
 
-/// A netlink socket of the calling thread's namespace subscribed to its link changes.
-fn link_notifications() -> anyhow::Result<netlink_sys::Socket> {
+/// When each interface first had a filter on both clsact hooks. In the lab only the agent
+/// adds filters to the pods' veths, so on those, these are the agent's.
+pub fn both_hooks(filters: &[FilterSeen]) -> HashMap<u64, Instant> {
+    let mut first: HashMap<(u64, bool), Instant> = HashMap::new();
+    for filter in filters {
+        first
+            .entry((filter.index, filter.egress))
+            .or_insert(filter.at);
+    }
+    first
+        .iter()
+        .filter(|((_, egress), _)| !egress)
+        .filter_map(|((index, _), ingress)| {
+            let egress = first.get(&(*index, true))?;
+            Some((*index, (*ingress).max(*egress)))
+        })
+        .collect()
+}
+
+/// A netlink socket of the calling thread's namespace subscribed to `groups` (`RTMGRP_*`).
+fn notifications(groups: u32) -> anyhow::Result<netlink_sys::Socket> {
     let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
         .context("netlink socket")?;
+    // A start-up's burst of notifications (two filters per interface) must not overflow it;
+    // root may go past net.core.rmem_max.
+    let size: libc::c_int = 8 << 20;
+    // SAFETY: the option value is a valid int of the given size.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        bail!(
+            "SO_RCVBUFFORCE on the watch's socket: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     socket
-        .bind(&netlink_sys::SocketAddr::new(0, libc::RTMGRP_LINK as u32))
+        .bind(&netlink_sys::SocketAddr::new(0, groups))
         .context("subscribing to link notifications")?;
     Ok(socket)
+}
+
+/// The `tcm_parent` of clsact's ingress and egress hooks.
+const CLSACT_INGRESS: u32 = 0xffff_fff2;
+const CLSACT_EGRESS: u32 = 0xffff_fff3;
+
+/// The clsact filters the `RTM_NEWTFILTER` messages of a datagram announce, read from their
+/// header alone (a filter's options need not parse).
+fn new_filters(datagram: &[u8], at: Instant) -> Vec<FilterSeen> {
+    let mut filters = Vec::new();
+    let mut rest = datagram;
+    while let Ok(message) = NetlinkBuffer::new_checked(rest) {
+        let length = message.length() as usize;
+        if message.message_type() == libc::RTM_NEWTFILTER
+            && let Ok(header) = TcHeader::parse(message.payload())
+        {
+            let parent = u32::from(header.parent);
+            if parent == CLSACT_INGRESS || parent == CLSACT_EGRESS {
+                filters.push(FilterSeen {
+                    index: u64::from(header.index as u32),
+                    egress: parent == CLSACT_EGRESS,
+                    priority: (header.info >> 16) as u16,
+                    handle: u32::from(header.handle),
+                    at,
+                });
+            }
+        }
+        // Messages are 4-byte aligned within a datagram.
+        let length = (length + 3) & !3;
+        if length == 0 || length >= rest.len() {
+            break;
+        }
+        rest = &rest[length..];
+    }
+    filters
 }
 
 /// Whether a datagram waits on `socket`, after at most 100 ms: the watch checks for its stop

@@ -39,7 +39,7 @@ fn pods_churning_at_10_per_second_are_attached_counted_and_forgotten() {
     let links_before = agent.linked_ifindexes().len();
     let before = agent.scrape().expect("scrape");
 
-    let churn = churn::run(&lab, &agent, 0, PODS, EVERY).expect("churn");
+    let churn = churn::run(&lab, &agent, 0, PODS, EVERY, churn::Hold::TcxLinks).expect("churn");
     figures::record("hotplug", &format!("hot-plug: {}", churn.summary()))
         .expect("record the figure");
     assert!(
