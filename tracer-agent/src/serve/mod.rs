@@ -16,7 +16,10 @@ use axum::{
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{pipeline::snapshot::Snapshot, serve::api::ErrorResponse, serve::export::Metrics};
+use crate::{
+    pipeline::blindness, pipeline::snapshot::Snapshot, serve::api::ErrorResponse,
+    serve::export::Metrics,
+};
 
 #[derive(Clone)]
 struct AppState {
@@ -62,12 +65,19 @@ async fn flows_handler(State(state): State<AppState>, RawQuery(query): RawQuery)
 async fn readyz_handler(State(state): State<AppState>) -> impl IntoResponse {
     let snapshot = state.latest();
     let paths = &snapshot.paths;
+    // Blind interfaces are named whatever the readiness: the agent still works, the operator
+    // must know what it cannot see (docs/design.md, "Blind interfaces").
+    let blind: String = paths
+        .blind_interfaces
+        .iter()
+        .map(|name| format!("- {}\n", blindness::describe(name)))
+        .collect();
     if paths.ready {
-        (StatusCode::OK, "ready\n".to_owned())
+        (StatusCode::OK, format!("ready\n{blind}"))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready:\n- {}\n", paths.problems.join("\n- ")),
+            format!("not ready:\n- {}\n{blind}", paths.problems.join("\n- ")),
         )
     }
 }
