@@ -12,23 +12,11 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
-        mpsc,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use aya::{
-    EbpfLoader,
-    programs::{
-        SchedClassifier, TcAttachType,
-        links::LinkOrder,
-        tc::{self, NlOptions, TcAttachOptions},
-    },
-};
-use tracer_agent::datapath::{
-    POLICY_STANDIN_OBJECT, POLICY_STANDIN_PORT_GLOBAL, POLICY_STANDIN_PROGRAM,
-};
 use tracer_common::labels::Path;
 use tracer_lab::{
     agent::{self, LabAgent},
@@ -36,6 +24,8 @@ use tracer_lab::{
     lab::{EndpointMode, Lab, exec},
     scrape, testing,
 };
+
+use crate::support::{Placement, PolicyStandin};
 
 /// The port the policy denies on pod-b, and one it allows; pod-b listens on both.
 const DENIED_PORT: u16 = 9300;
@@ -63,80 +53,13 @@ impl Mechanism {
             Self::Clsact => "clsact",
         }
     }
-}
 
-/// The stand-in policy program attached to both hooks of one interface of the lab node, held
-/// by a thread that lives in the node's namespace: links are made and removed there, never in
-/// the test's own namespace (a clsact filter is removed by interface index, which the root
-/// namespace reuses).
-struct PolicyStandin {
-    detach: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl PolicyStandin {
-    fn attach(ns: String, interface: String, mechanism: Mechanism) -> Self {
-        let (attached_tx, attached_rx) = mpsc::channel();
-        let (detach_tx, detach_rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            exec::within(&ns, move || {
-                let mut ebpf = EbpfLoader::new()
-                    .override_global(POLICY_STANDIN_PORT_GLOBAL, &DENIED_PORT, true)
-                    .load(POLICY_STANDIN_OBJECT)?;
-                let program: &mut SchedClassifier = ebpf
-                    .program_mut(POLICY_STANDIN_PROGRAM)
-                    .expect("the stand-in object has its program")
-                    .try_into()?;
-                program.load()?;
-                if mechanism == Mechanism::Clsact {
-                    // Already there is fine: the agent may have added it.
-                    let _ = tc::qdisc_add_clsact(&interface);
-                }
-                for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
-                    let options = match mechanism {
-                        Mechanism::Tcx => TcAttachOptions::TcxOrder(LinkOrder::last()),
-                        Mechanism::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
-                    };
-                    program.attach_with_options(&interface, hook, options)?;
-                }
-                let _ = attached_tx.send(());
-                // Until told, or until the test is gone.
-                let _ = detach_rx.recv();
-                // Dropping the program removes its links, here in the node's namespace.
-                drop(ebpf);
-                Ok(())
-            })
-        });
-        let mut standin = Self {
-            detach: Some(detach_tx),
-            thread: Some(thread),
-        };
-        if attached_rx.recv_timeout(Duration::from_secs(10)).is_err() {
-            let error = standin.finish().err();
-            panic!("attaching the policy stand-in failed: {error:?}");
+    /// Where the policy stand-in goes when attached this way: a tcx link after what is there.
+    fn placement(self) -> Placement {
+        match self {
+            Self::Tcx => Placement::TcxLast,
+            Self::Clsact => Placement::Clsact,
         }
-        standin
-    }
-
-    /// Detaches the program and waits until it is gone.
-    fn finish(&mut self) -> anyhow::Result<()> {
-        self.detach.take();
-        match self.thread.take() {
-            Some(thread) => thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("the stand-in's thread panicked"))?,
-            None => Ok(()),
-        }
-    }
-
-    fn detach(mut self) {
-        self.finish().expect("detaching the policy stand-in");
-    }
-}
-
-impl Drop for PolicyStandin {
-    fn drop(&mut self) {
-        let _ = self.finish();
     }
 }
 
@@ -254,7 +177,14 @@ struct Combination {
 fn exercise(lab: &Lab, combination: &Combination) -> Result<(), String> {
     let pod_b = lab.facts().pod_ips["pod-b"];
     let veth = lab.facts().pod_veths["pod-b"].clone();
-    let attach_policy = || PolicyStandin::attach(lab.ns("node"), veth.clone(), combination.policy);
+    let attach_policy = || {
+        PolicyStandin::attach(
+            lab.ns("node"),
+            veth.clone(),
+            combination.policy.placement(),
+            DENIED_PORT,
+        )
+    };
     let expect = |what: &str, denied: bool| {
         let seen = reachable(lab, pod_b);
         if seen == (denied, true) {
