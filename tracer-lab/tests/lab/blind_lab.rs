@@ -3,7 +3,8 @@
 //! `TC_ACT_OK`) hides pod-b's traffic to the node from the real agent. The veth is named blind
 //! within two polls in `/api/v1/paths`, `/readyz` (still 200) and `/metrics`
 //! (`tracer_interfaces{state="blind"} 1`), and no other interface is; once the program goes,
-//! blind is 0 again within two polls.
+//! blind is 0 again within two polls. `tracer top`, in a real terminal (tmux), names it in its
+//! header meanwhile.
 use std::{
     net::{SocketAddr, UdpSocket},
     sync::{
@@ -20,9 +21,13 @@ use tracer_lab::{
     build,
     lab::{EndpointMode, Lab, exec},
     scrape, testing,
+    tmux::Tmux,
 };
 
-use crate::support::{Placement, PolicyStandin};
+use crate::{
+    support::{Placement, PolicyStandin},
+    top_lab::{AGENT_URL, top_command},
+};
 
 /// The node's port pod-b sends its datagrams to.
 const NODE_PORT: u16 = 9310;
@@ -148,9 +153,33 @@ fn everywhere_agrees(agent: &LabAgent, blind: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn hidden_and_recovered(lab: &Lab, agent: &LabAgent) -> Result<(), String> {
+/// Waits until `tracer top`'s first line names exactly `blind` (nothing when empty).
+fn top_header_names(tmux: &Tmux, blind: &[String]) -> Result<(), String> {
+    let expected = if blind.is_empty() {
+        "· ready · tracer v".to_owned()
+    } else {
+        format!("· ready · blind: {} · tracer v", blind.join(", "))
+    };
+    tmux.wait_for(
+        "the blind interfaces in top's header",
+        Duration::from_secs(10),
+        |screen| {
+            screen
+                .lines()
+                .next()
+                .is_some_and(|first| first.contains(&expected))
+        },
+    )
+    .map(drop)
+    .map_err(|e| format!("tracer top's header: {e:#}"))
+}
+
+fn hidden_and_recovered(lab: &Lab, agent: &LabAgent, tmux: &Tmux) -> Result<(), String> {
     let veth = lab.facts().pod_veths["pod-b"].clone();
     let _datagrams = Datagrams::start(lab);
+    tmux.type_line(&top_command(lab, &["--agent".into(), AGENT_URL.into()]))
+        .map_err(|e| format!("{e:#}"))?;
+    top_header_names(tmux, &[])?;
     // Seen while nothing hides it: never blind, nor any other interface.
     for _ in 0..5 {
         std::thread::sleep(Duration::from_millis(200));
@@ -162,10 +191,13 @@ fn hidden_and_recovered(lab: &Lab, agent: &LabAgent) -> Result<(), String> {
     let polls = told_within_two_polls(agent, &blind)?;
     eprintln!("blind: {} named blind after {polls} poll(s)", blind[0]);
     everywhere_agrees(agent, &blind).map_err(|e| format!("while hidden: {e}"))?;
+    top_header_names(tmux, &blind)?;
     foreign.detach();
     let polls = told_within_two_polls(agent, &[])?;
     eprintln!("blind: {} seen again after {polls} poll(s)", blind[0]);
-    everywhere_agrees(agent, &[]).map_err(|e| format!("after the foreign program: {e}"))
+    everywhere_agrees(agent, &[]).map_err(|e| format!("after the foreign program: {e}"))?;
+    top_header_names(tmux, &[])?;
+    tmux.press(&["q"]).map_err(|e| format!("{e:#}"))
 }
 
 #[test]
@@ -182,7 +214,8 @@ fn a_foreign_program_that_ends_the_chain_first_makes_its_interface_blind_until_i
     agent
         .wait_ready(Duration::from_secs(15))
         .expect("agent ready");
-    let outcome = hidden_and_recovered(&lab, &agent);
+    let tmux = Tmux::start("top-blind", 110, 30).expect("tmux");
+    let outcome = hidden_and_recovered(&lab, &agent, &tmux);
     let log = agent.log();
     let (_, code) = agent.stop().expect("agent stop");
     if let Err(error) = outcome {
