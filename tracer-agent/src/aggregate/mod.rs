@@ -327,6 +327,28 @@ pub struct PollResult {
     /// Each connection's new bytes (both directions), when the aggregator was asked to
     /// report them (`report_connection_bytes`): what per-workload metrics are made of.
     pub connection_bytes: Vec<ConnectionBytes>,
+    /// What the hooks saw this poll, for telling blind interfaces (`pipeline::blindness`).
+    pub seen: PacketsSeen,
+}
+
+/// The packets the connections grew by in one poll, summed by the interface that owns each
+/// (`owner_ifindex`) and by each of its ends' addresses: read from the flow table the poll
+/// reads anyway, so knowing what each interface's hooks saw costs the datapath nothing.
+#[derive(Debug, Default)]
+pub struct PacketsSeen {
+    pub by_owner: HashMap<u32, u64>,
+    pub by_address: HashMap<IpAddr, u64>,
+}
+
+impl PacketsSeen {
+    fn add(&mut self, key: &FlowKey, owner: u32, packets: u64) {
+        *self.by_owner.entry(owner).or_default() += packets;
+        let [lo, hi] = ends(key);
+        *self.by_address.entry(lo.ip()).or_default() += packets;
+        if hi.ip() != lo.ip() {
+            *self.by_address.entry(hi.ip()).or_default() += packets;
+        }
+    }
 }
 
 /// Kernel entries created that the agent never read: connections that came and went (the LRU
@@ -487,6 +509,13 @@ impl Aggregator {
                 tracked.view = resolve(key, stats, context, nat, &present, polls);
             }
             let grew = stats.packets != base.packets;
+            if grew {
+                // A pending connection's growth is counted again at the poll that classifies it
+                // (its `last` stays at its base): harmless, blindness only asks "any?".
+                let packets = (stats.packets[0] + stats.packets[1])
+                    .saturating_sub(base.packets[0] + base.packets[1]);
+                result.seen.add(key, stats.owner_ifindex, packets);
+            }
             tracked.idle_polls = if grew { 0 } else { tracked.idle_polls + 1 };
             if tracked.idle_polls >= IDLE_POLLS_BEFORE_FORGET {
                 result.idle.push(*key);

@@ -65,6 +65,10 @@ pub struct Interface {
     pub name: String,
     pub index: u32,
     pub kind: InterfaceKind,
+    /// The kernel's count of packets received and transmitted, when the dump gave one.
+    pub packets: Option<u64>,
+    /// For a pod interface, the addresses its host routes lead to: the pod's.
+    pub pod_addresses: Vec<IpAddr>,
 }
 
 /// What one netlink scan tells: the interfaces to trace, the node's own addresses (those on
@@ -85,6 +89,8 @@ pub fn scan(patterns: &InterfacePatterns) -> Result<Scan, NetlinkError> {
                 name: link.name,
                 index: link.index,
                 kind,
+                packets: link.packets,
+                pod_addresses: Vec::new(),
             })
         })
         .collect();
@@ -109,14 +115,17 @@ pub fn scan(patterns: &InterfacePatterns) -> Result<Scan, NetlinkError> {
         .filter(|address| node_indexes.contains(&address.index))
         .map(|address| address.addr)
         .collect();
-    let local_pods = netlink::routes()?
-        .into_iter()
-        .filter(|route| {
-            pod_indexes.contains(&route.oif)
-                && route.prefix_len == if route.dst.is_ipv4() { 32 } else { 128 }
-        })
-        .map(|route| route.dst)
-        .collect();
+    let mut local_pods = HashSet::new();
+    for route in netlink::routes()? {
+        let host_route = route.prefix_len == if route.dst.is_ipv4() { 32 } else { 128 };
+        if !host_route || !pod_indexes.contains(&route.oif) {
+            continue;
+        }
+        local_pods.insert(route.dst);
+        if let Some(interface) = interfaces.iter_mut().find(|i| i.index == route.oif) {
+            interface.pod_addresses.push(route.dst);
+        }
+    }
     Ok(Scan {
         interfaces,
         node_ips,

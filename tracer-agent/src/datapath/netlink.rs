@@ -306,6 +306,9 @@ const IP_FAMILIES: [AddressFamily; 2] = [AddressFamily::Inet, AddressFamily::Ine
 pub struct Link {
     pub index: u32,
     pub name: String,
+    /// Packets received plus transmitted, from the kernel's own counters (`IFLA_STATS64`);
+    /// None when the message carries none. What blindness is judged against (`blindness`).
+    pub packets: Option<u64>,
 }
 
 /// What a notification tells.
@@ -452,15 +455,21 @@ fn link_of(message: RouteNetlinkMessage) -> Option<Link> {
     let RouteNetlinkMessage::NewLink(link) = message else {
         return None;
     };
-    link.attributes
-        .into_iter()
-        .find_map(|attribute| match attribute {
-            LinkAttribute::IfName(name) => Some(Link {
-                index: link.header.index,
-                name,
-            }),
-            _ => None,
-        })
+    let (mut name, mut packets) = (None, None);
+    for attribute in link.attributes {
+        match attribute {
+            LinkAttribute::IfName(text) => name = Some(text),
+            LinkAttribute::Stats64(stats) => {
+                packets = Some(stats.rx_packets.wrapping_add(stats.tx_packets));
+            }
+            _ => {}
+        }
+    }
+    name.map(|name| Link {
+        index: link.header.index,
+        name,
+        packets,
+    })
 }
 
 /// The address of an `RTM_NEWADDR` of `family`; None for other messages.
@@ -610,7 +619,24 @@ mod tests {
         Link {
             index,
             name: name.into(),
+            packets: None,
         }
+    }
+
+    #[test]
+    fn a_links_packets_are_its_received_and_transmitted_packets() {
+        let mut message = LinkMessage::default();
+        message.header.index = 4;
+        message
+            .attributes
+            .push(LinkAttribute::IfName("eth0".into()));
+        let mut stats = netlink_packet_route::link::Stats64::default();
+        stats.rx_packets = 40;
+        stats.tx_packets = 2;
+        stats.rx_bytes = 9000;
+        message.attributes.push(LinkAttribute::Stats64(stats));
+        let link = link_of(RouteNetlinkMessage::NewLink(message)).unwrap();
+        assert_eq!(link.packets, Some(42));
     }
 
     #[test]
@@ -919,6 +945,10 @@ mod tests {
     fn live_dumps_of_this_namespace() {
         let links = links().unwrap();
         assert!(links.iter().any(|link| link.name == "lo"), "{links:?}");
+        assert!(
+            links.iter().all(|link| link.packets.is_some()),
+            "a link without IFLA_STATS64: {links:?}"
+        );
         addresses().unwrap();
         routes().unwrap();
 

@@ -19,6 +19,7 @@
 //!     Ok(())
 //! }
 //! ```
+pub(crate) mod blindness;
 mod feed;
 pub mod readiness;
 pub(crate) mod restart;
@@ -45,15 +46,16 @@ use crate::{
     context::endpoint,
     context::imds::{self, ImdsClient},
     context::kubernetes::ClusterFacts,
-    datapath::discovery::{self, Changes, InterfaceKind, InterfacePatterns, Scan},
+    datapath::discovery::{self, Changes, Interface, InterfaceKind, InterfacePatterns, Scan},
     datapath::privileges,
     datapath::{AttachMode, Datapath, DatapathError, Evictions, Pins},
     error::AgentError,
+    pipeline::blindness::Blindness,
     pipeline::feed::ContextFeed,
     pipeline::readiness::{Change, Problem, Reason},
     pipeline::restart::{Saved, StateFile, Totals},
     pipeline::snapshot::{Health, History, LatencyHistogram, Snapshot},
-    serve::api::{self, AttachedInterfaces, FlowTableStats, PathsResponse},
+    serve::api::{self, AttachedInterfaces, FlowTableStats, InterfaceStates, PathsResponse},
 };
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -77,6 +79,13 @@ pub struct Pipeline {
     /// How long each attach to an interface took (both hooks).
     attach_times: LatencyHistogram,
     attached: AttachedInterfaces,
+    /// The interfaces the latest scan found attached, with the kernel's packet counts.
+    traced: Vec<Interface>,
+    /// How many interfaces the latest scan failed to attach to.
+    failed: u64,
+    blindness: Blindness,
+    /// The blind interfaces last published: only changes are logged.
+    published_blind: BTreeSet<String>,
     flow_table: FlowTableStats,
     /// The datapath's counters as last read.
     datapath_counters: [u64; DatapathCounter::COUNT as usize],
@@ -187,6 +196,10 @@ impl Pipeline {
             carried_workloads: None,
             attach_times: LatencyHistogram::default(),
             attached: AttachedInterfaces::default(),
+            traced: Vec::new(),
+            failed: 0,
+            blindness: Blindness::default(),
+            published_blind: BTreeSet::new(),
             flow_table: FlowTableStats {
                 capacity: u64::from(args.flow_table_size),
                 ..FlowTableStats::default()
@@ -384,6 +397,12 @@ impl Pipeline {
             .aggregator
             .poll(flows, self.feed.context(), &nat, monotonic_ns());
         self.history.record(&result);
+        let context = self.feed.context();
+        self.blindness.update(
+            &self.traced,
+            &result.seen,
+            blindness::on_node(&context.node_ips, &context.local_pods),
+        );
         // Before the first listing no pod is known: recording would forget every workload
         // (carried ones included) as gone from the node.
         if let Some(workloads) = self.workloads.as_mut() {
@@ -427,13 +446,21 @@ impl Pipeline {
             self.datapath().detach(&name);
         }
         let mut attached = AttachedInterfaces::default();
-        for interface in &interfaces {
+        let mut traced = Vec::with_capacity(interfaces.len());
+        let mut failed = 0;
+        for interface in interfaces {
             match self.attach(&interface.name, interface.index) {
-                Ok(()) => match interface.kind {
-                    InterfaceKind::Pod => attached.pod += 1,
-                    InterfaceKind::Node => attached.node += 1,
-                },
-                Err(error) => self.problem(Reason::Interfaces, format!("{error}")),
+                Ok(()) => {
+                    match interface.kind {
+                        InterfaceKind::Pod => attached.pod += 1,
+                        InterfaceKind::Node => attached.node += 1,
+                    }
+                    traced.push(interface);
+                }
+                Err(error) => {
+                    failed += 1;
+                    self.problem(Reason::Interfaces, format!("{error}"));
+                }
             }
         }
         self.datapath().forget_stale_pins();
@@ -441,6 +468,8 @@ impl Pipeline {
             self.problem(Reason::Interfaces, "attached to no interface".to_owned());
         }
         self.attached = attached;
+        self.traced = traced;
+        self.failed = failed;
         self.feed.set_addresses(node_ips, local_pods);
     }
 
@@ -489,6 +518,19 @@ impl Pipeline {
             }
         }
         self.published = self.problems.clone();
+        let blind = self.blindness.blind();
+        for name in blind.difference(&self.published_blind) {
+            warn!(interface = %name, "{}", blindness::describe(name));
+        }
+        for name in self.published_blind.difference(blind) {
+            info!(interface = %name, "the tracer sees this interface's traffic again");
+        }
+        self.published_blind = blind.clone();
+        let interfaces = InterfaceStates {
+            attached: self.traced.len().saturating_sub(blind.len()) as u64,
+            blind: blind.len() as u64,
+            failed: self.failed,
+        };
         let problems: Vec<Problem> = self.problems.iter().cloned().collect();
         let context = self.feed.context();
         let apiserver_endpoints: BTreeSet<&str> = context
@@ -504,6 +546,8 @@ impl Pipeline {
                 poll_interval_ms: self.args.poll_interval.as_millis() as u64,
                 apiserver_endpoints: apiserver_endpoints.into_iter().map(Into::into).collect(),
                 attached_interfaces: self.attached.clone(),
+                interfaces,
+                blind_interfaces: self.published_blind.iter().cloned().collect(),
                 flow_table: self.flow_table.clone(),
                 ready: problems.is_empty(),
                 problems: problems.iter().map(Problem::to_string).collect(),

@@ -25,6 +25,13 @@ pub struct PathsResponse {
     /// unique.
     pub apiserver_endpoints: Vec<String>,
     pub attached_interfaces: AttachedInterfaces,
+    /// The traced interfaces by state (`tracer_interfaces{state}`).
+    #[serde(default)]
+    pub interfaces: InterfaceStates,
+    /// Attached interfaces whose traffic the tracer counted nowhere over the last poll, sorted
+    /// (`/readyz` names them too; they do not make the agent unready).
+    #[serde(default)]
+    pub blind_interfaces: Vec<String>,
     pub flow_table: FlowTableStats,
     /// What `/readyz` says: ready, or the problems in the way.
     pub ready: bool,
@@ -37,6 +44,18 @@ pub struct PathsResponse {
 pub struct AttachedInterfaces {
     pub pod: u64,
     pub node: u64,
+}
+
+/// Every interface matching `--pod-iface` or `--node-iface` is in exactly one state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceStates {
+    /// Attached, and the tracer counts their traffic.
+    pub attached: u64,
+    /// Attached, but their traffic went uncounted over the last poll: a program ahead of the
+    /// tracer's hides it.
+    pub blind: u64,
+    /// The attach failed (`/readyz` says why).
+    pub failed: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -252,6 +252,19 @@ fn render_health(out: &mut Exposition, snapshot: &Snapshot) {
     ] {
         out.sample("tracer_attached_interfaces", &[("kind", kind)], count);
     }
+    out.family(
+        "tracer_interfaces",
+        "gauge",
+        "Traced interfaces by state: attached (counted), blind (attached, but their traffic counted nowhere over the last poll), failed (attach failed)",
+    );
+    let states = &paths.interfaces;
+    for (state, count) in [
+        ("attached", states.attached),
+        ("blind", states.blind),
+        ("failed", states.failed),
+    ] {
+        out.sample("tracer_interfaces", &[("state", state)], count);
+    }
     let table = &paths.flow_table;
     for (name, kind, help, value) in [
         (
@@ -572,7 +585,7 @@ mod tests {
     use crate::{
         pipeline::readiness::Problem,
         pipeline::snapshot::{Health, LATENCY_BUCKETS, LatencyHistogram},
-        serve::api::{AttachedInterfaces, FlowTableStats, PathsResponse},
+        serve::api::{AttachedInterfaces, FlowTableStats, InterfaceStates, PathsResponse},
     };
 
     fn row(path: &str, endpoint: Option<&str>, nat: &str) -> PathRow {
@@ -605,6 +618,11 @@ mod tests {
         Snapshot {
             paths: PathsResponse {
                 attached_interfaces: AttachedInterfaces { pod: 4, node: 2 },
+                interfaces: InterfaceStates {
+                    attached: 5,
+                    blind: 1,
+                    failed: 0,
+                },
                 flow_table: FlowTableStats {
                     entries: 3,
                     capacity: 65536,
@@ -672,6 +690,8 @@ mod tests {
             Some(4.0)
         );
         assert_eq!(series("tracer_flow_table_capacity"), Some(65536.0));
+        assert_eq!(series(r#"tracer_interfaces{state="blind"}"#), Some(1.0));
+        assert_eq!(series(r#"tracer_interfaces{state="failed"}"#), Some(0.0));
         // 9 ms is under the 12.8 ms bound, 30 ms is not.
         assert_eq!(
             series(r#"tracer_attach_duration_seconds_bucket{le="0.0128"}"#),

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
-    pipeline::snapshot::Snapshot,
+    pipeline::{blindness, snapshot::Snapshot},
     serve::{access::Access, api::ErrorResponse, export::Metrics},
 };
 
@@ -75,12 +75,19 @@ async fn flows_handler(State(state): State<AppState>, RawQuery(query): RawQuery)
 async fn readyz_handler(State(state): State<AppState>) -> impl IntoResponse {
     let snapshot = state.latest();
     let paths = &snapshot.paths;
+    // Blind interfaces are named whatever the readiness: the agent still works, the operator
+    // must know what it cannot see (docs/design.md, "Blind interfaces").
+    let blind: String = paths
+        .blind_interfaces
+        .iter()
+        .map(|name| format!("- {}\n", blindness::describe(name)))
+        .collect();
     if paths.ready {
-        (StatusCode::OK, "ready\n".to_owned())
+        (StatusCode::OK, format!("ready\n{blind}"))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready:\n- {}\n", paths.problems.join("\n- ")),
+            format!("not ready:\n- {}\n{blind}", paths.problems.join("\n- ")),
         )
     }
 }

@@ -19,24 +19,15 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
-        mpsc,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use aya::{
-    EbpfLoader,
-    programs::{
-        SchedClassifier, TcAttachType,
-        links::LinkOrder,
-        tc::{self, NlOptions, TcAttachOptions},
-    },
-};
-use tracer_agent::datapath::{
-    POLICY_STANDIN_OBJECT, POLICY_STANDIN_PORT_GLOBAL, POLICY_STANDIN_PROGRAM,
-};
+use tracer_agent::datapath::POLICY_STANDIN_PROGRAM;
 use tracer_common::labels::Path;
+
+use crate::support::{POLICY_HANDLE, POLICY_PRIORITY, Placement, PolicyStandin};
 use tracer_lab::{
     agent::{self, LabAgent},
     build,
@@ -52,8 +43,6 @@ const ALLOWED_PORT: u16 = 9301;
 const DROPPED_AFTER: Duration = Duration::from_millis(500);
 /// Where the VPC CNI's network-policy agent attaches its clsact filter, and the handle by
 /// which it finds it again.
-const POLICY_PRIORITY: u16 = 1;
-const POLICY_HANDLE: u32 = 1;
 /// What the allowed traffic sends per check: connections × bytes.
 const CONNECTIONS: usize = 3;
 const BYTES: usize = 100_000;
@@ -69,90 +58,19 @@ enum Mechanism {
 }
 
 impl Mechanism {
+    /// Where the policy stand-in goes when attached this way (clsact: priority 1, handle 1).
+    fn placement(self) -> Placement {
+        match self {
+            Self::Tcx => Placement::TcxLast,
+            Self::Clsact => Placement::Clsact,
+        }
+    }
+
     fn flag(self) -> &'static str {
         match self {
             Self::Tcx => "tcx",
             Self::Clsact => "clsact",
         }
-    }
-}
-
-/// The stand-in policy program attached to both hooks of one interface of the lab node, held
-/// by a thread that lives in the node's namespace: links are made and removed there, never in
-/// the test's own namespace (a clsact filter is removed by interface index, which the root
-/// namespace reuses).
-struct PolicyStandin {
-    detach: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl PolicyStandin {
-    fn attach(ns: String, interface: String, mechanism: Mechanism) -> Self {
-        let (attached_tx, attached_rx) = mpsc::channel();
-        let (detach_tx, detach_rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            exec::within(&ns, move || {
-                let mut ebpf = EbpfLoader::new()
-                    .override_global(POLICY_STANDIN_PORT_GLOBAL, &DENIED_PORT, true)
-                    .load(POLICY_STANDIN_OBJECT)?;
-                let program: &mut SchedClassifier = ebpf
-                    .program_mut(POLICY_STANDIN_PROGRAM)
-                    .expect("the stand-in object has its program")
-                    .try_into()?;
-                program.load()?;
-                if mechanism == Mechanism::Clsact {
-                    // Already there is fine: the agent may have added it.
-                    let _ = tc::qdisc_add_clsact(&interface);
-                }
-                for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
-                    let options = match mechanism {
-                        Mechanism::Tcx => TcAttachOptions::TcxOrder(LinkOrder::last()),
-                        Mechanism::Clsact => TcAttachOptions::Netlink(NlOptions {
-                            priority: POLICY_PRIORITY,
-                            handle: POLICY_HANDLE.into(),
-                            ..NlOptions::default()
-                        }),
-                    };
-                    program.attach_with_options(&interface, hook, options)?;
-                }
-                let _ = attached_tx.send(());
-                // Until told, or until the test is gone.
-                let _ = detach_rx.recv();
-                // Dropping the program removes its links, here in the node's namespace.
-                drop(ebpf);
-                Ok(())
-            })
-        });
-        let mut standin = Self {
-            detach: Some(detach_tx),
-            thread: Some(thread),
-        };
-        if attached_rx.recv_timeout(Duration::from_secs(10)).is_err() {
-            let error = standin.finish().err();
-            panic!("attaching the policy stand-in failed: {error:?}");
-        }
-        standin
-    }
-
-    /// Detaches the program and waits until it is gone.
-    fn finish(&mut self) -> anyhow::Result<()> {
-        self.detach.take();
-        match self.thread.take() {
-            Some(thread) => thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("the stand-in's thread panicked"))?,
-            None => Ok(()),
-        }
-    }
-
-    fn detach(mut self) {
-        self.finish().expect("detaching the policy stand-in");
-    }
-}
-
-impl Drop for PolicyStandin {
-    fn drop(&mut self) {
-        let _ = self.finish();
     }
 }
 
@@ -281,7 +199,14 @@ struct Combination {
 fn exercise(lab: &Lab, combination: &Combination) -> Result<(), String> {
     let pod_b = lab.facts().pod_ips["pod-b"];
     let veth = lab.facts().pod_veths["pod-b"].clone();
-    let attach_policy = || PolicyStandin::attach(lab.ns("node"), veth.clone(), combination.policy);
+    let attach_policy = || {
+        PolicyStandin::attach(
+            lab.ns("node"),
+            veth.clone(),
+            combination.policy.placement(),
+            DENIED_PORT,
+        )
+    };
     let expect = |what: &str, denied: bool| {
         let seen = reachable(lab, pod_b);
         if seen == (denied, true) {
@@ -446,8 +371,9 @@ fn the_agent_with_clsact_stays_ahead_of_a_policy_filter_on_every_pod_veth() {
     let pod_b = lab.facts().pod_ips["pod-b"];
     let _servers = Servers::start(&lab, pod_b);
     let veth = |pod: &str| lab.facts().pod_veths[pod].clone();
-    let attach_policy =
-        |pod: &str| PolicyStandin::attach(lab.ns("node"), veth(pod), Mechanism::Clsact);
+    let attach_policy = |pod: &str| {
+        PolicyStandin::attach(lab.ns("node"), veth(pod), Placement::Clsact, DENIED_PORT)
+    };
     let before = ["pod-a", "coredns"];
     let after = ["pod-b", "pod-c"];
     let pods = [before, after].concat();
@@ -544,7 +470,8 @@ fn the_agent_with_tcx_sees_what_a_policy_program_drops_only_when_first() {
         PolicyStandin::attach(
             lab.ns("node"),
             lab.facts().pod_veths[pod].clone(),
-            Mechanism::Tcx,
+            Placement::TcxLast,
+            DENIED_PORT,
         )
     };
     let mut failures = Vec::new();

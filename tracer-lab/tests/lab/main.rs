@@ -6,6 +6,7 @@ mod agent_capabilities;
 mod agent_lab;
 mod api_lab;
 mod auth_lab;
+mod blind_lab;
 mod coexistence_lab;
 mod context_lab;
 mod dashboards;

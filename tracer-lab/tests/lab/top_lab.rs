@@ -19,7 +19,7 @@ use tracer_lab::{
     tmux::{PROMPT, Tmux},
 };
 
-const AGENT_URL: &str = "http://127.0.0.1:9477";
+pub(crate) const AGENT_URL: &str = "http://127.0.0.1:9477";
 /// Short, so that tests see several refreshes within seconds.
 const INTERVAL: &str = "500ms";
 /// How long a traffic loop may run at most (a round takes a few seconds).
@@ -87,7 +87,7 @@ fn with_traffic<T>(lab: &Lab, body: impl FnOnce() -> T) -> T {
 
 /// The command line that runs `tracer top` in the lab's node namespace, with every flow (the
 /// filter works on the flows fetched).
-fn top_command(lab: &Lab, args: &[String]) -> String {
+pub(crate) fn top_command(lab: &Lab, args: &[String]) -> String {
     format!(
         "ip netns exec {} {} top --interval {INTERVAL} --limit 1000 {}",
         lab.ns("node"),

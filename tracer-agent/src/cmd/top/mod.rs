@@ -79,7 +79,8 @@ pub async fn run(args: TopArgs) -> Result<(), AgentError> {
 
 /// What the source tells the terminal thread.
 enum Update {
-    Reading(Reading),
+    /// Boxed: a reading is ten times the size of the other variants.
+    Reading(Box<Reading>),
     Failed(String),
     /// SIGTERM or SIGINT: restore the terminal and leave.
     Stop,
@@ -113,7 +114,7 @@ async fn show(app: App, mut source: Source, interval: Duration) -> Result<(), Ag
             ended = &mut ui => break ended,
             _ = ticker.tick() => {
                 let update = match source.read().await {
-                    Ok(reading) => Update::Reading(reading),
+                    Ok(reading) => Update::Reading(Box::new(reading)),
                     Err(error) => Update::Failed(error.to_string()),
                 };
                 let _ = updates.send(update);
@@ -159,7 +160,7 @@ fn ui_loop(
         }
         while let Ok(update) = updates.try_recv() {
             match update {
-                Update::Reading(reading) => app.apply(reading),
+                Update::Reading(reading) => app.apply(*reading),
                 Update::Failed(error) => app.error = Some(error),
                 Update::Stop => app.quit = true,
             }

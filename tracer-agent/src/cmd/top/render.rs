@@ -101,17 +101,29 @@ fn header_lines(app: &App, now_unix_ms: u64) -> Vec<Line<'static>> {
     } else {
         Span::styled("not ready", Style::new().fg(Color::Yellow))
     };
-    // What matters most first: a narrow terminal cuts the end of the line.
-    let first = Line::from(vec![
-        Span::styled("tracer top", bold),
-        Span::raw(format!(" · data {age:.1}s old · ")),
-        health,
-        Span::raw(format!(
-            " · tracer v{} · node {}",
-            paths.version,
-            paths.node.as_deref().unwrap_or("(no --node-name)")
-        )),
-    ]);
+    // What matters most first: a narrow terminal cuts the end of the line. Blind interfaces
+    // right after the readiness: the counts below miss their traffic.
+    let blind = (!paths.blind_interfaces.is_empty()).then(|| {
+        Span::styled(
+            format!(" · blind: {}", paths.blind_interfaces.join(", ")),
+            Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+        )
+    });
+    let first = Line::from_iter(
+        [
+            Some(Span::styled("tracer top", bold)),
+            Some(Span::raw(format!(" · data {age:.1}s old · "))),
+            Some(health),
+            blind,
+            Some(Span::raw(format!(
+                " · tracer v{} · node {}",
+                paths.version,
+                paths.node.as_deref().unwrap_or("(no --node-name)")
+            ))),
+        ]
+        .into_iter()
+        .flatten(),
+    );
     if !paths.problems.is_empty() {
         source.push_span(Span::styled(
             format!(" · {}", paths.problems.join("; ")),
@@ -403,6 +415,17 @@ mod tests {
         let text = screen(&app, 120, 30).join("\n");
         assert!(text.contains("· not ready ·"), "{text}");
         assert!(text.contains("· VPC CIDR unknown"), "{text}");
+    }
+
+    #[test]
+    fn blind_interfaces_are_named_after_the_readiness() {
+        let mut app = app();
+        let mut reading = app.reading.clone().unwrap();
+        reading.paths.time_unix_ms += 1000;
+        reading.paths.blind_interfaces = vec!["eni1a".into(), "eth0".into()];
+        app.apply(reading);
+        let text = screen(&app, 80, 24).join("\n");
+        assert!(text.contains("· ready · blind: eni1a, eth0 ·"), "{text}");
     }
 
     #[test]
