@@ -6,6 +6,7 @@
 //! the ENI — and conntrack says which entry is which: the translated one is an alias and is not
 //! counted again.
 pub mod conntrack;
+pub mod ena;
 pub mod workload;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

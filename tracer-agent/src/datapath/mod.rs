@@ -1,6 +1,7 @@
 //! The kernel side as user space sees it: load the programs, attach them to interfaces, and
 //! read the flow table and the datapath counters.
 pub mod discovery;
+pub mod ethtool;
 pub mod netlink;
 pub(crate) mod privileges;
 use std::{

@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     aggregate::conntrack::Conntrack,
+    aggregate::ena::EnaAllowances,
     aggregate::workload::WorkloadBytes,
     aggregate::workload::WorkloadTallies,
     aggregate::{Aggregator, NatTable, Unread},
@@ -46,6 +47,7 @@ use crate::{
     context::imds::{self, ImdsClient},
     context::kubernetes::ClusterFacts,
     datapath::discovery::{self, Changes, InterfaceKind, InterfacePatterns, Scan},
+    datapath::ethtool::Ethtool,
     datapath::privileges,
     datapath::{AttachMode, Datapath, DatapathError, Evictions, Pins},
     error::AgentError,
@@ -75,6 +77,11 @@ pub struct Pipeline {
     /// How long each attach to an interface took (both hooks).
     attach_times: LatencyHistogram,
     attached: AttachedInterfaces,
+    /// The node ENIs found by the last scan, whose drivers are asked for the VPC's allowances.
+    node_interfaces: Vec<String>,
+    /// The socket the drivers are asked on, opened at the first poll.
+    ethtool: Option<Ethtool>,
+    ena: EnaAllowances,
     flow_table: FlowTableStats,
     /// The datapath's counters as last read.
     datapath_counters: [u64; DatapathCounter::COUNT as usize],
@@ -185,6 +192,9 @@ impl Pipeline {
             carried_workloads: None,
             attach_times: LatencyHistogram::default(),
             attached: AttachedInterfaces::default(),
+            node_interfaces: Vec::new(),
+            ethtool: None,
+            ena: EnaAllowances::default(),
             flow_table: FlowTableStats {
                 capacity: u64::from(args.flow_table_size),
                 ..FlowTableStats::default()
@@ -259,6 +269,7 @@ impl Pipeline {
         }
         let flows = self.datapath.flows();
         self.rescan();
+        self.read_allowances();
         self.problems.extend(self.feed.refresh());
         match flows {
             Ok(flows) => self.aggregate(&flows),
@@ -319,6 +330,24 @@ impl Pipeline {
             self.attach_times.observe(took);
         }
         Ok(())
+    }
+
+    /// Reads the VPC allowances the ENA driver counts on each node ENI. A failure costs only
+    /// these series (logged): the paths do not depend on them.
+    fn read_allowances(&mut self) {
+        if self.ethtool.is_none() {
+            match Ethtool::open() {
+                Ok(ethtool) => self.ethtool = Some(ethtool),
+                Err(error) => {
+                    warn!("{error}; ENA allowances not read");
+                    return;
+                }
+            }
+        }
+        if let Some(ethtool) = &self.ethtool {
+            self.ena
+                .poll(ethtool, self.node_interfaces.iter().map(String::as_str));
+        }
     }
 
     /// Lists interfaces, addresses and routes again and applies what changed.
@@ -427,6 +456,11 @@ impl Pipeline {
             self.problem(Reason::Interfaces, "attached to no interface".to_owned());
         }
         self.attached = attached;
+        self.node_interfaces = interfaces
+            .into_iter()
+            .filter(|interface| interface.kind == InterfaceKind::Node)
+            .map(|interface| interface.name)
+            .collect();
         self.feed.set_addresses(node_ips, local_pods);
     }
 
@@ -511,6 +545,7 @@ impl Pipeline {
                 .as_ref()
                 .map(WorkloadBytes::series)
                 .unwrap_or_default(),
+            ena: self.ena.series(),
         };
         self.latest = Arc::new(snapshot);
         Arc::clone(&self.latest)
