@@ -8,9 +8,11 @@
 //! between drivers, their versions and queue counts.
 //!
 //! The kernel writes as many names and values as the driver has *when it answers*, whatever
-//! length the request announces. The count can grow between two requests (more queues after
-//! `ethtool -L`), so the buffers have headroom ([`capacity`]) and an answer whose count differs
-//! from the one asked for is refused ([`EthtoolError::Changed`]); the next poll asks again.
+//! length the request announces, and the count can grow between two requests (more queues
+//! after `ethtool -L`). So names and values are read into a [`GuardedBuffer`]: a mapping of its
+//! own followed by a page nothing may write, where a longer answer makes the kernel's copy fail
+//! (`EFAULT`) instead of overwriting memory. That answer, and one whose count differs from the
+//! one asked for, is refused ([`EthtoolError::Changed`]); the next poll asks again.
 //! No maintained crate reads these: the `ethtool` crate of rust-netlink speaks the ethtool
 //! netlink family, which carries standard statistics groups but not a driver's private ones.
 use std::{
@@ -43,13 +45,11 @@ pub enum EthtoolError {
         source: io::Error,
     },
     #[error(
-        "{interface}: the driver reported {got} statistics where it announced {expected} (its queues changed?); read again"
+        "{interface}: the driver's statistics changed while they were read (its queues changed?); read again"
     )]
-    Changed {
-        interface: String,
-        expected: usize,
-        got: usize,
-    },
+    Changed { interface: String },
+    #[error("cannot map a buffer for the driver's statistics: {0}")]
+    Buffer(io::Error),
 }
 
 /// `struct ifreq` with `ifr_data`, the member `SIOCETHTOOL` reads.
@@ -80,13 +80,10 @@ struct SsetInfo {
     count: u32,
 }
 
-/// Entries the names and values buffers hold when `count` are asked for: the kernel writes the
-/// count of the moment, and a driver that gained queues meanwhile writes more. ENA has about
-/// 35 statistics per queue pair and at most 32 pairs; twice the count plus 1024 covers going
-/// from one pair to all.
-fn capacity(count: usize) -> usize {
-    2 * count + 1024
-}
+/// Bytes of the header of `struct ethtool_gstrings` (cmd, string_set, len) before the names.
+const GSTRINGS_HEADER: usize = 12;
+/// Bytes of the header of `struct ethtool_stats` (cmd, n_stats) before the values.
+const GSTATS_HEADER: usize = 8;
 
 /// A socket to send `SIOCETHTOOL` on; interfaces are those of the namespace it was opened in.
 pub struct Ethtool {
@@ -155,38 +152,52 @@ impl Ethtool {
     }
 
     fn names(&self, interface: &str, count: usize) -> Result<Vec<String>, EthtoolError> {
-        // `struct ethtool_gstrings`: cmd, string_set, len, then the names; u32 words keep
-        // the header aligned.
-        const HEADER_WORDS: usize = 3;
-        const WORDS_PER_NAME: usize = ETH_GSTRING_LEN / 4;
-        let mut buffer = vec![0u32; HEADER_WORDS + capacity(count) * WORDS_PER_NAME];
-        buffer[0] = ETHTOOL_GSTRINGS;
-        buffer[1] = ETH_SS_STATS;
-        buffer[2] = count as u32;
-        self.request(interface, "ETHTOOL_GSTRINGS", buffer.as_mut_ptr().cast())?;
-        let got = buffer[2] as usize;
-        check(interface, count, got)?;
-        let bytes: Vec<u8> = buffer[HEADER_WORDS..HEADER_WORDS + count * WORDS_PER_NAME]
-            .iter()
-            .flat_map(|word| word.to_ne_bytes())
-            .collect();
-        Ok(bytes.chunks_exact(ETH_GSTRING_LEN).map(c_string).collect())
+        let end = GSTRINGS_HEADER + count * ETH_GSTRING_LEN;
+        let mut buffer = GuardedBuffer::new(end)?;
+        put_u32s(
+            buffer.bytes_mut(),
+            &[ETHTOOL_GSTRINGS, ETH_SS_STATS, count as u32],
+        );
+        let data = buffer.as_mut_ptr();
+        self.request_growing(interface, "ETHTOOL_GSTRINGS", data)?;
+        check(interface, count, u32_at(buffer.bytes(), 8))?;
+        Ok(buffer.bytes()[GSTRINGS_HEADER..end]
+            .chunks_exact(ETH_GSTRING_LEN)
+            .map(c_string)
+            .collect())
     }
 
     fn values(&self, interface: &str, count: usize) -> Result<Vec<u64>, EthtoolError> {
-        // `struct ethtool_stats`: cmd and n_stats in the first u64 word, then the values.
-        let mut buffer = vec![0u64; 1 + capacity(count)];
-        let header: *mut u32 = buffer.as_mut_ptr().cast();
-        // SAFETY: the first u64 of the buffer holds the two u32 of the header.
-        unsafe {
-            header.write(ETHTOOL_GSTATS);
-            header.add(1).write(count as u32);
+        let end = GSTATS_HEADER + count * 8;
+        let mut buffer = GuardedBuffer::new(end)?;
+        put_u32s(buffer.bytes_mut(), &[ETHTOOL_GSTATS, count as u32]);
+        let data = buffer.as_mut_ptr();
+        self.request_growing(interface, "ETHTOOL_GSTATS", data)?;
+        check(interface, count, u32_at(buffer.bytes(), 4))?;
+        Ok(buffer.bytes()[GSTATS_HEADER..end]
+            .chunks_exact(8)
+            .map(|value| u64::from_ne_bytes(value.try_into().unwrap_or_default()))
+            .collect())
+    }
+
+    /// A request whose answer is as long as the driver's statistics are now: a fault while
+    /// the kernel copies it means they grew past the buffer since they were counted.
+    fn request_growing(
+        &self,
+        interface: &str,
+        request: &'static str,
+        data: *mut c_void,
+    ) -> Result<(), EthtoolError> {
+        match self.request(interface, request, data) {
+            Err(EthtoolError::Ioctl { source, .. })
+                if source.raw_os_error() == Some(libc::EFAULT) =>
+            {
+                Err(EthtoolError::Changed {
+                    interface: interface.to_owned(),
+                })
+            }
+            other => other,
         }
-        self.request(interface, "ETHTOOL_GSTATS", buffer.as_mut_ptr().cast())?;
-        // SAFETY: as above; the kernel wrote n_stats there.
-        let got = unsafe { header.add(1).read() } as usize;
-        check(interface, count, got)?;
-        Ok(buffer[1..=count].to_vec())
     }
 
     /// Sends one `SIOCETHTOOL` request whose structure (starting with its `cmd`) is at `data`.
@@ -222,15 +233,88 @@ impl Ethtool {
 }
 
 /// Refuses an answer of another length than asked: names and values would not pair up.
-fn check(interface: &str, expected: usize, got: usize) -> Result<(), EthtoolError> {
-    if got == expected {
+fn check(interface: &str, expected: usize, got: u32) -> Result<(), EthtoolError> {
+    if got as usize == expected {
         Ok(())
     } else {
         Err(EthtoolError::Changed {
             interface: interface.to_owned(),
-            expected,
-            got,
         })
+    }
+}
+
+/// Writes a request's header words at the start of `bytes`.
+fn put_u32s(bytes: &mut [u8], words: &[u32]) {
+    for (slot, word) in bytes.chunks_exact_mut(4).zip(words) {
+        slot.copy_from_slice(&word.to_ne_bytes());
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_ne_bytes(word)
+}
+
+/// Memory the kernel may write past the end of without harm: whole pages of their own,
+/// followed by one that cannot be written (`PROT_NONE`), so a copy running past them faults in
+/// the kernel (`EFAULT`) instead of overwriting anything.
+struct GuardedBuffer {
+    base: *mut c_void,
+    /// Writable bytes: what was asked for, rounded up to pages.
+    len: usize,
+    /// Mapped bytes: `len` and the guard page.
+    mapped: usize,
+}
+
+impl GuardedBuffer {
+    fn new(bytes: usize) -> Result<Self, EthtoolError> {
+        // SAFETY: sysconf takes no pointers.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = bytes.max(1).div_ceil(page) * page;
+        let mapped = len + page;
+        // SAFETY: a fresh anonymous mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(EthtoolError::Buffer(io::Error::last_os_error()));
+        }
+        let buffer = Self { base, len, mapped };
+        // SAFETY: the last page of the mapping just made.
+        if unsafe { libc::mprotect(base.cast::<u8>().add(len).cast(), page, libc::PROT_NONE) } != 0
+        {
+            return Err(EthtoolError::Buffer(io::Error::last_os_error()));
+        }
+        Ok(buffer)
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut c_void {
+        self.base
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes at `base`, zero-filled at mapping, alive while `self` is.
+        unsafe { std::slice::from_raw_parts(self.base.cast(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.base.cast(), self.len) }
+    }
+}
+
+impl Drop for GuardedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made, unmapped once.
+        unsafe { libc::munmap(self.base, self.mapped) };
     }
 }
 
@@ -249,6 +333,24 @@ mod tests {
         assert_eq!(size_of::<IfReq>(), 40);
         assert_eq!(size_of::<DrvInfo>(), 196);
         assert_eq!(size_of::<SsetInfo>(), 24);
+    }
+
+    #[test]
+    fn a_write_past_the_guarded_buffer_faults_instead_of_overwriting() {
+        let mut buffer = GuardedBuffer::new(10).expect("mapping");
+        assert!(buffer.bytes().len() >= 10);
+        buffer.bytes_mut().fill(0xa5);
+        // What the kernel does when it copies more than was mapped: `read` into the buffer
+        // from /dev/zero, one byte more than its writable pages.
+        let zero = std::fs::File::open("/dev/zero").expect("/dev/zero");
+        let len = buffer.bytes().len();
+        // SAFETY: the kernel checks the destination; past `len` it meets the guard page.
+        let read = unsafe { libc::read(zero.as_raw_fd(), buffer.as_mut_ptr(), len + 1) };
+        let error = io::Error::last_os_error();
+        assert!(
+            read == -1 && error.raw_os_error() == Some(libc::EFAULT) || read == len as isize,
+            "read {read}: {error}"
+        );
     }
 
     #[test]
