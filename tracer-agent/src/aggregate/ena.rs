@@ -97,7 +97,7 @@ pub struct EnaSeries {
 }
 
 /// A counter that follows a kernel counter but never goes back when the kernel's restarts.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Monotonic {
     /// The kernel's value at the last reading.
     last: u64,
@@ -121,16 +121,19 @@ impl Monotonic {
     }
 }
 
-/// The exported allowance series of the node's ENA interfaces, by interface name.
-#[derive(Debug, Default)]
+/// The exported allowance series of the node's ENA interfaces, by interface name. Saved for
+/// a successor (`restart`) with each counter's last kernel reading, so that a driver reset
+/// while no agent runs does not make a total go back either.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EnaAllowances {
     interfaces: BTreeMap<String, Interface>,
     /// Interfaces whose statistics could not be read at the last poll: logged when they
     /// become so and when they are read again, not every poll.
+    #[serde(skip)]
     unreadable: BTreeSet<String>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Interface {
     exceeded: BTreeMap<Allowance, Monotonic>,
     conntrack_available: Option<u64>,
@@ -165,7 +168,7 @@ impl EnaAllowances {
 
     /// Takes this poll's readings (`None`: unreadable this time, kept as it was); interfaces
     /// not among them (gone, or not ENA) are dropped with their series.
-    fn update(&mut self, readings: BTreeMap<String, Option<EnaReading>>) {
+    pub(crate) fn update(&mut self, readings: BTreeMap<String, Option<EnaReading>>) {
         self.interfaces
             .retain(|name, _| readings.contains_key(name));
         self.unreadable.retain(|name| readings.contains_key(name));

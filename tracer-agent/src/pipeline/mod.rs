@@ -229,6 +229,7 @@ impl Pipeline {
         self.evictions = saved.evictions;
         self.carried_workloads = saved.workloads;
         self.attach_times = saved.attach_times.unwrap_or_default();
+        self.ena = saved.ena.unwrap_or_default();
         self.aggregator.carry_on(saved.connections);
     }
 
@@ -293,6 +294,7 @@ impl Pipeline {
             evictions: &self.evictions,
             workloads: self.workloads.as_ref().map(WorkloadBytes::tallies),
             attach_times: &self.attach_times,
+            ena: &self.ena,
         };
         let saved = state.save(
             self.datapath.flow_table_id(),
