@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::datapath::ethtool::{Ethtool, EthtoolError};
 
 /// The driver whose statistics carry the allowances.
-pub const ENA_DRIVER: &str = "ena";
+const ENA_DRIVER: &str = "ena";
 
 label_enum!(
     /// The VPC allowance an ENI went over: the `allowance` label of
@@ -71,7 +71,7 @@ impl EnaReading {
 
     /// Picks the allowances out of a driver's statistics by name; `None` when it reports none
     /// of them (an older driver).
-    pub fn from_statistics(statistics: &[(String, u64)]) -> Option<Self> {
+    fn from_statistics(statistics: &[(String, u64)]) -> Option<Self> {
         let value_of = |name: &str| {
             statistics
                 .iter()
@@ -125,7 +125,7 @@ impl Monotonic {
 /// a successor (`restart`) with each counter's last kernel reading, so that a driver reset
 /// while no agent runs does not make a total go back either.
 #[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct EnaAllowances {
+pub(crate) struct EnaAllowances {
     interfaces: BTreeMap<String, Interface>,
     /// Interfaces whose statistics could not be read at the last poll: logged when they
     /// become so and when they are read again, not every poll.
@@ -143,7 +143,7 @@ impl EnaAllowances {
     /// Reads the allowances of the node interfaces `names` (in the calling thread's network
     /// namespace) and takes them in. An interface whose statistics cannot be read keeps its
     /// series as they were.
-    pub fn poll<'a>(&mut self, ethtool: &Ethtool, names: impl Iterator<Item = &'a str>) {
+    pub(crate) fn poll<'a>(&mut self, ethtool: &Ethtool, names: impl Iterator<Item = &'a str>) {
         let mut readings = BTreeMap::new();
         for name in names {
             match EnaReading::read(ethtool, name) {
@@ -189,7 +189,7 @@ impl EnaAllowances {
     }
 
     /// The series to export, by interface name.
-    pub fn series(&self) -> BTreeMap<String, EnaSeries> {
+    pub(crate) fn series(&self) -> BTreeMap<String, EnaSeries> {
         self.interfaces
             .iter()
             .map(|(name, interface)| {
