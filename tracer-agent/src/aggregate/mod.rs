@@ -4,8 +4,9 @@
 //! seen, and from then on only the growth of its counters is added to its path. NATed
 //! connections appear twice in the flow table — before translation at the pod veth, after it at
 //! the ENI — and conntrack says which entry is which: the translated one is an alias and is not
-//! counted again.
+//! counted again. `ena` turns the ENA driver's allowance counts into exported totals.
 pub mod conntrack;
+pub mod ena;
 pub mod workload;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

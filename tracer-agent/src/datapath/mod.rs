@@ -1,6 +1,8 @@
 //! The kernel side as user space sees it: load the programs, attach them to interfaces, and
-//! read the flow table and the datapath counters.
+//! read the flow table and the datapath counters; `ethtool` reads a driver's private
+//! statistics (the ENA driver's count of the VPC's allowances).
 pub mod discovery;
+pub mod ethtool;
 pub mod netlink;
 pub(crate) mod privileges;
 use std::{

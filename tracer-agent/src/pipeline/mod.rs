@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     aggregate::conntrack::Conntrack,
+    aggregate::ena::EnaAllowances,
     aggregate::workload::WorkloadBytes,
     aggregate::workload::WorkloadTallies,
     aggregate::{Aggregator, NatTable, Unread},
@@ -47,6 +48,7 @@ use crate::{
     context::imds::{self, ImdsClient},
     context::kubernetes::ClusterFacts,
     datapath::discovery::{self, Changes, Interface, InterfaceKind, InterfacePatterns, Scan},
+    datapath::ethtool::Ethtool,
     datapath::privileges,
     datapath::{AttachMode, Datapath, DatapathError, Evictions, Pins},
     error::AgentError,
@@ -86,6 +88,9 @@ pub struct Pipeline {
     blindness: Blindness,
     /// The blind interfaces last published: only changes are logged.
     published_blind: BTreeSet<String>,
+    /// The socket the drivers are asked on, opened at the first poll.
+    ethtool: Option<Ethtool>,
+    ena: EnaAllowances,
     flow_table: FlowTableStats,
     /// The datapath's counters as last read.
     datapath_counters: [u64; DatapathCounter::COUNT as usize],
@@ -200,6 +205,8 @@ impl Pipeline {
             failed: 0,
             blindness: Blindness::default(),
             published_blind: BTreeSet::new(),
+            ethtool: None,
+            ena: EnaAllowances::default(),
             flow_table: FlowTableStats {
                 capacity: u64::from(args.flow_table_size),
                 ..FlowTableStats::default()
@@ -234,6 +241,7 @@ impl Pipeline {
         self.evictions = saved.evictions;
         self.carried_workloads = saved.workloads;
         self.attach_times = saved.attach_times.unwrap_or_default();
+        self.ena = saved.ena.unwrap_or_default();
         self.aggregator.carry_on(saved.connections);
     }
 
@@ -284,6 +292,7 @@ impl Pipeline {
         }
         let flows = self.datapath().flows();
         self.rescan();
+        self.read_allowances();
         self.problems.extend(self.feed.refresh());
         match flows {
             Ok(flows) => self.aggregate(&flows),
@@ -307,6 +316,7 @@ impl Pipeline {
             evictions: &self.evictions,
             workloads: self.workloads.as_ref().map(WorkloadBytes::tallies),
             attach_times: &self.attach_times,
+            ena: &self.ena,
         };
         let saved = state.save(
             self.datapath().flow_table_id(),
@@ -345,6 +355,30 @@ impl Pipeline {
             self.attach_times.observe(took);
         }
         Ok(())
+    }
+
+    /// Reads the VPC allowances the ENA driver counts on each node ENI. A failure costs only
+    /// these series (logged): the paths do not depend on them.
+    fn read_allowances(&mut self) {
+        if self.ethtool.is_none() {
+            match Ethtool::open() {
+                Ok(ethtool) => self.ethtool = Some(ethtool),
+                Err(error) => {
+                    warn!("{error}; ENA allowances not read");
+                    return;
+                }
+            }
+        }
+        if let Some(ethtool) = &self.ethtool {
+            // The node ENIs attached by the last scan: their drivers are asked for the VPC's
+            // allowances.
+            let node_interfaces = self
+                .traced
+                .iter()
+                .filter(|interface| interface.kind == InterfaceKind::Node)
+                .map(|interface| interface.name.as_str());
+            self.ena.poll(ethtool, node_interfaces);
+        }
     }
 
     /// Lists interfaces, addresses and routes again and applies what changed.
@@ -570,6 +604,7 @@ impl Pipeline {
                 .as_ref()
                 .map(WorkloadBytes::series)
                 .unwrap_or_default(),
+            ena: self.ena.series(),
         };
         self.latest = Arc::new(snapshot);
         Arc::clone(&self.latest)

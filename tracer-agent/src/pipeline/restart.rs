@@ -23,6 +23,7 @@ use std::{
 use tracer_common::{FlowKey, FlowStats};
 
 use crate::{
+    aggregate::ena::EnaAllowances,
     aggregate::workload::WorkloadTallies,
     aggregate::{Carried, Handshake, Unread},
     datapath::Evictions,
@@ -48,7 +49,7 @@ pub(crate) enum StateError {
 
 /// The totals, before the connections' records.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Header<H, U, E, W, A> {
+struct Header<H, U, E, W, A, N> {
     version: u32,
     flow_table_id: u32,
     connections: u64,
@@ -59,6 +60,8 @@ struct Header<H, U, E, W, A> {
     workloads: Option<W>,
     /// Absent (None) in the states of agents that did not time their attaches.
     attach_times: Option<A>,
+    /// Absent (None) in the states of agents that did not read the ENA allowances.
+    ena: Option<N>,
 }
 
 /// What a poll saves beside the connections, borrowed from the pipeline.
@@ -68,6 +71,7 @@ pub(crate) struct Totals<'a> {
     pub evictions: &'a Evictions,
     pub workloads: Option<&'a WorkloadTallies>,
     pub attach_times: &'a LatencyHistogram,
+    pub ena: &'a EnaAllowances,
 }
 
 /// What a predecessor left.
@@ -79,6 +83,7 @@ pub(crate) struct Saved {
     pub evictions: Evictions,
     pub workloads: Option<WorkloadTallies>,
     pub attach_times: Option<LatencyHistogram>,
+    pub ena: Option<EnaAllowances>,
     pub connections: Vec<(FlowKey, Carried)>,
 }
 
@@ -151,8 +156,14 @@ impl StateFile {
         reader
             .read_until(b'\n', &mut line)
             .map_err(|source| self.io_error(source))?;
-        let header: Header<History, Unread, Evictions, WorkloadTallies, LatencyHistogram> =
-            serde_json::from_slice(&line).map_err(|error| self.format_error(error.to_string()))?;
+        let header: Header<
+            History,
+            Unread,
+            Evictions,
+            WorkloadTallies,
+            LatencyHistogram,
+            EnaAllowances,
+        > = serde_json::from_slice(&line).map_err(|error| self.format_error(error.to_string()))?;
         if header.version != VERSION {
             return Err(self.format_error(format!("version {}", header.version)));
         }
@@ -175,6 +186,7 @@ impl StateFile {
             evictions: header.evictions,
             workloads: header.workloads,
             attach_times: header.attach_times,
+            ena: header.ena,
             connections,
         }))
     }
@@ -198,6 +210,7 @@ impl StateFile {
                 evictions: totals.evictions,
                 workloads: totals.workloads,
                 attach_times: Some(totals.attach_times),
+                ena: Some(totals.ena),
             };
             serde_json::to_writer(&mut out, &header)?;
             out.write_all(b"\n")?;
@@ -334,7 +347,10 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::aggregate::ena::{Allowance, EnaReading};
 
     fn connection(port: u16, handshake: Handshake) -> (FlowKey, Carried) {
         let key = FlowKey {
@@ -381,12 +397,19 @@ mod tests {
         unread.update(7, &crate::aggregate::PollResult::default());
         let mut attach_times = LatencyHistogram::default();
         attach_times.observe(Duration::from_millis(14));
+        let mut ena = EnaAllowances::default();
+        let reading = EnaReading {
+            exceeded: BTreeMap::from([(Allowance::Linklocal, 9), (Allowance::Conntrack, 4)]),
+            conntrack_available: Some(30_000),
+        };
+        ena.update(BTreeMap::from([("eth0".to_owned(), Some(reading))]));
         let totals = Totals {
             history: &History::default(),
             unread: &unread,
             evictions: &Evictions::default(),
             workloads: None,
             attach_times: &attach_times,
+            ena: &ena,
         };
         file.save(
             42,
@@ -402,6 +425,7 @@ mod tests {
         );
         assert_eq!(saved.unread.lost(), 7);
         assert_eq!(saved.attach_times, Some(attach_times));
+        assert_eq!(saved.ena, Some(ena));
         assert_eq!(saved.connections, connections);
 
         // A file cut short is an error naming the file, never a panic nor half a state.

@@ -11,6 +11,7 @@ use std::{
 use tracer_common::{DatapathCounter, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
+    aggregate::ena::EnaSeries,
     aggregate::workload::WorkloadSeries,
     aggregate::{ConnectionView, PollResult, Totals},
     classify::Classification,
@@ -171,6 +172,8 @@ pub struct Snapshot {
     /// Bytes by workload and path since the start (`--workload-metrics`), capped to the top K
     /// plus one `_other` series per path.
     pub workloads: Vec<(WorkloadSeries, u64)>,
+    /// The VPC allowances of the node's ENA interfaces, by interface name.
+    pub ena: BTreeMap<String, EnaSeries>,
 }
 
 impl Snapshot {

@@ -16,6 +16,7 @@ use indexmap::IndexMap;
 use tracer_common::DatapathCounter;
 
 use crate::{
+    aggregate::ena::EnaSeries,
     aggregate::workload::WorkloadSeries,
     pipeline::readiness::Reason,
     pipeline::snapshot::Snapshot,
@@ -75,6 +76,7 @@ impl Metrics {
         let mut out = Exposition::with_capacity(last_length + last_length / 8 + 4096);
         render_paths(&mut out, &snapshot.paths.paths);
         render_health(&mut out, snapshot);
+        render_ena(&mut out, &snapshot.ena);
         out.family(
             "tracer_series_overflow_total",
             "counter",
@@ -341,6 +343,42 @@ fn render_health(out: &mut Exposition, snapshot: &Snapshot) {
             &[("reason", reason.as_str())],
             count as u64,
         );
+    }
+}
+
+/// The VPC allowances of the node's ENA interfaces; nothing on a node without one (or whose
+/// driver is too old to count them).
+fn render_ena(out: &mut Exposition, interfaces: &BTreeMap<String, EnaSeries>) {
+    if interfaces.is_empty() {
+        return;
+    }
+    out.family(
+        "tracer_ena_allowance_exceeded_total",
+        "counter",
+        "Packets the VPC dropped or queued because the instance went over an allowance, by ENA interface and allowance (the driver's *_allowance_exceeded statistics)",
+    );
+    for (interface, series) in interfaces {
+        for (allowance, total) in &series.exceeded {
+            out.sample(
+                "tracer_ena_allowance_exceeded_total",
+                &[("interface", interface), ("allowance", allowance.as_str())],
+                total,
+            );
+        }
+    }
+    out.family(
+        "tracer_ena_conntrack_allowance_available",
+        "gauge",
+        "Connections the instance can still have tracked before reaching its conntrack allowance, by ENA interface (ENA driver 2.8.1 and later)",
+    );
+    for (interface, series) in interfaces {
+        if let Some(available) = series.conntrack_available {
+            out.sample(
+                "tracer_ena_conntrack_allowance_available",
+                &[("interface", interface)],
+                available,
+            );
+        }
     }
 }
 
@@ -719,6 +757,72 @@ mod tests {
         let unique: std::collections::BTreeSet<_> = typed.iter().collect();
         assert_eq!(unique.len(), typed.len(), "a family declared twice");
         assert!(text.contains("# HELP tracer_path_packets_total "));
+    }
+
+    #[test]
+    fn the_ena_allowances_of_a_reading_are_exported_and_nothing_without_ena() {
+        use crate::aggregate::ena::{Allowance, EnaSeries};
+
+        let without = Metrics::new(10).render(&snapshot());
+        assert!(
+            !without.contains("tracer_ena_"),
+            "no ENA interface, no family"
+        );
+        let mut with_ena = snapshot();
+        with_ena.ena = BTreeMap::from([
+            (
+                "eth0".to_owned(),
+                EnaSeries {
+                    exceeded: Allowance::ALL
+                        .into_iter()
+                        .zip([11, 12, 13, 14, 15])
+                        .collect(),
+                    conntrack_available: Some(27_000),
+                },
+            ),
+            (
+                "eth1".to_owned(),
+                EnaSeries {
+                    exceeded: BTreeMap::from([(Allowance::Linklocal, 3)]),
+                    conntrack_available: None,
+                },
+            ),
+        ]);
+        let text = Metrics::new(10).render(&with_ena);
+        let series = |s: &str| value(&text, s);
+        for (allowance, expected) in [
+            ("bw_in", 11.0),
+            ("bw_out", 12.0),
+            ("pps", 13.0),
+            ("conntrack", 14.0),
+            ("linklocal", 15.0),
+        ] {
+            assert_eq!(
+                series(&format!(
+                    r#"tracer_ena_allowance_exceeded_total{{interface="eth0",allowance="{allowance}"}}"#
+                )),
+                Some(expected),
+                "{allowance}"
+            );
+        }
+        assert_eq!(
+            series(
+                r#"tracer_ena_allowance_exceeded_total{interface="eth1",allowance="linklocal"}"#
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            series(r#"tracer_ena_conntrack_allowance_available{interface="eth0"}"#),
+            Some(27_000.0)
+        );
+        assert_eq!(
+            text.matches("tracer_ena_conntrack_allowance_available{")
+                .count(),
+            1,
+            "eth1's driver reports no available count"
+        );
+        assert!(text.contains("# TYPE tracer_ena_allowance_exceeded_total counter\n"));
+        assert!(text.contains("# TYPE tracer_ena_conntrack_allowance_available gauge\n"));
     }
 
     #[test]

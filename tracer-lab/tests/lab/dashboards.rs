@@ -1,10 +1,11 @@
 //! The Grafana dashboards and the Prometheus alerting rules, proven: the dashboards import as
 //! they are, the rules pass `promtool check` and their unit tests, and — with a real Prometheus
 //! (Debian's package) scraping the real agent in the lab while traffic runs on every path —
-//! every template variable and panel query returns data, every metric name they use is one
-//! Prometheus ingested from the agent, every rule evaluates cleanly, and each alert is active
-//! exactly when the lab calls for it (the public-endpoint alert in `public` mode, not in
-//! `private`; agent down once the agent is stopped).
+//! every template variable and panel query returns data (those of the ENA allowances, which only
+//! an ENA interface has, evaluate without data), every metric name they use is one Prometheus
+//! ingested from the agent (the ENA ones must be absent), every rule evaluates cleanly, and each
+//! alert is active exactly when the lab calls for it (the public-endpoint alert in `public`
+//! mode, not in `private`; agent down once the agent is stopped).
 use std::{
     collections::BTreeMap,
     process::Command,
@@ -27,6 +28,16 @@ use tracer_lab::{
 /// one, this test fails until it is removed from the list — then its panels must return data
 /// like the others.
 const NOT_YET_EXPORTED: [&str; 0] = [];
+
+/// Names the agent exports only for node ENIs driven by `ena` (the VPC's allowances): the
+/// lab's node interfaces are veths, so here they must be absent — a series would be the agent
+/// reading another driver as ENA. Their panels and rules must still parse and evaluate; the
+/// panels answer nothing (their values are checked by the agent's tests on a recorded ENA
+/// layout and a real veth's statistics).
+const ONLY_ON_ENA: [&str; 2] = [
+    "tracer_ena_allowance_exceeded_total",
+    "tracer_ena_conntrack_allowance_available",
+];
 
 const RULES: &str = "deploy/prometheus/tracer-rules.yaml";
 const RULE_TESTS: &str = "deploy/prometheus/tracer-rules.test.yaml";
@@ -57,6 +68,10 @@ fn expected_active(alert: &str, mode: EndpointMode) -> Option<bool> {
         | "TracerAgentDown"
         | "TracerAgentNotReady"
         | "TracerInterfaceBlind" => Some(false),
+        // No ENA interface in the lab: the allowance series never exist.
+        "TracerEnaLinklocalAllowanceExceeded" | "TracerEnaConntrackAllowanceExceeded" => {
+            Some(false)
+        }
         _ => None,
     }
 }
@@ -305,6 +320,12 @@ fn check_metric_names(
                     "{name} is exported now: remove it from NOT_YET_EXPORTED"
                 ));
             }
+        } else if ONLY_ON_ENA.contains(&name.as_str()) {
+            if is_exported {
+                failures.push(format!(
+                    "{name} is exported in the lab, whose node interfaces are veths: only ENA interfaces have it"
+                ));
+            }
         } else if !is_exported {
             failures.push(format!(
                 "{name} (used by {}) is not a metric of the agent's scrape",
@@ -312,9 +333,11 @@ fn check_metric_names(
             ));
         }
     }
-    for name in NOT_YET_EXPORTED {
+    for name in NOT_YET_EXPORTED.into_iter().chain(ONLY_ON_ENA) {
         if !users.contains_key(name) {
-            failures.push(format!("{name} is in NOT_YET_EXPORTED but nothing uses it"));
+            failures.push(format!(
+                "{name} is in NOT_YET_EXPORTED or ONLY_ON_ENA but nothing uses it"
+            ));
         }
     }
 }
@@ -374,11 +397,23 @@ fn check_panels(run: &Observed, queries: &[PanelQuery], failures: &mut Vec<Strin
             }
         };
         let shown = peaks(&answer, &query.legend, &query.unit);
+        let needs_ena = ONLY_ON_ENA
+            .into_iter()
+            .any(|name| dashboards::metric_names(&expr).contains(name));
         let values = if !waiting.is_empty() {
             format!(
                 "waiting for {} (not exported on this branch)",
                 waiting.join(", ")
             )
+        } else if needs_ena {
+            if !shown.is_empty() {
+                failures.push(format!(
+                    "panel {:?} shows ENA allowances in a lab without ENA: {}",
+                    query.panel,
+                    shown.join(", ")
+                ));
+            }
+            "evaluates; no data without an ENA interface (none in the lab)".to_owned()
         } else if shown.is_empty() {
             failures.push(format!("panel {:?} returned no data: {expr}", query.panel));
             "**no data**".to_owned()
