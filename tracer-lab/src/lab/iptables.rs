@@ -44,13 +44,16 @@ pub(super) fn apply_nlb(lab: &Lab, mode: EndpointMode) -> anyhow::Result<()> {
 
 /// The security group of pod-r's node does not allow tcp/9999: the VPC drops it silently. IMDS
 /// down refuses connections (a reset); the resolver down is unreachable (ICMP), as a closed
-/// port would be.
+/// port would be. A VPC carries no multicast: the IGMP reports the router namespace's kernel
+/// sends for its bridges in the seconds after they come up are not let onto the subnets, where
+/// the agent would see traffic no real node sees.
 fn vpc_rules(health: ContextHealth) -> String {
     let mut rules = format!(
         "*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
+-A OUTPUT -p igmp -m comment --comment \"a VPC carries no multicast\" -j DROP
 -A FORWARD -d {}/32 -p tcp -m tcp --dport {SECURITY_GROUP_DENIED_PORT} -m comment --comment \"security group: tcp/{SECURITY_GROUP_DENIED_PORT} not allowed (silent drop)\" -j DROP
 ",
         pod_ip("pod-r")
